@@ -1,0 +1,230 @@
+"""HF checkpoint folders: read shards (streaming), load into our model, save atomically.
+
+A checkpoint folder is config.json + model.safetensors, or + model-0000i-of-0000n.safetensors with
+model.safetensors.index.json. Routed experts are stored per expert (HF's hub format, and what
+transformers 5.x writes back), `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`; we stack them
+into 3D tensors on load and split them again on save. transformers 5.x's fused in-memory names
+(`mlp.experts.gate_up_proj [N, 2I, H]`, `mlp.experts.down_proj [N, H, I]`) are accepted too.
+GLM-4.7-Flash ships its MTP layer as layer `num_hidden_layers`; it is not part of the model and is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from zeda.config import ModelConfig
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+FUSED_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot read; the message names the file and the key."""
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The safetensors shards of a checkpoint folder, in index order; every listed shard must exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+        names = list(dict.fromkeys(weight_map.values()))
+    elif (folder / SINGLE_NAME).exists():
+        names = [SINGLE_NAME]
+    else:
+        raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}")
+    paths = [folder / n for n in names]
+    for p in paths:
+        if not p.exists():
+            raise CheckpointError(f"{p}: shard listed in {INDEX_NAME} is missing")
+    return paths
+
+
+def read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one shard, or a CheckpointError naming the file when it is corrupt."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
+
+
+def shard_metadata(path: Path) -> dict | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
+
+
+def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Fill `model` from a checkpoint folder, shard by shard, checking every key and shape."""
+    cfg: ModelConfig = model.config
+    params = dict(model.named_parameters()) | {k: b for k, b in model.named_buffers()}
+    filled: set[str] = set()
+    experts_seen: dict[str, set[int]] = {}
+
+    def put(name: str, tensor: torch.Tensor, where: str, index: int | None = None):
+        if name not in params:
+            raise CheckpointError(f"{where}: unexpected tensor '{name}' for a {cfg.model_type} model")
+        target = params[name] if index is None else params[name][index]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{where}: tensor '{name}'{'' if index is None else f'[{index}]'} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+
+    for path in shard_files(folder):
+        for key, tensor in read_shard(path).items():
+            where = f"{path.name}"
+            layer = LAYER_KEY.match(key)
+            if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
+                continue  # GLM's MTP layer
+            if key.endswith("rotary_emb.inv_freq"):
+                continue
+            if m := EXPERT_KEY.match(key):
+                prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+                name = f"{prefix}.{proj}"
+                if name in params and e >= params[name].shape[0]:
+                    raise CheckpointError(f"{where}: '{key}': expert {e} >= num_experts {params[name].shape[0]}")
+                put(name, tensor, where, e)
+                experts_seen.setdefault(name, set()).add(e)
+                continue
+            if m := FUSED_KEY.match(key):
+                prefix, proj = m.group(1), m.group(2)
+                if proj == "gate_up_proj":  # [N, 2I, H]: gate rows first, then up (HF's chunk(2) order)
+                    gate, up = tensor.chunk(2, dim=1)
+                    put(f"{prefix}.gate_proj", gate, where)
+                    put(f"{prefix}.up_proj", up, where)
+                    filled.update({f"{prefix}.gate_proj", f"{prefix}.up_proj"})
+                else:
+                    put(f"{prefix}.down_proj", tensor, where)
+                    filled.add(f"{prefix}.down_proj")
+                continue
+            put(key, tensor, where)
+            filled.add(key)
+    for name, seen in experts_seen.items():
+        n = params[name].shape[0]
+        if len(seen) == n:
+            filled.add(name)
+        else:
+            missing = sorted(set(range(n)) - seen)[:5]
+            raise CheckpointError(f"{folder}: '{name}' is missing experts {missing}")
+    if cfg.tie_word_embeddings:
+        filled.add("lm_head.weight")
+    missing = [k for k in params if k not in filled and not k.endswith("e_score_correction_bias")]
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under HF's hub keys: 3D expert tensors split back into per-expert 2D weights."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        prefix, _, proj = name.rpartition(".")
+        if prefix.endswith("mlp.experts") and proj in ("gate_proj", "up_proj", "down_proj"):
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.{proj}.weight"] = t[e].contiguous()
+        else:
+            out[name] = t.contiguous()
+    return out
+
+
+def temporary_sibling(out: Path) -> Path:
+    """A fresh folder next to `out` (same filesystem, so the final rename is atomic)."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move a finished temporary folder into place; an existing `out` is removed only after success."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Path | None = None,
+                    max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> Path:
+    """Write an HF-layout folder atomically (temporary folder, then rename).
+
+    copy_from: a checkpoint folder whose other files (tokenizer, generation config, ...) are copied along.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out)
+    try:
+        tensors = hf_state_dict(model)
+        if dtype is not None:
+            tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("bias") else v)
+                       for k, v in tensors.items()}
+        shards, current, size = [], {}, 0
+        for k, v in tensors.items():
+            nbytes = v.numel() * v.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[k] = v
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        if copy_from is not None:
+            copy_side_files(Path(copy_from), tmp)
+        hf = model.config.to_hf_dict()
+        if dtype is not None:
+            hf["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy everything that is not weights or config.json (tokenizer, chat template, generation config...)."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name == "config.json" or p.name == INDEX_NAME or p.suffix == ".safetensors" or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        else:
+            shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied

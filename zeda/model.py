@@ -1,0 +1,229 @@
+"""The model: Qwen3-MoE and GLM-4.7-Flash (with zero experts) in one readable file.
+
+What is special here:
+- One class for both architectures; they differ by config fields (attention kind, router, shared expert,
+  dense first layers), never by copied code.
+- Routed experts are 3D tensors behind the MoE seams of zeda/moe.py; zero experts have no parameters.
+- Module names equal HF's checkpoint keys (model.layers.{i}.self_attn.q_proj, ...), so loading is a key map
+  plus stacking the per-expert tensors (zeda/checkpoint.py).
+- Attention uses a static KV cache (gpt-fast style) for generation; MLA caches the expanded keys and values
+  (simple; caching the latent would save memory and is left for the serving work).
+- `forward(..., routing=list)` collects each MoE layer's RouterOutput for statistics and the Group
+  Auxiliary Loss, without hidden state on the modules.
+
+Shape letters: B batch, T new tokens, S keys (cache + new), H hidden, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeda.config import ModelConfig
+from zeda.moe import MLP, MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32, cast back before the weight: HF's order, which the parity tests hold us to.
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(positions_BT, dim: int, theta: float, dtype):
+    """cos, sin [B, T, dim] for the default RoPE (cat(freqs, freqs) layout, as HF)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions_BT.device) / dim))
+    freqs = positions_BT.float()[..., None] * inv_freq  # [B, T, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_BhTD, cos_BTD, sin_BTD, interleave: bool = False):
+    """Rotate x [B, heads, T, D]. interleave=True: DeepSeek/GLM pairs (x0, x1), (x2, x3), ... then
+    de-interleaved output (HF's apply_rotary_pos_emb_interleave); else the rotate-half convention."""
+    cos, sin = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
+    if interleave:
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]
+        x1, x2 = x_BhTD[..., 0::2], x_BhTD[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x_BhTD.chunk(2, dim=-1)
+    return x_BhTD * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Static per-layer key/value buffers [B, heads, max_len, D]; every row writes at the same offset
+    (prompts are left-padded), so one integer says how much is filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        heads = cfg.num_attention_heads if cfg.is_mla else cfg.num_key_value_heads
+        dk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
+        dv = cfg.v_head_dim if cfg.is_mla else cfg.head_dim
+        n = cfg.num_hidden_layers
+        self.k = [torch.zeros(batch, heads, max_len, dk, dtype=dtype, device=device) for _ in range(n)]
+        self.v = [torch.zeros(batch, heads, max_len, dv, dtype=dtype, device=device) for _ in range(n)]
+        self.max_len = max_len
+        self.length = 0  # positions filled so far; the model advances it after each forward
+
+    def update(self, layer: int, k_BhTD, v_BhTD):
+        start, end = self.length, self.length + k_BhTD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k_BhTD
+        self.v[layer][:, :, start:end] = v_BhTD
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Qwen3 grouped-query attention with per-head RMSNorm on q and k."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        H, D, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(H, nq * D, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(H, nkv * D, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nq * D, H, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)  # on the head dim only
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+
+    def forward(self, x_BTH, cos, sin, mask_BTS, cache: KVCache | None):
+        B, T, _ = x_BTH.shape
+        D = self.cfg.head_dim
+        q = self.q_norm(self.q_proj(x_BTH).view(B, T, -1, D)).transpose(1, 2)  # [B, nq, T, D]
+        k = self.k_norm(self.k_proj(x_BTH).view(B, T, -1, D)).transpose(1, 2)  # [B, nkv, T, D]
+        v = self.v_proj(x_BTH).view(B, T, -1, D).transpose(1, 2)  # [B, nkv, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # [B, nkv, S, D]
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # GQA -> [B, nq, S, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS.unsqueeze(1))  # [B, nq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """GLM-4.7-Flash multi-head latent attention (DeepSeek-V2 MLA): q through a low-rank bottleneck,
+    k/v from one compressed latent plus a single shared rotary key."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        H, nh = cfg.hidden_size, cfg.num_attention_heads
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nh * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)  # HF uses the default eps 1e-6 here, not rms_norm_eps
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)  # default eps, as HF
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(nh * cfg.v_head_dim, H, bias=cfg.attention_bias)
+
+    def forward(self, x_BTH, cos, sin, mask_BTS, cache: KVCache | None):
+        cfg = self.cfg
+        B, T, _ = x_BTH.shape
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_BTH)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTH)))
+        q = q.view(B, T, -1, self.qk_head_dim).transpose(1, 2)  # [B, nh, T, nope+rope]
+        q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x_BTH).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, T, -1, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope, v = kv.transpose(1, 2).split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=-1)  # [B, nh, T, *]
+        q_rot = apply_rope(q_rot, cos, sin, cfg.rope_interleave)
+        k_rot = apply_rope(k_rot.view(B, 1, T, -1), cos, sin, cfg.rope_interleave)  # one key shared by heads
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [B, nh, T, nope+rope]
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS.unsqueeze(1), scale=self.qk_head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = MLAttention(cfg, layer) if cfg.is_mla else Attention(cfg, layer)
+        self.is_moe = cfg.moe_layers[layer]
+        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache, routing):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_BTS, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, valid_BT, routing) if self.is_moe else self.mlp(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """logits = CausalLM(cfg)(input_ids [B, T]) -> [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_expert_backend(self, backend: str) -> None:
+        """Pick the routed-expert implementation for every MoE layer: "loop", "grouped_mm" or "triton"."""
+        from zeda.moe import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown expert backend {backend!r}; choose one of {BACKENDS}")
+        for block in self.model.layers:
+            if block.is_moe:
+                block.mlp.experts.backend = backend
+
+    def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, routing=None,
+                hidden_only: bool = False):
+        """input_ids [B, T]. attention_mask [B, S] (1 = real token) covers cached and new tokens, S = cached + T;
+        None means all real. positions [B, T] default to each row's count of real tokens before it (so left
+        padding works). routing: a list to append each MoE layer's RouterOutput to. Returns logits [B, T, V]
+        (or the final hidden states [B, T, H] with hidden_only, for losses that chunk the vocabulary)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        device = input_ids.device
+        key_valid_BS = (
+            torch.ones(B, S, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        )
+        if key_valid_BS.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(key_valid_BS.shape)}, expected {(B, S)}")
+        if positions is None:
+            positions = (key_valid_BS.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
+        q_pos = torch.arange(past, S, device=device)
+        k_pos = torch.arange(S, device=device)
+        causal_TS = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+        # Each query also sees itself, so a padding row never has every key masked (NaN in softmax).
+        mask_BTS = (causal_TS & key_valid_BS[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
+        valid_BT = key_valid_BS[:, past:]
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask_BTS, valid_BT, cache, routing)
+        if cache is not None:
+            cache.length = S
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)

@@ -1,0 +1,240 @@
+"""Mixture-of-Experts with zero experts: router -> dispatcher -> grouped experts -> combine (ZEDA.md §2).
+
+A MoE layer has N real routed experts and Z zero experts. Zero experts have no parameters and output exactly
+zero, so a zero slot costs nothing: the dispatcher drops it before any row is gathered, and the expert GEMMs
+only ever see real slots. The seams follow torchtitan:
+
+    Router(x_TH)                    -> weights_TK (fp32), ids_TK, logits_TE (fp32)
+    LocalDispatcher.dispatch(...)   -> x_MH sorted by expert, counts_N, and a plan to undo the sort
+    expert_swiglu(x_MH, counts_N)   -> y_MH        (backends: "loop" reference, "grouped_mm", "triton")
+    LocalDispatcher.combine(...)    -> y_TH = sum_k w_TK * y of that slot
+
+The expert-parallel dispatcher (all-to-all, zeda/parallel.py) replaces LocalDispatcher; the fused Triton
+path (zeda/kernels) replaces dispatch + GEMMs + combine in one go.
+
+Shape letters: T tokens, K slots per token (top-k), N real experts, Z zero experts, E = N + Z router outputs,
+H hidden size, I expert intermediate size, M real slots (the rows that reach a GEMM).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zeda.config import ModelConfig
+
+BACKENDS = ("loop", "grouped_mm", "triton")
+
+
+class RouterOutput(NamedTuple):
+    weights_TK: torch.Tensor  # [T, K] fp32 combine weights (zero slots keep theirs: ZEDA.md §2)
+    ids_TK: torch.Tensor  # [T, K] int64 expert ids; ids >= N are zero experts
+    logits_TE: torch.Tensor  # [T, E] fp32 raw router logits (the Group Auxiliary Loss reads these)
+
+
+class Router(nn.Module):
+    """Top-K router over N + Z experts, in fp32 (ZEDA.md §2; paper: router math in fp32).
+
+    softmax (Qwen3): p = softmax(logits); top-K of p; with norm_topk_prob divide by the sum of the K chosen
+        probabilities -- zero slots included in that sum, so real experts are *not* renormalised.
+    sigmoid (GLM):   s = sigmoid(logits); choose top-K on s + e_score_correction_bias; weights are s at the
+        chosen ids over their sum (zero slots included), times routed_scaling_factor.
+    use_zce_mask sets the zero-expert logits (and, for sigmoid, their selection scores) to -inf, which makes
+    the layer exactly the original static MoE.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts  # N
+        self.top_k = cfg.num_experts_per_tok  # K
+        self.scoring = cfg.router_scoring
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.use_zce_mask = cfg.use_zce_mask
+        self.weight = nn.Parameter(torch.empty(cfg.num_router_outputs, cfg.hidden_size))  # [E, H]
+        if self.scoring == "sigmoid":
+            # Selection-only bias, fp32 and never trained (DeepSeek-style aux-free balancing state).
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_router_outputs, dtype=torch.float32))
+
+    def forward(self, x_TH: torch.Tensor) -> RouterOutput:
+        if self.use_zce_mask:
+            # Score the N real rows only (the original computation, bit for bit), then report -inf for the
+            # zero experts: softmax/top-k over an -inf-padded row could round differently.
+            real_TN = F.linear(x_TH.float(), self.weight[: self.num_experts].float())
+            logits_TE = F.pad(real_TN, (0, self.weight.shape[0] - self.num_experts), value=float("-inf"))
+            scored_TE = real_TN
+        else:
+            logits_TE = scored_TE = F.linear(x_TH.float(), self.weight.float())  # [T, E]
+        if self.scoring == "softmax":
+            probs_TE = scored_TE.softmax(dim=-1)
+            weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)  # [T, K]
+            if self.norm_topk_prob:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        else:
+            scores_TE = scored_TE.sigmoid()
+            choice_TE = scores_TE + self.e_score_correction_bias[: scores_TE.shape[1]]
+            ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices  # [T, K]
+            weights_TK = scores_TE.gather(1, ids_TK)
+            if self.norm_topk_prob:
+                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)  # HF's epsilon
+            weights_TK = weights_TK * self.routed_scaling_factor
+        return RouterOutput(weights_TK, ids_TK, logits_TE)
+
+
+class DispatchPlan(NamedTuple):
+    slot_of_row_M: torch.Tensor  # [M] flat slot index (t * K + k) of each expert-sorted row
+    num_tokens: int  # T
+    top_k: int  # K
+
+
+class LocalDispatcher:
+    """Single-process dispatch: drop zero slots, sort the real ones by expert, gather their rows."""
+
+    def dispatch(self, x_TH, ids_TK, keep_TK, num_experts):
+        """keep_TK marks slots that must be computed (real expert and a real, non-padding token).
+
+        Returns x_MH (rows sorted by expert), counts_N (rows per expert) and the plan to undo it.
+        """
+        T, K = ids_TK.shape
+        slot_M = keep_TK.flatten().nonzero().squeeze(1)  # [M] host sync: M is data-dependent
+        expert_M = ids_TK.flatten()[slot_M]
+        expert_M, order = expert_M.sort(stable=True)  # stable: deterministic row order within an expert
+        slot_M = slot_M[order]
+        counts_N = torch.bincount(expert_M, minlength=num_experts)  # [N]
+        x_MH = x_TH[slot_M // K]  # [M, H] only real slots are gathered
+        return x_MH, counts_N, DispatchPlan(slot_M, T, K)
+
+    def combine(self, y_MH, weights_TK, plan: DispatchPlan):
+        """y_TH[t] = sum_k w[t, k] * y[slot (t, k)], summed in slot order (deterministic, no atomics)."""
+        T, K = plan.num_tokens, plan.top_k
+        y_SH = y_MH.new_zeros(T * K, y_MH.shape[1])  # [T*K, H]; zero slots stay exactly zero
+        y_SH = y_SH.index_copy(0, plan.slot_of_row_M, y_MH)
+        y_TKH = y_SH.view(T, K, -1) * weights_TK.unsqueeze(-1)  # fp32 weights: product in fp32
+        return y_TKH.sum(dim=1).to(y_MH.dtype)  # [T, H]
+
+
+def expert_swiglu_loop(x_MH, counts_N, gate_proj, up_proj, down_proj):
+    """The reference: one SwiGLU per expert over its contiguous rows. gate/up [N, I, H], down [N, H, I]."""
+    outs = []
+    for e, rows in enumerate(x_MH.split(counts_N.tolist())):  # host sync
+        if rows.shape[0] == 0:
+            continue
+        h = F.silu(F.linear(rows, gate_proj[e])) * F.linear(rows, up_proj[e])  # [m, I]
+        outs.append(F.linear(h, down_proj[e]))  # [m, H]
+    return torch.cat(outs) if outs else x_MH.new_zeros(0, down_proj.shape[1])
+
+
+def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
+    """torch._grouped_mm over the expert groups; rows of each group padded to a 16-byte multiple.
+
+    _grouped_mm wants 16-byte aligned strides (H, I) and, on CUDA, group starts aligned likewise (torchtitan
+    pads to 8 rows for bf16). Padding rows are zeros and are sliced off again, so they change nothing.
+    """
+    align = max(1, 16 // x_MH.element_size())
+    H, I = x_MH.shape[1], gate_proj.shape[1]
+    if (H * x_MH.element_size()) % 16 or (I * x_MH.element_size()) % 16:
+        raise ValueError(f"grouped_mm backend needs H={H} and I={I} to be multiples of {align} for {x_MH.dtype}")
+    padded_N = (counts_N + align - 1) // align * align
+    ends_N = padded_N.cumsum(0)
+    total = int(ends_N[-1]) if ends_N.numel() else 0  # host sync: buffer size
+    starts_N = ends_N - padded_N
+    # Row r of group e sits at starts_N[e] + (r - first row of e): a per-row destination index.
+    first_row_N = counts_N.cumsum(0) - counts_N
+    expert_M = torch.repeat_interleave(torch.arange(len(counts_N), device=x_MH.device), counts_N)
+    dest_M = starts_N[expert_M] + torch.arange(x_MH.shape[0], device=x_MH.device) - first_row_N[expert_M]
+    xp = x_MH.new_zeros(total, H).index_copy(0, dest_M, x_MH)  # [M_padded, H]
+    offs = ends_N.to(torch.int32)
+    gate = torch._grouped_mm(xp, gate_proj.transpose(-2, -1), offs=offs)  # [M_padded, I]
+    up = torch._grouped_mm(xp, up_proj.transpose(-2, -1), offs=offs)
+    h = (F.silu(gate) * up).contiguous()
+    y = torch._grouped_mm(h, down_proj.transpose(-2, -1), offs=offs)  # [M_padded, H]
+    return y[dest_M]
+
+
+EXPERT_SWIGLU = {"loop": expert_swiglu_loop, "grouped_mm": expert_swiglu_grouped_mm}
+
+
+def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, backend="loop", keep_TK=None):
+    """y_TH = sum over real slots of w * SwiGLU_e(x): the whole routed path behind one function.
+
+    keep_TK (optional) further drops slots, e.g. those of padding tokens; ids >= N are always dropped.
+    """
+    N = gate_proj.shape[0]
+    real_TK = ids_TK < N
+    keep_TK = real_TK if keep_TK is None else keep_TK & real_TK
+    if backend == "triton":
+        from zeda.kernels import triton_moe
+
+        return triton_moe(x_TH, weights_TK * keep_TK, torch.where(keep_TK, ids_TK, N), gate_proj, up_proj, down_proj)
+    dispatcher = LocalDispatcher()
+    x_MH, counts_N, plan = dispatcher.dispatch(x_TH, ids_TK, keep_TK, N)
+    y_MH = EXPERT_SWIGLU[backend](x_MH, counts_N, gate_proj, up_proj, down_proj)
+    return dispatcher.combine(y_MH, weights_TK, plan)
+
+
+class GroupedExperts(nn.Module):
+    """N real SwiGLU experts as 3D tensors, named after HF's per-expert keys (stacked on load)."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # [N, H, I]
+        self.backend = "loop"
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x_TH, weights_TK, ids_TK, keep_TK):
+        if self.backend == "triton":
+            return routed_experts_forward(
+                x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj, "triton", keep_TK
+            )
+        x_MH, counts_N, plan = self.dispatcher.dispatch(x_TH, ids_TK, keep_TK, self.gate_proj.shape[0])
+        y_MH = EXPERT_SWIGLU[self.backend](x_MH, counts_N, self.gate_proj, self.up_proj, self.down_proj)
+        return self.dispatcher.combine(y_MH, weights_TK, plan)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU (dense layers and GLM's shared expert)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ GLM's shared expert). Module names match HF keys: mlp.gate, mlp.experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x_BTH, valid_BT=None, routing: list | None = None):
+        """valid_BT marks real tokens; padding tokens are routed (for shapes) but never reach a GEMM.
+
+        If `routing` is a list, this layer's RouterOutput is appended to it (for statistics and the GA loss).
+        """
+        B, T, H = x_BTH.shape
+        x_TH = x_BTH.reshape(B * T, H)
+        r = self.gate(x_TH)
+        if routing is not None:
+            routing.append(r)
+        keep_TK = r.ids_TK < self.num_experts  # [T, K] zero slots are dropped here, before dispatch
+        if valid_BT is not None:
+            keep_TK = keep_TK & valid_BT.reshape(B * T, 1)
+        y_TH = self.experts(x_TH, r.weights_TK, r.ids_TK, keep_TK)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        return y_TH.view(B, T, H)
