@@ -80,21 +80,21 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     filled: set[str] = set()
     experts_seen: dict[str, set[int]] = {}
 
-    def put(name: str, tensor: torch.Tensor, where: str, index: int | None = None):
+    def put(name: str, tensor: torch.Tensor, where: str, key: str, index: int | None = None):
+        """Copy `tensor` (checkpoint key `key`) into our parameter `name` (row `index` of a 3D expert tensor)."""
         if name not in params:
-            raise CheckpointError(f"{where}: unexpected tensor '{name}' for a {cfg.model_type} model")
+            raise CheckpointError(f"{where}: unexpected tensor '{key}' for a {cfg.model_type} model")
         target = params[name] if index is None else params[name][index]
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"{where}: tensor '{name}'{'' if index is None else f'[{index}]'} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(target.shape)}"
+                f"{where}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
             )
         with torch.no_grad():
             target.copy_(tensor)
 
     for path in shard_files(folder):
         for key, tensor in read_shard(path).items():
-            where = f"{path.name}"
+            where = path.name
             layer = LAYER_KEY.match(key)
             if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
                 continue  # GLM's MTP layer
@@ -105,21 +105,21 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
                 name = f"{prefix}.{proj}"
                 if name in params and e >= params[name].shape[0]:
                     raise CheckpointError(f"{where}: '{key}': expert {e} >= num_experts {params[name].shape[0]}")
-                put(name, tensor, where, e)
+                put(name, tensor, where, key, e)
                 experts_seen.setdefault(name, set()).add(e)
                 continue
             if m := FUSED_KEY.match(key):
                 prefix, proj = m.group(1), m.group(2)
                 if proj == "gate_up_proj":  # [N, 2I, H]: gate rows first, then up (HF's chunk(2) order)
                     gate, up = tensor.chunk(2, dim=1)
-                    put(f"{prefix}.gate_proj", gate, where)
-                    put(f"{prefix}.up_proj", up, where)
+                    put(f"{prefix}.gate_proj", gate, where, key)
+                    put(f"{prefix}.up_proj", up, where, key)
                     filled.update({f"{prefix}.gate_proj", f"{prefix}.up_proj"})
                 else:
-                    put(f"{prefix}.down_proj", tensor, where)
+                    put(f"{prefix}.down_proj", tensor, where, key)
                     filled.add(f"{prefix}.down_proj")
                 continue
-            put(key, tensor, where)
+            put(key, tensor, where, key)
             filled.add(key)
     for name, seen in experts_seen.items():
         n = params[name].shape[0]

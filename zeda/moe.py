@@ -112,7 +112,7 @@ class LocalDispatcher:
         T, K = plan.num_tokens, plan.top_k
         y_SH = y_MH.new_zeros(T * K, y_MH.shape[1])  # [T*K, H]; zero slots stay exactly zero
         y_SH = y_SH.index_copy(0, plan.slot_of_row_M, y_MH)
-        y_TKH = y_SH.view(T, K, -1) * weights_TK.unsqueeze(-1)  # fp32 weights: product in fp32
+        y_TKH = y_SH.view(T, K, y_MH.shape[1]) * weights_TK.unsqueeze(-1)  # fp32 weights: product in fp32
         return y_TKH.sum(dim=1).to(y_MH.dtype)  # [T, H]
 
 
