@@ -1,0 +1,310 @@
+"""Generation: the one engine that SFT rollouts, on-policy distillation (ZEDA.md §4-5) and serving share.
+
+    gen = generate(model, prompts, SamplingParams(temperature=1.0, max_new_tokens=256), eos_ids={eos}, seed=0)
+    gen.tokens[i], gen.logprobs[i], gen.finished[i]      # per prompt
+    flop_report(model.config, gen.stats, gen.attended_keys)   # zero-expert ratio and expert FLOPs (ZEDA.md §6)
+
+How it works (gpt-fast / nanochat style):
+- Prompts of different lengths are LEFT-padded into one batch, so every row writes its KV cache at the same offset
+  and the newest token is always the last column. The attention mask marks real tokens; the model derives
+  RoPE positions from it, so a padded row sees exactly what it would see alone.
+- One prefill over the prompts into a static KVCache of prompt_len + max_new_tokens positions, then one decode
+  step per token for all rows. A row that produced EOS keeps feeding `pad_id` with its mask bit off (its outputs
+  are ignored and it stops counting); the loop ends when every row is done or after max_new_tokens.
+- Sampling runs on the device: temperature, top-k, top-p, then gpt-fast's exponential trick
+  (argmax(p / q), q ~ Exp(1)) from a torch.Generator seeded by `seed`, which is a categorical draw without
+  torch.multinomial's host sync. A fixed seed reproduces the samples exactly.
+- The only host sync per decode step is the `all done?` check (marked `# host sync`), plus the token transfer
+  when an `on_token` streaming callback is given. Routing statistics (per-token real/zero slots, per-expert
+  counts, attended keys) are accumulated on the device and moved to the host once, after the loop; they are
+  statistics only and never feed back into generation.
+
+`generate_naive` recomputes the whole sequence without a cache at every step: the reference the fast engine is
+tested against. `token_logprobs` scores given sequences in one forward (teacher and student in OPD/SFT).
+
+Shape letters: B batch (prompts), P padded prompt length, M max new tokens, S keys (P + M), T tokens of a
+forward, K slots per token, L MoE layers, E router outputs (N real + Z zero experts), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from zeda.flops import LayerStats, attended_keys, routing_stats
+from zeda.model import CausalLM, KVCache
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy argmax
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p (1 = off)
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per prompt, the generated tokens (EOS included if produced, nothing after it)
+    logprobs: list[list[float]]  # per token: log_softmax(logits / T) at the token (T = 1 for greedy), see sample()
+    finished: list[bool]  # True: stopped at EOS; False: truncated at max_new_tokens
+    real_slots: list[list[int]]  # per token: real-expert slots, summed over MoE layers, of the step that produced it
+    zero_slots: list[list[int]]  # same for zero-expert slots (real + zero = K x MoE layers)
+    stats: list[LayerStats]  # per MoE layer, routing over every real token processed (prompts + fed tokens)
+    attended_keys: int  # over the same tokens, for flop_report
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: pure functions on [B, V] logits.
+
+
+def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set every logit outside the top-k and outside the top-p nucleus to -inf (0 / 1.0 switch a filter off).
+
+    Top-k keeps ties with the k-th value. Top-p keeps a token if the probability mass of the tokens ranked
+    strictly before it is < top_p, so the most likely token always survives."""
+    if top_k > 0 and top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        before_BV = probs_BV.cumsum(dim=-1) - probs_BV  # mass ranked strictly above each token
+        sorted_BV = sorted_BV.masked_fill(before_BV >= top_p, float("-inf"))
+        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+    return logits_BV
+
+
+def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+    """One token per row, and its log-probability. Returns (tokens [B] int64, logprobs [B] fp32); no host sync.
+
+    logprob = log_softmax(logits / T)[token], at the sampling temperature T but *before* the top-k/top-p
+    truncation (T = 1 for greedy). At T = 1 -- what OPD samples with (ZEDA.md §5) -- that is exactly
+    log p_student(y_t), the quantity the advantage log p_teacher - log p_student needs; the truncated
+    distribution's log-prob would be biased upwards by the dropped mass.
+    """
+    logits_BV = logits_BV.float()
+    if params.greedy:
+        tokens_B = logits_BV.argmax(dim=-1)
+        logprobs_BV = logits_BV.log_softmax(dim=-1)
+    else:
+        scaled_BV = logits_BV / params.temperature
+        logprobs_BV = scaled_BV.log_softmax(dim=-1)
+        probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(dim=-1)
+        # argmax(p / q) with q ~ Exp(1) is a draw from p (gpt-fast): no torch.multinomial, no host sync.
+        q_BV = torch.empty_like(probs_BV).exponential_(1, generator=generator)
+        tokens_B = (probs_BV / q_BV).argmax(dim=-1)
+    return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    """A generator on `device` seeded with `seed`; None (torch's global RNG) when no seed is given."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batching and routing statistics.
+
+
+def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_positions: int) -> None:
+    """ValueError for no prompts, an empty prompt, or one that leaves no room for max_new_tokens."""
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(p) > max_positions - max_new_tokens:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} at most "
+                             f"{max_positions - max_new_tokens} fit in max_position_embeddings={max_positions}")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """ids [B, P] with each prompt right-aligned after pad_id, and mask [B, P] (True = real token)."""
+    P = max(len(p) for p in prompts)
+    ids = [[pad_id] * (P - len(p)) + list(p) for p in prompts]
+    mask = [[False] * (P - len(p)) + [True] * len(p) for p in prompts]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.bool, device=device)
+
+
+def last_token_slots(routing: list, batch: int, num_experts: int):
+    """Real and zero slots [B], summed over MoE layers, at the last position of each row of a forward."""
+    if not routing:
+        return (torch.zeros(batch, dtype=torch.long),) * 2
+    ids_LBK = torch.stack([r.ids_TK.reshape(batch, -1, r.ids_TK.shape[-1])[:, -1] for r in routing])  # [L, B, K]
+    L, _, K = ids_LBK.shape
+    real_B = (ids_LBK < num_experts).sum(dim=(0, 2))
+    return real_B, L * K - real_B
+
+
+def expert_counts(routing: list, valid_BT: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """Slots per router output [L, E] over the real tokens of a forward (no boolean indexing: no host sync)."""
+    if not routing:
+        return torch.zeros(0, num_outputs, dtype=torch.long, device=valid_BT.device)
+    ids_LX = torch.stack([r.ids_TK.reshape(-1) for r in routing])  # [L, T*K]
+    K = routing[0].ids_TK.shape[-1]
+    weight_LX = valid_BT.reshape(-1).long().repeat_interleave(K).expand_as(ids_LX)
+    return torch.zeros(len(routing), num_outputs, dtype=torch.long, device=ids_LX.device).scatter_add_(
+        1, ids_LX, weight_LX)
+
+
+def layer_stats(counts_LE: torch.Tensor, num_tokens: int, num_experts: int, top_k: int) -> list[LayerStats]:
+    """LayerStats (as flops.routing_stats makes them) from accumulated per-output slot counts [L, E]."""
+    counts = counts_LE.tolist()  # host sync, once
+    return [LayerStats(num_tokens, num_tokens * top_k, sum(c[:num_experts]), sum(c[num_experts:]), c[:num_experts])
+            for c in counts]
+
+
+def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tensor:
+    """Logits [B, V] of the last position only (the LM head never sees the other prompt positions)."""
+    hidden_BTH = model(ids_BT, attention_mask=mask_BS, cache=cache, routing=routing, hidden_only=True)
+    return model.lm_head(hidden_BTH[:, -1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine.
+
+
+@torch.no_grad()
+def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int] | set[int],
+             pad_id: int = 0, seed: int | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> Generation:
+    """Generate for a batch of prompts with a static KV cache (see the module docstring).
+
+    eos_ids: tokens that end a row (kept in its output). pad_id: what left padding and finished rows feed (it is
+    masked out, so its value does not matter). seed: reproducible sampling. on_token(row, token): called for
+    each new token of each unfinished row as soon as it is sampled (streaming; costs one transfer per step).
+    """
+    cfg = model.config
+    M = params.max_new_tokens
+    check_prompts(prompts, M, cfg.max_position_embeddings)
+    t0 = time.perf_counter()
+    device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+    N, E, K = cfg.num_experts, cfg.num_router_outputs, cfg.num_experts_per_tok
+    B, P = len(prompts), max(len(p) for p in prompts)
+    generator = make_generator(seed, device)
+    eos_X = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+
+    ids_BP, prompt_mask_BP = left_pad(prompts, pad_id, device)
+    mask_BS = torch.zeros(B, P + M, dtype=torch.bool, device=device)  # grows one column per fed token
+    mask_BS[:, :P] = prompt_mask_BP
+    cache = KVCache(cfg, B, P + M, dtype, device)
+    tokens_BM = torch.full((B, M), pad_id, dtype=torch.long, device=device)
+    logprobs_BM = torch.zeros(B, M, dtype=torch.float32, device=device)
+    real_BM = torch.zeros(B, M, dtype=torch.long, device=device)
+    zero_BM = torch.zeros(B, M, dtype=torch.long, device=device)
+    emitted_BM = torch.zeros(B, M, dtype=torch.bool, device=device)  # a real generated token at (row, step)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+
+    routing = []
+    logits_BV = _last_logits(model, ids_BP, mask_BS[:, :P], cache, routing)  # prefill
+    counts_LE = expert_counts(routing, prompt_mask_BP, E)
+    for t in range(M):
+        # Statistics only: the routing of the forward that produced this token (device ops, no sync).
+        real_B, zero_B = last_token_slots(routing, B, N)
+        real_BM[:, t], zero_BM[:, t] = real_B, zero_B
+        next_B, logp_B = sample(logits_BV, params, generator)
+        live_B = ~done_B
+        tokens_BM[:, t] = torch.where(live_B, next_B, pad_id)
+        logprobs_BM[:, t] = logp_B
+        emitted_BM[:, t] = live_B
+        done_B = done_B | torch.isin(next_B, eos_X)
+        if on_token is not None:
+            for row, tok in enumerate(torch.where(live_B, next_B, -1).tolist()):  # host sync (streaming only)
+                if tok >= 0:
+                    on_token(row, tok)
+        if t == M - 1 or bool(done_B.all()):  # host sync: the one per step
+            break
+        mask_BS[:, P + t] = ~done_B  # a finished row feeds pad with its mask bit off
+        routing = []
+        logits_BV = _last_logits(model, torch.where(done_B, pad_id, next_B)[:, None], mask_BS[:, :P + t + 1], cache,
+                                 routing)
+        counts_LE = counts_LE + expert_counts(routing, mask_BS[:, P + t], E)
+
+    # Everything to the host once.
+    lengths = emitted_BM.sum(dim=1).tolist()  # host sync
+    tokens, logprobs = tokens_BM.tolist(), logprobs_BM.tolist()
+    real, zero = real_BM.tolist(), zero_BM.tolist()
+    num_tokens = int(mask_BS.sum())  # prompts + fed tokens (the last token of a row is never fed)
+    return Generation(
+        tokens=[row[:n] for row, n in zip(tokens, lengths)],
+        logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
+        finished=done_B.tolist(),
+        real_slots=[row[:n] for row, n in zip(real, lengths)],
+        zero_slots=[row[:n] for row, n in zip(zero, lengths)],
+        stats=layer_stats(counts_LE, num_tokens, N, K),
+        attended_keys=attended_keys(mask_BS),
+        prompt_tokens=sum(len(p) for p in prompts),
+        new_tokens=sum(lengths),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@torch.no_grad()
+def generate_naive(model: CausalLM, prompt: list[int], params: SamplingParams, eos_ids: list[int] | set[int],
+                   seed: int | None = None) -> Generation:
+    """The reference: one prompt, no cache, the whole sequence recomputed at every step (host syncs freely).
+
+    Draws from the generator exactly as generate() does for a batch of one, so with the same seed both sample
+    the same tokens. stats/attended_keys come from the last forward, which covers every processed token."""
+    cfg = model.config
+    check_prompts([prompt], params.max_new_tokens, cfg.max_position_embeddings)
+    t0 = time.perf_counter()
+    device = model.lm_head.weight.device
+    generator = make_generator(seed, device)
+    ids, tokens, logprobs, real, zero, finished = list(prompt), [], [], [], [], False
+    for _ in range(params.max_new_tokens):
+        routing = []
+        logits_V = model(torch.tensor([ids], device=device), routing=routing)[0, -1]
+        real_B, zero_B = last_token_slots(routing, 1, cfg.num_experts)
+        tok, logp = sample(logits_V[None], params, generator)
+        tokens.append(int(tok))
+        logprobs.append(float(logp))
+        real.append(int(real_B))
+        zero.append(int(zero_B))
+        if tokens[-1] in eos_ids:
+            finished = True
+            break
+        ids.append(tokens[-1])
+    n = len(prompt) + len(tokens) - 1  # tokens the last forward processed: every token generation processed
+    stats = routing_stats(routing, cfg.num_experts)
+    return Generation([tokens], [logprobs], [finished], [real], [zero], stats, attended_keys(num_tokens=n),
+                      len(prompt), len(tokens), time.perf_counter() - t0)
+
+
+def token_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   temperature: float = 1.0, routing: list | None = None) -> torch.Tensor:
+    """log p(x_{t+1} | x_{<=t}) [B, T-1] for input_ids [B, T] in one forward (e.g. teacher and student in OPD).
+
+    Not decorated with no_grad: the student's log-probs need gradients; wrap the call for the teacher. Positions
+    whose target x_{t+1} or context token x_t is padding (attention_mask 0) are set to 0, so with left padding
+    row b holds log-probs of its real tokens 2..n in its last n-1 columns. `routing` collects the RouterOutputs for the
+    Group Auxiliary Loss. The [B, T-1, V] fp32 log-softmax is materialised at once; at our sizes that fits. At
+    V = 151k and long sequences, chunk over T with hidden_only=True and model.lm_head instead.
+    """
+    logits_BTV = model(input_ids, attention_mask=attention_mask, routing=routing)[:, :-1].float()
+    logp_BTV = (logits_BTV / temperature).log_softmax(dim=-1)  # [B, T-1, V]
+    out_BT = logp_BTV.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+    if attention_mask is not None:
+        real_BS = attention_mask.bool()
+        out_BT = out_BT.masked_fill(~(real_BS[:, :-1] & real_BS[:, 1:]), 0.0)
+    return out_BT
