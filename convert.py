@@ -70,15 +70,16 @@ def convert(input_dir: Path, output_dir: Path, num_zero: int | None = None, new_
     Z = num_zero if num_zero is not None else new_num_experts - N
     if Z <= 0:
         raise ValueError(f"--new-num-experts must exceed the {N} real experts of {config_path} (got {N + Z})")
-    if output_dir.resolve() == input_dir.resolve():
-        raise ValueError("--output-dir must differ from --input-dir (the input is never overwritten)")
+    if input_dir.resolve().is_relative_to(output_dir.resolve()):  # equal, or --overwrite would delete the input
+        raise ValueError("--output-dir must differ from --input-dir and not contain it (the input is never "
+                         "overwritten)")
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
     shards = shard_files(input_dir)  # every shard the index lists must exist before we start
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(output_dir)
-    changed, layers_seen, added_bytes = [], set(), 0
+    changed, layers_seen, added_bytes, added_params = [], set(), 0, 0
     try:
         for path in tqdm(shards, desc="convert", unit="shard", disable=not progress):
             tensors = read_shard(path)
@@ -96,6 +97,7 @@ def convert(input_dir: Path, output_dir: Path, num_zero: int | None = None, new_
                 grow = grow_router_weight if kind == "weight" else grow_correction_bias
                 tensors[key] = grow(t, Z, layer_generator(seed, layer, kind)).contiguous()
                 added_bytes += (tensors[key].numel() - t.numel()) * t.element_size()
+                added_params += (tensors[key].numel() - t.numel()) if kind == "weight" else 0  # bias: a buffer
                 changed.append(key)
                 layers_seen.add(layer)
             save_file(tensors, str(tmp / path.name), metadata=shard_metadata(path))
@@ -108,6 +110,8 @@ def convert(input_dir: Path, output_dir: Path, num_zero: int | None = None, new_
             index = json.loads(index_path.read_text())
             metadata = index.setdefault("metadata", {})
             metadata["total_size"] = metadata.get("total_size", 0) + added_bytes
+            if "total_parameters" in metadata:  # transformers 5.x also records it (parameters, not buffers)
+                metadata["total_parameters"] += added_params
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         copied = copy_side_files(input_dir, tmp)
         new_hf = dict(hf)

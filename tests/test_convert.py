@@ -1,0 +1,558 @@
+"""convert.py (ZEDA.md §1): a static checkpoint in, a dynamic one out, nothing else touched.
+
+On tiny random checkpoints of both architectures, single and multi-shard: the converted model with
+use_zce_mask=True gives exactly the original logits; router rows 0..N-1 and every other tensor are
+byte-identical; the new rows follow the per-dimension statistics of the old ones; the seed reproduces the
+output byte for byte; config.json, the index and the side files are right. Every refusal leaves nothing
+behind, and so does an interrupted run. The memory test runs bench/convert_memory.py at a small size.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import zeda
+from zeda.config import ModelConfig
+from zeda.tiny import make_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # convert.py and bench/ live in the repository root, not in the package
+    sys.path.insert(0, str(ROOT))
+
+import convert  # noqa: E402
+from bench import convert_memory  # noqa: E402
+
+ARCHS = ("qwen3_moe", "glm4_moe_lite")
+Z = 4  # zero experts added to the tiny checkpoints (N = 8 real ones)
+DYNAMIC_NAMES = {"qwen3_moe": "Qwen3MoePlusPlusForCausalLM", "glm4_moe_lite": "Glm4MoeLitePlusPlusForCausalLM"}
+ROUTER = re.compile(r"^model\.layers\.\d+\.mlp\.gate\.(weight|e_score_correction_bias)$")
+TOKENIZER_CONFIG = '{"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast"}\n'
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file of a folder (recursively) by relative path: two folders are equal iff these are."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tensors_by_key(folder: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """key -> (shard file name, tensor), over every safetensors shard of a folder."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                assert key not in out, f"{key} is in two shards"
+                out[key] = (path.name, f.get_tensor(key))
+    return out
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor, so that equality is bit equality (-0.0 != 0.0, NaN == same NaN)."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
+
+
+def leftovers(out: Path) -> list[str]:
+    """Temporary or backup folders convert may have left next to `out`."""
+    out = out.resolve()
+    return sorted(p.name for p in out.parent.iterdir() if re.match(rf"^\.{re.escape(out.name)}\.(tmp|old)-", p.name))
+
+
+def num_experts(folder: Path) -> int:
+    return ModelConfig.from_hf_config(folder).num_experts
+
+
+def random_batch(seed: int = 0):
+    """ids [3, 11] over the tiny vocabulary, and an attention mask with one left-padded row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 96, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: tiny static checkpoints and their conversions, built once per session
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: with 2 intra-op threads a [33, 32] linear waits ~10 ms on the
+    other thread, 1000x its work, and a forward takes a second instead of 10 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def static_ckpt(tmp_path_factory):
+    """static_ckpt(model_type, shards, **overrides) -> a tiny HF checkpoint with a dummy tokenizer_config.json.
+
+    Shared by tests: a test that edits an input copies it first.
+    """
+    cache = {}
+
+    def make(model_type: str, shards: int = 1, **overrides) -> Path:
+        key = (model_type, shards, tuple(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{model_type}-{shards}shards")
+            make_tiny_checkpoint(path, model_type, seed=1, shards=shards, **overrides)
+            (path / "tokenizer_config.json").write_text(TOKENIZER_CONFIG)
+            assert (path / "generation_config.json").exists()  # transformers writes one; it must be copied too
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def converted(static_ckpt, tmp_path_factory):
+    """converted(model_type, shards) -> (input, output, summary, input bytes before): Z zero experts, seed 0."""
+    cache = {}
+
+    def make(model_type: str, shards: int = 1):
+        if (model_type, shards) not in cache:
+            src = static_ckpt(model_type, shards)
+            before = folder_bytes(src)
+            out = tmp_path_factory.mktemp("converted") / f"{model_type}-{shards}shards-zeda"
+            summary = convert.convert(src, out, num_zero=Z, seed=0, progress=False)
+            cache[model_type, shards] = (src, out, summary, before)
+        return cache[model_type, shards]
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------------
+# the growth rules on their own
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 12), h=st.integers(1, 10), z=st.integers(1, 12), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       scale=st.floats(1e-3, 10.0), shift=st.floats(-10.0, 10.0))
+def test_grow_router_weight_copies_rows_and_is_seeded(n, h, z, seed, dtype, scale, shift):
+    """[N, H] -> [N + Z, H] in the input dtype: old rows bit-identical, new rows finite, same seed same rows."""
+    w = (torch.randn(n, h, generator=torch.Generator().manual_seed(seed)) * scale + shift).to(dtype)
+    w_before = w.clone()
+    grown = convert.grow_router_weight(w, z, torch.Generator().manual_seed(seed))
+    assert grown.shape == (n + z, h) and grown.dtype == dtype
+    assert same_bytes(grown[:n], w) and same_bytes(w, w_before)  # copied, and the input left alone
+    assert torch.isfinite(grown[n:].float()).all()
+    assert same_bytes(grown, convert.grow_router_weight(w, z, torch.Generator().manual_seed(seed)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 64), z=st.integers(1, 64), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), scale=st.floats(0.0, 5.0), shift=st.floats(-5, 5))
+def test_grow_correction_bias_copies_entries_and_is_seeded(n, z, seed, dtype, scale, shift):
+    """[N] -> [N + Z]: old entries bit-identical, new ones finite (also when all N are equal), seeded."""
+    b = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale + shift).to(dtype)
+    grown = convert.grow_correction_bias(b, z, torch.Generator().manual_seed(seed))
+    assert grown.shape == (n + z,) and grown.dtype == dtype
+    assert same_bytes(grown[:n], b) and torch.isfinite(grown[n:].float()).all()
+    assert same_bytes(grown, convert.grow_correction_bias(b, z, torch.Generator().manual_seed(seed)))
+
+
+# ----------------------------------------------------------------------------------------------
+# a converted checkpoint: the model, the tensors, the files
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_masked_conversion_gives_exactly_the_original_logits(converted, model_type, shards):
+    """use_zce_mask=True makes the converted model the original static MoE, bit for bit (ZEDA.md §1)."""
+    src, out, _, _ = converted(model_type, shards)
+    original, masked = zeda.load_model(src), zeda.load_model(out, use_zce_mask=True)
+    ids, mask = random_batch()
+    routing = []
+    with torch.no_grad():
+        assert torch.equal(original(ids, mask), masked(ids, mask, routing=routing))
+    assert routing and all((r.ids_TK < num_experts(src)).all() for r in routing)  # no zero expert chosen
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_only_router_tensors_change(converted, model_type, shards):
+    """Same keys in the same shard files; router rows 0..N-1 (and GLM bias entries) bit-identical, Z new ones
+    finite; every other tensor byte-identical; the input folder untouched."""
+    src, out, summary, before = converted(model_type, shards)
+    N = num_experts(src)
+    old, new = tensors_by_key(src), tensors_by_key(out)
+    assert {k: shard for k, (shard, _) in new.items()} == {k: shard for k, (shard, _) in old.items()}
+    changed = []
+    for key, (_, t) in old.items():
+        grown = new[key][1]
+        if ROUTER.match(key):
+            changed.append(key)
+            assert grown.dtype == t.dtype and grown.shape == (N + Z, *t.shape[1:])
+            assert same_bytes(grown[:N], t), key
+            assert torch.isfinite(grown[N:]).all(), key
+            assert not any(torch.equal(new_row, old_row) for new_row in grown[N:] for old_row in t), key  # sampled
+        else:
+            assert same_bytes(grown, t), key
+    moe_layers = ModelConfig.from_hf_config(src).num_moe_layers
+    assert len(changed) == summary["tensors_changed"] == moe_layers * (2 if model_type == "glm4_moe_lite" else 1)
+    assert folder_bytes(src) == before
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_index_lists_every_key_and_counts_the_new_rows(converted, model_type):
+    """The multi-shard index maps every key to its shard; total_size (and transformers' total_parameters,
+    which counts parameters, not the GLM bias buffer) grow by exactly what was added."""
+    src, out, _, _ = converted(model_type, 3)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    old_index = json.loads((src / "model.safetensors.index.json").read_text())
+    tensors = tensors_by_key(out)
+    assert index["weight_map"] == {k: shard for k, (shard, _) in tensors.items()} == old_index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for _, t in tensors.values())
+    cfg = ModelConfig.from_hf_config(src)
+    added_params = cfg.num_moe_layers * Z * cfg.hidden_size
+    assert index["metadata"]["total_parameters"] == old_index["metadata"]["total_parameters"] + added_params
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_side_files_are_copied(converted, model_type):
+    """tokenizer and generation configs come along byte-identical; nothing else appears or disappears."""
+    src, out, summary, _ = converted(model_type, 3)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert summary["files_copied"] == ["generation_config.json", "tokenizer_config.json"]
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_config_keeps_every_field_and_adds_the_zero_experts(converted, model_type):
+    """The authors' format: original fields kept, zce_nums/zce_types/use_zce_mask added, architecture renamed."""
+    src, out, _, _ = converted(model_type, 1)
+    old, new = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert set(new) == set(old) | {"zce_nums", "zce_types", "use_zce_mask"}
+    assert {k: v for k, v in new.items() if k in old and k != "architectures"} == {
+        k: v for k, v in old.items() if k != "architectures"}
+    assert new["zce_nums"] == [Z] and new["zce_types"] == ["zero"] and new["use_zce_mask"] is False
+    assert new["architectures"] == [DYNAMIC_NAMES[model_type]]
+
+
+@pytest.mark.parametrize("n_key", ["num_experts", "num_local_experts"])
+def test_num_experts_stays_under_the_key_the_input_used(static_ckpt, tmp_path, n_key):
+    """Qwen3-30B-A3B's own config.json says num_experts, transformers 5.x writes num_local_experts: keep it."""
+    src = tmp_path / "in"
+    shutil.copytree(static_ckpt("qwen3_moe"), src)
+    hf = json.loads((src / "config.json").read_text())
+    hf[n_key] = hf.pop("num_local_experts")
+    (src / "config.json").write_text(json.dumps(hf, indent=2))
+    convert.convert(src, tmp_path / "out", num_zero=Z, progress=False)
+    new = json.loads((tmp_path / "out" / "config.json").read_text())
+    other = {"num_experts", "num_local_experts"} - {n_key}
+    assert new[n_key] == 8 and not other & set(new)
+    ids, mask = random_batch(1)
+    with torch.no_grad():
+        assert torch.equal(zeda.load_model(src)(ids, mask), zeda.load_model(tmp_path / "out", use_zce_mask=True)(
+            ids, mask))
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_new_num_experts_and_num_zero_experts_agree(converted, tmp_path, model_type):
+    """--new-num-experts N+Z (the authors' flag) and --num-zero-experts Z write the same bytes."""
+    src, out, _, _ = converted(model_type, 1)
+    convert.convert(src, tmp_path / "m", new_num_experts=num_experts(src) + Z, seed=0, progress=False)
+    assert folder_bytes(tmp_path / "m") == folder_bytes(out)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_seed_reproduces_bytes_and_another_seed_changes_only_new_rows(converted, tmp_path, model_type):
+    """Same seed: the same bytes in every file. Another seed: new router rows and bias entries differ, the rest not."""
+    src, out, _, _ = converted(model_type, 3)
+    convert.convert(src, tmp_path / "again", num_zero=Z, seed=0, progress=False)
+    assert folder_bytes(tmp_path / "again") == folder_bytes(out)
+    convert.convert(src, tmp_path / "seed1", num_zero=Z, seed=1, progress=False)
+    N = num_experts(src)
+    seed0, seed1 = tensors_by_key(out), tensors_by_key(tmp_path / "seed1")
+    for key, (_, t) in seed0.items():
+        t1 = seed1[key][1]
+        if ROUTER.match(key):
+            assert same_bytes(t[:N], t1[:N])
+            assert (t[N:] != t1[N:]).reshape(Z, -1).any(1).all(), key  # every new row (or bias entry) moved
+        else:
+            assert same_bytes(t, t1), key
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_layout_does_not_change_the_result(converted, model_type):
+    """The same model in 1 and in 3 shards converts to the same tensors: one generator per (layer, tensor)."""
+    one, three = tensors_by_key(converted(model_type, 1)[1]), tensors_by_key(converted(model_type, 3)[1])
+    assert one.keys() == three.keys()
+    assert all(same_bytes(one[k][1], three[k][1]) for k in one)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_new_rows_follow_the_per_dimension_statistics(static_ckpt, tmp_path, model_type):
+    """New router rows ~ N(mean_h, std_h) with mean and std across the N original rows, per hidden dim h;
+    new GLM bias entries ~ N(mean, std) of the N original entries.
+
+    The input router rows get a different mean and std in every hidden dim (std spanning 10x), so statistics
+    taken over the whole matrix instead of per dimension would fail. N = Z = 64, H = 64; tolerances are 5
+    standard errors per dimension (mean: std_h / sqrt(Z); std ratio: 1 / sqrt(2 (Z - 1))).
+    """
+    N = H = n_zero = 64
+    n_key = "num_experts" if model_type == "qwen3_moe" else "n_routed_experts"
+    src = tmp_path / "in"
+    shutil.copytree(static_ckpt(model_type, **{n_key: N, "hidden_size": H}), src)
+    g = torch.Generator().manual_seed(7)
+    mean_H = torch.linspace(-0.05, 0.05, H)[torch.randperm(H, generator=g)]
+    std_H = torch.linspace(0.005, 0.05, H)[torch.randperm(H, generator=g)]
+    tensors = load_file(src / "model.safetensors")
+    for key in tensors:
+        if key.endswith("mlp.gate.weight"):
+            tensors[key] = mean_H + std_H * torch.randn(N, H, generator=g)  # [N, H]
+        if key.endswith("e_score_correction_bias"):
+            tensors[key] = 0.3 + 0.07 * torch.randn(N, generator=g)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    convert.convert(src, tmp_path / "out", num_zero=n_zero, seed=3, progress=False)
+
+    checked = 0
+    for key, (_, grown) in tensors_by_key(tmp_path / "out").items():
+        if not ROUTER.match(key):
+            continue
+        old, new = grown[:N].double(), grown[N:].double()
+        m, s = old.mean(0), old.std(0)  # per hidden dim for the weight, a scalar for the bias
+        assert ((new.mean(0) - m).abs() < 5 * s / n_zero**0.5).all(), key
+        assert ((new.std(0) / s - 1).abs() < 5 / (2 * (n_zero - 1)) ** 0.5).all(), key
+        if grown.dim() == 2:  # per-dimension, not pooled: the new stats track the old ones across h
+            assert torch.corrcoef(torch.stack([new.mean(0), m]))[0, 1] > 0.9, key
+            assert torch.corrcoef(torch.stack([new.std(0), s]))[0, 1] > 0.9, key
+        checked += 1
+    assert checked == ModelConfig.from_hf_config(src).num_moe_layers * (2 if model_type == "glm4_moe_lite" else 1)
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_converted_model_is_dynamic(converted, model_type):
+    """As written (use_zce_mask false), the model routes some slots to zero experts and still runs."""
+    src, out, _, _ = converted(model_type, 1)
+    model = zeda.load_model(out)
+    N = num_experts(src)
+    assert not model.config.use_zce_mask and model.config.num_router_outputs == N + Z
+    ids, mask = random_batch(2)
+    routing = []
+    with torch.no_grad():
+        logits = model(ids, mask, routing=routing)
+        original = zeda.load_model(src)(ids, mask)
+    assert logits.shape == original.shape and torch.isfinite(logits).all()
+    zero_slots = sum(int((r.ids_TK >= N).sum()) for r in routing)  # host sync
+    assert 0 < zero_slots < sum(r.ids_TK.numel() for r in routing)
+    assert not torch.equal(logits, original)  # a zero slot drops its expert: the output moves
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals: a clear message, exit code 2 from the CLI, and nothing written
+
+
+def cli_args(src: Path, out: Path, kwargs: dict) -> list[str]:
+    argv = ["--input-dir", str(src), "--output-dir", str(out)]
+    if "num_zero" in kwargs:
+        argv += ["--num-zero-experts", str(kwargs["num_zero"])]
+    if "new_num_experts" in kwargs:
+        argv += ["--new-num-experts", str(kwargs["new_num_experts"])]
+    return argv + (["--overwrite"] if kwargs.get("overwrite") else [])
+
+
+def copy_input(static_ckpt, tmp_path, model_type="qwen3_moe", shards=1) -> Path:
+    src = tmp_path / "in"
+    shutil.copytree(static_ckpt(model_type, shards), src)
+    return src
+
+
+def second_shard(src: Path) -> Path:
+    """The second shard in index order: the first is already written to the temporary folder when it fails."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    return src / sorted(set(index["weight_map"].values()))[1]
+
+
+def existing_output(static_ckpt, converted, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    return static_ckpt("qwen3_moe"), out, dict(num_zero=Z), r"out exists; pass --overwrite to replace it"
+
+
+def already_converted(static_ckpt, converted, tmp_path):
+    return converted("glm4_moe_lite", 1)[1], tmp_path / "out", dict(num_zero=Z), r"already converted"
+
+
+def unsupported_model_type(static_ckpt, converted, tmp_path):
+    src = copy_input(static_ckpt, tmp_path)
+    hf = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(hf | {"model_type": "llama"}))
+    return src, tmp_path / "out", dict(num_zero=Z), r"model_type 'llama' is not supported"
+
+
+def missing_shard(static_ckpt, converted, tmp_path):
+    src = copy_input(static_ckpt, tmp_path, "glm4_moe_lite", 3)
+    shard = second_shard(src)
+    shard.unlink()
+    return src, tmp_path / "out", dict(num_zero=Z), rf"{re.escape(shard.name)}: shard listed in .* is missing"
+
+
+def truncated_shard(static_ckpt, converted, tmp_path):
+    src = copy_input(static_ckpt, tmp_path, "qwen3_moe", 3)
+    shard = second_shard(src)
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return src, tmp_path / "out", dict(num_zero=Z), rf"{re.escape(shard.name)}: cannot read safetensors shard"
+
+
+def garbage_shard(static_ckpt, converted, tmp_path):
+    src = copy_input(static_ckpt, tmp_path, "glm4_moe_lite", 3)
+    shard = second_shard(src)
+    shard.write_bytes(bytes(range(256)) * 40)
+    return src, tmp_path / "out", dict(num_zero=Z), rf"{re.escape(shard.name)}: cannot read safetensors shard"
+
+
+def m_equals_n(static_ckpt, converted, tmp_path):
+    return static_ckpt("qwen3_moe"), tmp_path / "out", dict(new_num_experts=8), r"must exceed the 8 real experts"
+
+
+def m_below_n(static_ckpt, converted, tmp_path):
+    return static_ckpt("glm4_moe_lite"), tmp_path / "out", dict(new_num_experts=5), r"must exceed the 8 real"
+
+
+def zero_zero_experts(static_ckpt, converted, tmp_path):
+    return static_ckpt("qwen3_moe"), tmp_path / "out", dict(num_zero=0), r"must exceed the 8 real experts"
+
+
+def output_is_input(static_ckpt, converted, tmp_path):
+    src = copy_input(static_ckpt, tmp_path)
+    return src, src / ".." / "in", dict(num_zero=Z, overwrite=True), r"must differ from --input-dir"
+
+
+def output_contains_input(static_ckpt, converted, tmp_path):
+    """--overwrite on a parent of the input would delete the input after the rename: refused up front."""
+    src = tmp_path / "models" / "in"
+    shutil.copytree(static_ckpt("qwen3_moe"), src)
+    return src, tmp_path / "models", dict(num_zero=Z, overwrite=True), r"not contain it"
+
+
+REFUSALS = [existing_output, already_converted, unsupported_model_type, missing_shard, truncated_shard,
+            garbage_shard, m_equals_n, m_below_n, zero_zero_experts, output_is_input, output_contains_input]
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=lambda f: f.__name__)
+def test_refusal_writes_nothing(static_ckpt, converted, tmp_path, capsys, case):
+    """Each refusal, through the function and through the CLI's main(): same message, exit code 2 on stderr,
+    no output folder (or the existing one untouched), the input untouched, no temporary folder left."""
+    src, out, kwargs, message = case(static_ckpt, converted, tmp_path)
+    src_before = folder_bytes(src)
+    out_before = folder_bytes(out) if out.exists() else None
+    with pytest.raises((ValueError, FileExistsError), match=message):
+        convert.convert(src, out, progress=False, **kwargs)
+    assert convert.main(cli_args(src, out, kwargs)) == 2
+    captured = capsys.readouterr()
+    last = captured.err.splitlines()[-1]  # after tqdm's progress bar, when a shard was already being read
+    assert captured.out == "" and last.startswith("convert.py: error: ") and re.search(message, last)
+    assert (folder_bytes(out) if out.exists() else None) == out_before
+    assert folder_bytes(src) == src_before
+    assert leftovers(out) == []
+
+
+def test_giving_both_or_neither_count_is_refused(static_ckpt, tmp_path, capsys):
+    src, out = static_ckpt("qwen3_moe"), tmp_path / "out"
+    with pytest.raises(ValueError, match="exactly one of"):
+        convert.convert(src, out, num_zero=Z, new_num_experts=12, progress=False)
+    with pytest.raises(SystemExit) as e:  # argparse: mutually exclusive flags
+        convert.main(cli_args(src, out, dict(num_zero=Z, new_num_experts=12)))
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_overwrite_replaces_an_existing_output(converted, tmp_path):
+    src, reference, _, _ = converted("qwen3_moe", 3)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    convert.convert(src, out, num_zero=Z, overwrite=True, progress=False)
+    assert folder_bytes(out) == folder_bytes(reference) and leftovers(out) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_conversion_leaves_nothing(converted, tmp_path, monkeypatch, existing):
+    """A crash (Ctrl-C, a full disk) while writing the second shard: no output, no temporary folder; with
+    --overwrite the previous output is still there, whole."""
+    src, reference, _, _ = converted("glm4_moe_lite", 3)
+    out = tmp_path / "out"
+    if existing:
+        shutil.copytree(reference, out)
+    crash = OSError(28, "No space left on device") if existing else KeyboardInterrupt()
+    calls = []
+
+    def save_then_fail(tensors, filename, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise crash
+        return save_file(tensors, filename, **kwargs)
+
+    monkeypatch.setattr(convert, "save_file", save_then_fail)
+    with pytest.raises(type(crash)):
+        convert.convert(src, out, num_zero=Z, overwrite=existing, progress=False)
+    assert len(calls) == 2 and Path(calls[0]).parent.name.startswith(".out.tmp-")  # one shard was written
+    assert (folder_bytes(out) == folder_bytes(reference)) if existing else not out.exists()
+    assert leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line, as a real process
+
+
+def test_cli_as_a_process(converted, static_ckpt, tmp_path):
+    """`python convert.py --new-num-experts M` exits 0, prints the summary and writes the same bytes as
+    convert(num_zero=M-N); a refusal exits 2 with the message on stderr. The two processes run side by side
+    (each spends ~3 s importing torch)."""
+    src, reference, _, _ = converted("glm4_moe_lite", 3)
+    out, existing = tmp_path / "out", tmp_path / "existing"
+    existing.mkdir()
+    ok, refused = [subprocess.Popen([sys.executable, "convert.py", *cli_args(a, b, kwargs)], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                   for a, b, kwargs in [(src, out, dict(new_num_experts=8 + Z)),
+                                        (static_ckpt("qwen3_moe"), existing, dict(num_zero=Z))]]
+    (stdout, stderr), (refused_out, refused_err) = ok.communicate(timeout=120), refused.communicate(timeout=120)
+
+    assert ok.returncode == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0] == f"converted glm4_moe_lite {src} -> {out}"
+    assert lines[1] == f"  experts: 8 real -> 8 real + {Z} zero (8 -> {8 + Z} router outputs), top-k 2 kept"
+    assert lines[2].startswith("  tensors changed: 4 (router weights and correction biases)")
+    assert lines[2].endswith("from 4 shard(s)")
+    assert lines[3] == "  files copied: generation_config.json, tokenizer_config.json"
+    assert lines[4].startswith("  seed 0, ") and len(lines) == 5
+    assert folder_bytes(out) == folder_bytes(reference)
+
+    assert refused.returncode == 2 and refused_out == ""
+    assert f"convert.py: error: {existing} exists; pass --overwrite to replace it" in refused_err
+    assert list(existing.iterdir()) == [] and leftovers(existing) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: bench/convert_memory.py at a small size
+
+
+def test_conversion_memory_stays_near_one_shard(tmp_path):
+    """Streaming: the conversion holds a few shards, not the model. 96 MB in 12 shards of 8 MB; we measured
+    about 3 shards (the tensors read, the shard's mmapped pages, the allocator's slack), 0.3 x the model.
+    The lower bound proves the measurement sees the conversion at all (a shard must be resident to be written)."""
+    r = convert_memory.measure(size_mb=96, shards=12, workdir=tmp_path)
+    print(r)
+    assert 0.8 * r["largest_shard_mb"] < r["above_baseline_mb"] < 0.5 * r["model_mb"], r
