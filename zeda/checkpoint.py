@@ -170,10 +170,12 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Path | None = None,
-                    max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> Path:
+                    max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None, extra=None) -> Path:
     """Write an HF-layout folder atomically (temporary folder, then rename).
 
     copy_from: a checkpoint folder whose other files (tokenizer, generation config, ...) are copied along.
+    extra: a function called with the temporary folder before the rename, to add files (trainer state) that
+    must appear together with the weights or not at all.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +211,8 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
         if dtype is not None:
             hf["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        if extra is not None:
+            extra(tmp)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

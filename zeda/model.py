@@ -185,6 +185,22 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Initialise from scratch (teachers are trained from scratch): N(0, std) for every matrix, embedding,
+        router and 3D expert tensor; ones for norms; zero selection bias. One place, as nanochat."""
+        g = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32).mul_(std))
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
     def set_expert_backend(self, backend: str) -> None:
         """Pick the routed-expert implementation for every MoE layer: "loop", "grouped_mm" or "triton"."""
         from zeda.moe import BACKENDS

@@ -1,0 +1,281 @@
+"""Stage 1 of ZEDA: SFT of the converted student on teacher rollouts (ZEDA.md §3, §4).
+
+    python train_sft.py --student runs/student --rollouts rollouts.jsonl --out runs/sft
+    python train_sft.py --student runs/student --teacher assets/qwen3_moe_teacher --prompts prompts.jsonl --out runs/sft
+    torchrun --nproc_per_node=2 train_sft.py --student runs/student --rollouts rollouts.jsonl --out runs/sft
+
+Loss: cross-entropy on the response tokens only (prompt and padding masked), normalised by the response tokens
+of the whole global batch, plus the Group Auxiliary Loss (alpha, w) summed over MoE layers with its counts
+reduced over the data-parallel ranks. Defaults follow the paper: AdamW betas (0.9, 0.98), weight decay 0.1,
+lr 2e-5 cosine to 0 with 10% warmup, grad clip 1.0, global batch 128 sequences, router in fp32.
+Global batches are cut from a seeded shuffle of the data; inside one, sequences are sorted by length and split
+into micro-batches (length bucketing: little padding), which ranks take in turn; gradient accumulation covers
+the rest. Checkpoints (HF layout + optimizer and trainer state, written atomically) go to OUT/step-N every
+--save-every steps and OUT/final at the end; --resume continues from the newest with the same data order.
+OUT/metrics.jsonl gets one line per step. SIGTERM or Ctrl-C stops after the current step with a checkpoint; a
+non-finite loss stops the run naming the step, before anything is saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import zeda
+from zeda.data import iter_jsonl, prompt_messages, response_of
+from zeda.flops import routing_stats
+from zeda.losses import group_aux_loss, response_cross_entropy
+from zeda.parallel import Dist, init_distributed, shutdown
+from zeda.training import (STATE_FILE, collate, encode_chats, latest_checkpoint, load_optimizer_state, lr_at,
+                           make_optimizer, save_training_checkpoint)
+
+# ----------------------------------------------------------------------------- data
+
+def load_rollouts(path: Path, tokenizer, vocab_size: int, max_seq_len: int, truncate: bool):
+    """Rollout JSONL -> encoded examples. Returns (examples, counts of dropped/truncated/too-long)."""
+    prompts, responses, lines = [], [], []
+    for lineno, rec in iter_jsonl(path):
+        response = response_of(rec, path, lineno)
+        if response is None:
+            raise ValueError(f"{path}:{lineno}: no assistant message at the end (a rollout needs the teacher's answer)")
+        prompts.append(prompt_messages(rec, path, lineno))
+        responses.append(response)
+        lines.append(lineno)
+    if not prompts:
+        raise ValueError(f"{path}: empty dataset (no rollouts)")
+    examples = encode_chats(tokenizer, prompts, responses)
+    biggest = max(max(e.ids) for e in examples)
+    if biggest >= vocab_size:
+        bad = next(line for line, e in zip(lines, examples) if max(e.ids) == biggest)
+        raise ValueError(f"{path}:{bad}: token id {biggest} >= the model's vocab_size {vocab_size}: the rollouts' "
+                         f"tokenizer does not fit the student")
+    kept, counts = [], {"rollouts": len(examples), "truncated": 0, "dropped_too_long": 0}
+    for e in examples:
+        if len(e.ids) > max_seq_len:
+            if truncate and e.num_prompt < max_seq_len:
+                e.ids = e.ids[:max_seq_len]
+                counts["truncated"] += 1
+            else:
+                counts["dropped_too_long"] += 1
+                continue
+        kept.append(e)
+    if not kept:
+        raise ValueError(f"{path}: every rollout is longer than --max-seq-len {max_seq_len}")
+    return kept, counts
+
+
+def global_batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """The example indices of global batch `step`: epochs are seeded shuffles, so any step can be recomputed
+    (this is what makes --resume continue with the same data order)."""
+    per_epoch = n // global_batch
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * global_batch:(k + 1) * global_batch]
+
+
+def micro_batches(examples, indices: list[int], micro: int, d: Dist):
+    """This rank's micro-batches: the global batch sorted by length, cut into micro-batches taken in turn."""
+    ordered = sorted(indices, key=lambda i: len(examples[i].ids))
+    chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
+    return [[examples[i] for i in c] for c in chunks[d.rank::d.world]]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(args, d: Dist) -> dict:
+    from transformers import AutoTokenizer
+
+    out: Path = args.out
+    student_cfg = zeda.ModelConfig.from_hf_config(args.student)
+    if student_cfg.num_zero_experts == 0:
+        raise ValueError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums); run convert.py "
+                         f"first")
+    tokenizer = AutoTokenizer.from_pretrained(args.student)
+    rollouts = args.rollouts
+    if rollouts is None:  # --teacher/--prompts: sample the rollouts first (rank 0), resumable
+        rollouts = out / "rollouts.jsonl"
+        if d.is_main:
+            from rollout import rollout
+            from zeda.generation import SamplingParams
+
+            teacher = zeda.load_model(args.teacher)
+            params = SamplingParams(temperature=args.rollout_temperature, max_new_tokens=args.max_new_tokens)
+            with torch.no_grad():
+                stats = rollout(teacher, AutoTokenizer.from_pretrained(args.teacher), args.prompts, rollouts, params,
+                                seed=args.seed)
+            d.print(f"rollouts: {stats}")
+            del teacher
+        d.barrier()
+    examples, data_counts = load_rollouts(rollouts, tokenizer, student_cfg.vocab_size, args.max_seq_len,
+                                          args.truncate)
+    G, micro = args.global_batch_size, args.micro_batch_size
+    if G % (micro * d.world):
+        raise ValueError(f"--global-batch-size {G} must be a multiple of --micro-batch-size {micro} x {d.world} ranks")
+    if len(examples) < G:
+        raise ValueError(f"{rollouts}: {len(examples)} usable rollouts, fewer than one global batch ({G})")
+    total_steps = args.max_steps or args.epochs * (len(examples) // G)
+
+    resume_from = latest_checkpoint(out) if args.resume else None
+    model = zeda.load_model(resume_from or args.student, dtype=args.dtype, device=d.device)
+    for block in model.model.layers:  # router in fp32 whatever the training dtype (paper recipe)
+        if block.is_moe:
+            block.mlp.gate.float()
+    model.set_expert_backend(args.expert_backend)
+    model.train()
+    cfg = model.config
+    opt = make_optimizer(model, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    start_step = 0
+    if resume_from is not None:
+        load_optimizer_state(opt, model, resume_from)
+        start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        d.print(f"resuming from {resume_from} at step {start_step}")
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    warmup = int(args.warmup_ratio * total_steps)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def state(step):
+        return {"step": step, "total_steps": total_steps, "seed": args.seed, "args": {k: str(v) for k, v in
+                                                                                       vars(args).items()}}
+
+    metrics_path = out / "metrics.jsonl"
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft", unit="step",
+               disable=not d.is_main)
+    last = {}
+    for step in bar:
+        t0 = time.time()
+        lr = lr_at(step, total_steps, args.lr, warmup, "cosine")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batches = micro_batches(examples, global_batch_indices(len(examples), step, G, args.seed), micro, d)
+        local_tokens = sum(sum(len(e.ids) - e.num_prompt for e in b) for b in batches)
+        global_tokens = float(d.all_reduce(torch.tensor(float(local_tokens))))
+        opt.zero_grad(set_to_none=True)
+        ce_sum, ga_sum, layer_real, layer_zero = 0.0, 0.0, None, None
+        for b in batches:
+            ids, attn, loss_mask = collate(b, tokenizer.pad_token_id or 0)
+            ids, attn, loss_mask = ids.to(d.device), attn.to(d.device), loss_mask.to(d.device)
+            routing = []
+            logits = model(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing)
+            # x world: gradients are averaged over ranks, the sum over ranks must be the global mean.
+            ce = response_cross_entropy(logits, ids[:, 1:], loss_mask, normalizer=global_tokens / d.world)
+            valid = attn[:, :-1].reshape(-1).bool()
+            ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring,
+                                args.alpha, args.w, d.all_reduce if d.world > 1 else None) / len(batches)
+            (ce + ga).backward()
+            ce_sum += ce.item()  # host sync: logging
+            ga_sum += ga.item()
+            st = routing_stats(routing, cfg.num_experts, attn[:, :-1])
+            real = torch.tensor([s.real_slots for s in st], dtype=torch.float64)
+            zero = torch.tensor([s.zero_slots for s in st], dtype=torch.float64)
+            layer_real = real if layer_real is None else layer_real + real
+            layer_zero = zero if layer_zero is None else layer_zero + zero
+        d.average_gradients(model)
+        # Each rank's terms are scaled so that their mean over ranks is the global-batch loss.
+        ce_val, ga_val = (d.all_reduce(torch.tensor([ce_sum, ga_sum], dtype=torch.float64)) / d.world).tolist()
+        if not math.isfinite(ce_val + ga_val):
+            raise FloatingPointError(f"non-finite loss at step {step} (ce {ce_val}, ga {ga_val}); stopping without "
+                                     f"saving. Last good checkpoint: {latest_checkpoint(out)}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        layer_real, layer_zero = d.all_reduce(layer_real), d.all_reduce(layer_zero)
+        per_layer = (layer_zero / (layer_real + layer_zero).clamp(min=1)).tolist()
+        zero_ratio = float(layer_zero.sum() / (layer_real + layer_zero).sum().clamp(min=1))
+        seconds = time.time() - t0
+        last = {"step": step + 1, "lr": lr, "loss": ce_val + ga_val, "ce": ce_val, "ga": ga_val,
+                "grad_norm": float(grad_norm), "zero_ratio": zero_ratio, "zero_ratio_per_layer": per_layer,
+                "tokens": int(global_tokens), "tokens_per_s": global_tokens / seconds}
+        if d.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        bar.set_postfix(loss=f"{last['loss']:.3f}", zero=f"{zero_ratio:.2f}")
+        done = step + 1
+        if stop["signal"] is not None or (args.save_every and done % args.save_every == 0 and done < total_steps):
+            if d.is_main:
+                path = save_training_checkpoint(model, opt, out / f"step-{done}", args.student, state(done))
+                d.print(f"\nsaved {path}")
+            d.barrier()
+        if stop["signal"] is not None:
+            d.print(f"stopped by {stop['signal']} after step {done}; resume with --resume")
+            return {"stopped": stop["signal"], "step": done, **last}
+    bar.close()
+    final = out / "final"
+    if d.is_main:
+        save_training_checkpoint(model, opt, final, args.student, state(total_steps))
+    d.barrier()
+    summary = {"final": str(final), "steps": total_steps, **data_counts, "examples_used": len(examples), **last}
+    if d.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", type=Path, required=True, help="converted checkpoint folder (convert.py output)")
+    p.add_argument("--rollouts", type=Path, help="rollouts JSONL (messages ending with the teacher's answer)")
+    p.add_argument("--teacher", type=Path, help="teacher folder: sample rollouts first (with --prompts)")
+    p.add_argument("--prompts", type=Path, help="prompts JSONL for --teacher")
+    p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, metrics.jsonl)")
+    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs over the data)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs when --max-steps is 0 (paper: 1)")
+    p.add_argument("--global-batch-size", type=int, default=128, help="sequences per optimizer step (paper: 128)")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward on one rank")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight")
+    p.add_argument("--w", type=float, default=2.0, help="GA zero-group weight: targets zero share wZ/(N+wZ)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="longer rollouts are dropped (or --truncate)")
+    p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="data order and rollout sampling seed")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--expert-backend", default="grouped_mm", choices=["loop", "grouped_mm", "triton"],
+                   help="routed-expert implementation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="rollout answer limit (--teacher mode)")
+    p.add_argument("--rollout-temperature", type=float, default=1.0, help="rollout sampling temperature")
+    args = p.parse_args(argv)
+    if (args.rollouts is None) == (args.teacher is None or args.prompts is None):
+        p.error("give --rollouts FILE, or --teacher DIR with --prompts FILE")
+    args.dtype = getattr(torch, args.dtype)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    d = init_distributed(args.device)
+    try:
+        summary = train(args, d)
+    except (ValueError, OSError, zeda.ConfigError, zeda.CheckpointError, FloatingPointError) as e:
+        print(f"train_sft.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    d.print(f"\nSFT done: {json.dumps(summary)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Training pieces shared by the teacher trainer (zeda/teacher.py), train_sft.py and train_opd.py.
+
+- encode_chat: prompt messages + response -> token ids with the prompt/response boundary known, so the loss
+  can be restricted to response tokens (the prompt and padding never contribute).
+- collate: right-pad a list of examples into [B, T] tensors with a loss mask.
+- lr_at: linear warmup then cosine decay (the paper's SFT schedule), or constant.
+- make_optimizer: AdamW, weight decay on matrices only.
+- save_training_checkpoint / latest_checkpoint / load_optimizer_state: resumable checkpoints, no pickle.
+- load_balancing_loss: the Switch-style balance loss used to pre-train the teachers (so every expert is
+  used); the Group Auxiliary Loss of ZEDA lives in zeda/losses.py.
+
+Shape letters: B batch, T tokens, K top-k, E router outputs, N real experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from zeda.checkpoint import save_checkpoint
+
+STATE_FILE, OPTIM_FILE = "trainer_state.json", "optimizer.safetensors"
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt + response (+ EOS)
+    num_prompt: int  # the first num_prompt ids are the prompt: no loss there
+    family: str = ""
+
+
+def encode_chats(tokenizer, prompts: list[list[dict]], responses: list[str | None] | None = None,
+                 families: list[str] | None = None) -> list[Example]:
+    """Chat-template each prompt (with the assistant header), then append its response and EOS.
+
+    Prompts and responses are tokenised separately and concatenated, so the boundary is exact for any
+    tokenizer (a BPE merge across it would blur which tokens are the response's). Batched: one call to the
+    fast tokenizer per list, which matters for the ~100k examples of teacher training."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    responses = responses or [None] * len(prompts)
+    families = families or [""] * len(prompts)
+    given = [r for r in responses if r is not None]
+    response_ids = iter(tokenizer(given, add_special_tokens=False)["input_ids"] if given else [])
+    out = []
+    for p, r, f in zip(prompt_ids, responses, families):
+        ids = p if r is None else p + next(response_ids) + [tokenizer.eos_token_id]
+        out.append(Example(ids, len(p), f))
+    return out
+
+
+def encode_chat(tokenizer, prompt_messages: list[dict], response: str | None = None, family: str = "") -> Example:
+    """encode_chats for one example."""
+    return encode_chats(tokenizer, [prompt_messages], [response], [family])[0]
+
+
+def collate(examples: list[Example], pad_id: int):
+    """-> input_ids [B, T], attention_mask [B, T], loss_mask [B, T-1] (True where target t+1 is a response token)."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(examples), T, dtype=torch.long)
+    loss = torch.zeros(len(examples), T, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        attn[b, : len(e.ids)] = 1
+        loss[b, e.num_prompt : len(e.ids)] = True
+    return ids, attn, loss[:, 1:]
+
+
+def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: str = "cosine") -> float:
+    """Linear warmup over warmup_steps, then cosine to 0 over the remaining steps (or constant)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, lr: float, betas=(0.9, 0.98), weight_decay: float = 0.1, eps: float = 1e-8):
+    """AdamW; decay on matrices and expert tensors (ndim >= 2), none on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def router_probs(logits_TE: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The router's full distribution: softmax (Qwen3), or sigmoid scores normalised to sum to 1 (GLM)."""
+    if scoring == "softmax":
+        return logits_TE.softmax(-1)
+    s = logits_TE.sigmoid()
+    return s / s.sum(-1, keepdim=True)
+
+
+def load_balancing_loss(routing, num_experts: int, valid_T: torch.Tensor | None = None,
+                        scoring: str = "softmax") -> torch.Tensor:
+    """Switch-Transformer balance loss, averaged over MoE layers: N * sum_e f_e * P_e, where f_e is the share
+    of slots routed to expert e and P_e the mean router probability of e (padding masked)."""
+    losses = []
+    for r in routing:
+        probs_TE = router_probs(r.logits_TE, scoring)
+        ids_TK = r.ids_TK
+        if valid_T is not None:
+            probs_TE, ids_TK = probs_TE[valid_T], ids_TK[valid_T]
+        f_E = torch.bincount(ids_TK.flatten(), minlength=probs_TE.shape[1]).float() / max(1, ids_TK.numel())
+        losses.append(num_experts * (f_E * probs_TE.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dict) -> Path:
+    """HF-layout checkpoint + optimizer (safetensors) + trainer state (JSON), all in one atomic rename.
+    No pickle: optimizer tensors are keyed '<parameter name>::<field>'."""
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def write_state(folder: Path):
+        tensors = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for key, value in opt.state.get(p, {}).items():
+                    tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+        save_file(tensors, str(folder / OPTIM_FILE))
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    return save_checkpoint(model, path, copy_from=copy_from, extra=write_state)
+
+
+def load_optimizer_state(opt, model, folder: Path) -> None:
+    tensors = load_file(str(folder / OPTIM_FILE))
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        name, field = key.split("::")
+        opt.state[params[name]][field] = value.to(params[name].device)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest OUT/step-N (or OUT/final) that has a trainer state."""
+    found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
+    if (out / "final" / STATE_FILE).exists():
+        found.append(out / "final")
+    return max(found, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"], default=None)
