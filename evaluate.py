@@ -1,0 +1,93 @@
+"""Evaluate a static or converted checkpoint: accuracy, zero-expert ratio, FLOPs and speed (ZEDA.md §6).
+
+    python evaluate.py --model assets/qwen3_moe_teacher --out runs/teacher_eval.json
+    python evaluate.py --model runs/student --tasks math,code --n 100 --batch-size 64
+    python evaluate.py --model runs/student --benchmark bench.jsonl --temperature 0.6 --top-p 0.95 --top-k 20
+
+Runs the test split of the task suite (zeda/tasks.py; greedy, 300 items per family by default) and/or a local
+benchmark JSONL ({"messages": [...], "answer": "..."} per line), with the model's own tokenizer and chat
+template, and prints a summary table. --out writes the report as JSON (atomically); its top-level fields:
+
+    accuracy                  {family or "benchmark": correct / total, ..., "average": mean over them}
+    counts                    {group: {correct, total, finished, tokens_generated, zero_expert_ratio_generated}}
+    zero_expert_ratio         zero slots / routed slots over every processed token (prompts + generated)
+    zero_expert_ratio_generated   the same over the generated tokens only
+    expert_flops              {dynamic, static};  expert_flops_reduction = 1 - dynamic / static
+    forward_flops             {dynamic, static};  forward_flops_reduction (attention, dense layers, head included)
+    tokens_generated, prompt_tokens, tokens_processed, generation_seconds, tokens_per_second
+    model, architecture, device, dtype, expert_backend, families, n_per_family, task_seed, benchmark,
+    sampling {temperature, top_p, top_k, max_new_tokens, seed}, batch_size,
+    samples                   {group: [{where, prompt, output, reference, correct}, ...]} (first 3 per group)
+
+Bad input (missing model folder, unsupported architecture, unknown family, bad --n, a malformed benchmark line,
+a prompt longer than the context) exits with status 2 and a message naming the culprit; nothing is written.
+The evaluation logic lives in zeda/evaluation.py (evaluate_model), so the pipeline can run it in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zeda.evaluation import (EXPERT_BACKENDS, EvaluationError, check_families, evaluate_model, load_for_inference,
+                             summary_table, write_json_atomic)
+from zeda.generation import SamplingParams
+from zeda.tasks import FAMILIES
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint folder (static or converted), with tokenizer files")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated task families of {','.join(FAMILIES)} (default: all of them, or none "
+                        "when --benchmark is given)")
+    p.add_argument("--n", type=int, default=300, help="test items per task family (default 300)")
+    p.add_argument("--benchmark", default=None, help="a benchmark JSONL file, reported as accuracy['benchmark']")
+    p.add_argument("--out", default=None, help="write the report as JSON to this file")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch b uses seed + b; default 0)")
+    p.add_argument("--task-seed", type=int, default=0,
+                   help="seed that draws the test items (default 0: every model sees the same items)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
+    p.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS,
+                   help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        # Everything that can be checked without the model is checked first: a typo fails in a second.
+        if args.tasks is None:
+            families = () if args.benchmark else FAMILIES
+        else:
+            families = check_families([f.strip() for f in args.tasks.split(",") if f.strip()])
+        if families and args.n < 1:
+            raise EvaluationError(f"--n must be >= 1, got {args.n}")
+        if not families and not args.benchmark:
+            raise EvaluationError("nothing to evaluate: --tasks is empty and no --benchmark given")
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  max_new_tokens=args.max_new_tokens)
+        model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.expert_backend)
+        report = evaluate_model(model, tokenizer, families, args.n, sampling, args.batch_size, args.seed,
+                                args.benchmark, task_seed=args.task_seed, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError, data.py errors
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    report["model"] = args.model
+    print(summary_table(report))
+    if args.out:
+        write_json_atomic(args.out, report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

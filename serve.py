@@ -1,0 +1,147 @@
+"""Chat with a static or converted checkpoint, token by token, and see what each answer cost (ZEDA.md §6).
+
+    python serve.py                                        # the shipped teacher, interactive (one prompt a line)
+    python serve.py --prompt "Compute 358+67-149."
+    python serve.py --model runs/student --temperature 0 --max-new-tokens 128
+
+Each prompt is a fresh single-turn chat (the model's own chat template). Tokens are printed as they are sampled
+(generation's on_token callback); after each answer one line reports the tokens, tokens/s, the zero-expert ratio
+and the expert FLOPs saved against the static original (1 - dynamic / static, flops.flop_report over every token
+the answer processed, prompt included). A static checkpoint reports 0% for both; a converted one its routing.
+Sampling defaults are the paper's evaluation settings: temperature 0.6, top-p 0.95, top-k 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from zeda.evaluation import (EXPERT_BACKENDS, EvaluationError, Item, encode_items, load_for_inference, pad_id,
+                             stop_ids)
+from zeda.flops import flop_report
+from zeda.generation import Generation, SamplingParams, generate
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3_moe_teacher"
+MAKE_TEACHER = "python -m zeda.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher"
+
+
+class TokenPrinter:
+    """on_token callback: decode the answer so far and print only what is new, at once (no newline, flushed).
+
+    Decoding the whole answer each time (not token by token) keeps multi-token characters and a BPE's leading
+    spaces right; text ending in U+FFFD is half a UTF-8 character, so it waits for the next token."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], out=None):
+        self.tokenizer, self.eos_ids, self.out = tokenizer, eos_ids, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0  # characters of the decoded answer already written
+
+    def __call__(self, row: int, token: int) -> None:
+        if token in self.eos_ids:
+            return
+        self.ids.append(token)
+        self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def answer(model, tokenizer, prompt: str, sampling: SamplingParams, seed: int | None, where: str = "--prompt",
+           out=None) -> Generation:
+    """Stream one answer to `out`, then its summary line. EvaluationError naming `where` if the prompt does not
+    fit in the context."""
+    cfg, out = model.config, out or sys.stdout
+    item = Item("serve", where, [{"role": "user", "content": prompt}], "", None)
+    ids = encode_items(tokenizer, [item], sampling.max_new_tokens, cfg.max_position_embeddings)[0]
+    eos = stop_ids(tokenizer, cfg)
+    printer = TokenPrinter(tokenizer, eos, out)
+    gen = generate(model, [ids], sampling, eos, pad_id(tokenizer, cfg), seed=seed, on_token=printer)
+    printer.flush()
+    out.write("\n" + summary_line(cfg, gen) + "\n")
+    out.flush()
+    return gen
+
+
+def summary_line(cfg, gen: Generation) -> str:
+    report = flop_report(cfg, gen.stats, gen.attended_keys)
+    speed = gen.new_tokens / gen.seconds if gen.seconds > 0 else 0.0
+    stop = "stopped at EOS" if gen.finished[0] else "cut at --max-new-tokens"
+    return (f"[{gen.new_tokens} tokens ({stop}), {speed:.1f} tokens/s, zero-expert ratio "
+            f"{report['zero_expert_ratio']:.1%}, expert FLOPs saved {report['expert_flops_reduction']:.1%}]")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, default=None,
+                   help="checkpoint folder, static or converted (default: assets/qwen3_moe_teacher beside serve.py)")
+    p.add_argument("--prompt", default=None, help="answer this prompt and exit (default: read prompts from stdin)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=20, help="keep the k most likely tokens, 0 = off (default 20)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (answer i uses seed + i; default: random)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
+    p.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS,
+                   help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")
+    return p.parse_args(argv)
+
+
+def error(message: str) -> int:
+    print(f"serve.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        return error("--prompt is empty")
+    if args.model is None and not DEFAULT_MODEL.is_dir():
+        return error(f"the default teacher {DEFAULT_MODEL} does not exist yet; create it with\n    {MAKE_TEACHER}\n"
+                     "or pass --model DIR")
+    model_dir = args.model or DEFAULT_MODEL
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  max_new_tokens=args.max_new_tokens)
+        model, tokenizer = load_for_inference(model_dir, args.device, args.dtype, args.expert_backend)
+    except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError, bad sampling
+        return error(str(e))
+    seed = args.seed
+
+    if args.prompt is not None:
+        try:
+            answer(model, tokenizer, args.prompt, sampling, seed)
+        except EvaluationError as e:
+            return error(str(e))
+        return 0
+
+    cfg = model.config
+    print(f"{model_dir}: {cfg.model_type}, {cfg.num_experts} experts + {cfg.num_zero_experts} zero experts, "
+          f"top-{cfg.num_experts_per_tok}. One prompt per line; Ctrl-D to quit.", file=sys.stderr)
+    turn = 0
+    for lineno in itertools.count(1):
+        print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            print()
+            return 0
+        prompt = line.rstrip("\n")
+        if not prompt.strip():
+            continue
+        try:
+            answer(model, tokenizer, prompt, sampling, None if seed is None else seed + turn, f"stdin line {lineno}")
+        except EvaluationError as e:  # too long: say so and wait for the next prompt
+            print(f"serve.py: {e}", file=sys.stderr)
+        turn += 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

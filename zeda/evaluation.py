@@ -1,0 +1,384 @@
+"""Evaluation: accuracy on the task suite or a local benchmark, and what the routing cost (ZEDA.md §6).
+
+    model, tokenizer = load_for_inference("assets/qwen3_moe_teacher")
+    report = evaluate_model(model, tokenizer, ("math", "code", "if"), n=300,
+                            sampling=SamplingParams(temperature=0.0, max_new_tokens=256), batch_size=32, seed=0)
+    report["accuracy"]["average"], report["zero_expert_ratio"], report["expert_flops_reduction"]
+
+What is measured, per run (evaluate.py prints it as a table and writes it as JSON):
+- accuracy per task family (tasks.verify on the decoded output) or benchmark (tasks.verify when a record names
+  a task family, else data.score_answer against its reference), and the mean over what was evaluated;
+- the zero-expert ratio and expert / whole-forward FLOPs, dynamic vs the static original (flops.flop_report),
+  over every token the model processed: prompts and generated tokens. `zero_expert_ratio_generated` is the
+  same ratio over the generated tokens alone (the forward that produced each one);
+- tokens generated and tokens/s over generation wall time (tokenising and verifying excluded).
+
+Prompts are sorted by length before batching, so a batch pads little. Every prompt is checked against the
+context (max_position_embeddings - max_new_tokens) before anything runs, and an error names the item
+(`bench.jsonl:12`), not its position in some batch.
+
+Also here, shared with serve.py: device, dtype and expert-backend choice (one helper each) and
+`load_for_inference`, which loads a checkpoint folder with its own tokenizer and checks what it can first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from zeda import tasks
+from zeda.config import ModelConfig
+from zeda.data import REFERENCE_FIELDS, iter_jsonl, prompt_messages, reference_answer, score_answer
+from zeda.flops import flop_report, merge_stats
+from zeda.generation import Generation, SamplingParams, generate
+from zeda.model import CausalLM
+from zeda.training import encode_chat
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+BENCHMARK = "benchmark"  # the accuracy key of a --benchmark file
+
+
+class EvaluationError(ValueError):
+    """Bad input to an evaluation or a serving session; the message names the file, line or item."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device, dtype, backend and loading (shared with serve.py).
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": cuda when available, else cpu. Anything else is passed to torch.device as is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise EvaluationError(f"bad device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on cuda, float32 elsewhere (CPU bf16 matmuls are slow and gain nothing here)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise EvaluationError(f"unknown dtype {name!r}; choose auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_backend(name: str, cfg: ModelConfig, dtype: torch.dtype) -> str:
+    """"auto": grouped_mm when the expert shapes meet its 16-byte alignment (moe.expert_swiglu_grouped_mm),
+    else the loop reference, which takes any shape."""
+    if name not in EXPERT_BACKENDS:
+        raise EvaluationError(f"unknown expert backend {name!r}; choose one of {', '.join(EXPERT_BACKENDS)}")
+    if name != "auto":
+        return name
+    size = torch.tensor([], dtype=dtype).element_size()
+    aligned = (cfg.hidden_size * size) % 16 == 0 and (cfg.moe_intermediate_size * size) % 16 == 0
+    return "grouped_mm" if aligned else "loop"
+
+
+def load_for_inference(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                       expert_backend: str = "auto") -> tuple[CausalLM, object]:
+    """(model in eval mode, its own tokenizer) from a static or converted checkpoint folder.
+
+    Raises EvaluationError / ConfigError / CheckpointError (all ValueError) with a message naming the folder:
+    no such folder, an unsupported architecture, no tokenizer files, no chat template."""
+    from transformers import AutoTokenizer  # a slow import: only when a model is actually loaded
+
+    from zeda import load_model
+
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"{path}: no such model folder")
+    cfg = ModelConfig.from_hf_config(path)  # refuses unsupported architectures before any weight is read
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise EvaluationError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    backend = resolve_backend(expert_backend, cfg, dt)
+    model = load_model(path, dtype=dt, device=dev)
+    model.set_expert_backend(backend)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # never reach for the Hub
+    if not tokenizer.chat_template:
+        raise EvaluationError(f"{path}: the tokenizer has no chat template")
+    return model, tokenizer
+
+
+def stop_ids(tokenizer, cfg: ModelConfig) -> set[int]:
+    """Tokens that end an answer: the tokenizer's EOS plus config.json's eos_token_id (a list for Qwen3)."""
+    ids = set(cfg.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def pad_id(tokenizer, cfg: ModelConfig) -> int:
+    """What left padding feeds; it is masked out, so any valid id works."""
+    for candidate in (tokenizer.pad_token_id, cfg.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def expert_backend_of(model: CausalLM) -> str:
+    return next((block.mlp.experts.backend for block in model.model.layers if block.is_moe), "none")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Items: what is asked and how the answer is checked.
+
+
+@dataclass
+class Item:
+    group: str  # accuracy key: a task family, or "benchmark"
+    where: str  # names the item in errors: "math test item 3", "bench.jsonl:12"
+    messages: list[dict]  # the prompt, chat-templated at encode time
+    reference: str  # the reference final answer (shown in samples)
+    task: tasks.Task | None  # checked with tasks.verify when set, else with data.score_answer
+
+    def is_correct(self, output: str) -> bool:
+        return tasks.verify(self.task, output) if self.task is not None else score_answer(output, self.reference)
+
+
+def check_families(families: Sequence[str]) -> tuple[str, ...]:
+    """The families in order, duplicates dropped; EvaluationError for an unknown one."""
+    unknown = [f for f in families if f not in tasks.FAMILIES]
+    if unknown:
+        raise EvaluationError(f"unknown task family {unknown[0]!r}; choose from {', '.join(tasks.FAMILIES)}")
+    return tuple(dict.fromkeys(families))
+
+
+def suite_items(families: Sequence[str], n: int, task_seed: int = 0) -> list[Item]:
+    """n test-split items per family, the same list in every process for a task seed."""
+    items = []
+    for family in families:
+        for i, task in enumerate(tasks.generate(family, "test", n, seed=task_seed)):
+            record = tasks.to_prompt_record(task)
+            items.append(Item(family, f"{family} test item {i}", record["messages"], task.answer, task))
+    return items
+
+
+def benchmark_items(path: str | os.PathLike) -> list[Item]:
+    """Items of a benchmark JSONL in the authors' format (ZEDA.md §7): messages + a reference answer.
+
+    A record whose "family" is a zeda task family is checked with tasks.verify (the instruction-following
+    family checks constraints, not one string); any other record with data.score_answer."""
+    items = []
+    for lineno, record in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        messages = prompt_messages(record, path, lineno)
+        reference = reference_answer(record)
+        if reference is None:
+            raise EvaluationError(f"{where}: no reference answer (expected one of {', '.join(REFERENCE_FIELDS)})")
+        task = None
+        if record.get("family") in tasks.FAMILIES:
+            user = [m for m in messages if m["role"] == "user"][-1]  # the task prompt, after any system turn
+            task = tasks.task_from_record({"family": record["family"], "messages": [user], "answer": reference})
+            try:  # an "if" prompt the verifier cannot parse fails here, not after an hour of generation
+                tasks.verify(task, f"{tasks.ANSWER_PREFIX} {reference}")
+            except ValueError as e:
+                raise EvaluationError(f"{where}: {e}") from None
+        items.append(Item(BENCHMARK, where, messages, reference, task))
+    if not items:
+        raise EvaluationError(f"{path}: the benchmark has no records")
+    return items
+
+
+def encode_items(tokenizer, items: list[Item], max_new_tokens: int, max_positions: int) -> list[list[int]]:
+    """Chat-templated prompt ids per item; EvaluationError naming the item if one does not fit the context."""
+    limit = max_positions - max_new_tokens
+    encoded = []
+    for item in items:
+        ids = encode_chat(tokenizer, item.messages).ids
+        if len(ids) > limit:
+            raise EvaluationError(f"{item.where}: the prompt has {len(ids)} tokens; with max_new_tokens="
+                                  f"{max_new_tokens} at most {limit} fit in max_position_embeddings={max_positions}")
+        encoded.append(ids)
+    return encoded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running: batches sorted by prompt length, statistics merged over batches.
+
+
+@dataclass
+class Outcome:
+    output: str
+    correct: bool
+    new_tokens: int
+    finished: bool  # stopped at EOS (False: cut at max_new_tokens)
+    real_slots: int  # over the generated tokens, summed over MoE layers
+    zero_slots: int
+
+
+def run_batches(model: CausalLM, tokenizer, items: list[Item], prompts: list[list[int]], sampling: SamplingParams,
+                batch_size: int, seed: int | None, progress: bool = True,
+                on_batch: Callable[[Generation], None] | None = None) -> list[Outcome]:
+    """Generate and check every item (longest prompts first: an out-of-memory shows up in the first batch).
+    on_batch(gen) sees each batch's Generation, for statistics."""
+    cfg = model.config
+    eos, pad = stop_ids(tokenizer, cfg), pad_id(tokenizer, cfg)
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    outcomes: list[Outcome | None] = [None] * len(items)
+    new_tokens, seconds = 0, 0.0
+    bar = tqdm(batches, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True)
+    for b, batch in enumerate(bar):
+        batch_seed = None if seed is None else seed + b  # distinct draws per batch, reproducible per run
+        gen = generate(model, [prompts[i] for i in batch], sampling, eos, pad, seed=batch_seed)
+        for row, i in enumerate(batch):
+            text = tokenizer.decode(gen.tokens[row], skip_special_tokens=True)
+            outcomes[i] = Outcome(text, items[i].is_correct(text), len(gen.tokens[row]), gen.finished[row],
+                                  sum(gen.real_slots[row]), sum(gen.zero_slots[row]))
+        if on_batch is not None:
+            on_batch(gen)
+        new_tokens, seconds = new_tokens + gen.new_tokens, seconds + gen.seconds
+        bar.set_postfix(tok_s=f"{new_tokens / max(seconds, 1e-9):.1f}")
+    return outcomes
+
+
+def _ratio(zero: int, real: int) -> float:
+    return zero / (zero + real) if zero + real else 0.0
+
+
+def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, sampling: SamplingParams,
+                   batch_size: int, seed: int | None, benchmark: str | os.PathLike | None = None, *,
+                   task_seed: int = 0, samples_per_group: int = 3, progress: bool = True) -> dict:
+    """Evaluate in-process; returns the report dict that evaluate.py writes as JSON (see its docstring).
+
+    families: task families of the test split, n items each (drawn with task_seed, fixed by default so every
+    model sees the same items); benchmark: a JSONL file evaluated as one more group. seed: the sampling seed
+    (irrelevant for greedy). Raises EvaluationError for bad input before generating anything."""
+    families = check_families(families)
+    if families and (not isinstance(n, int) or n < 1):
+        raise EvaluationError(f"n must be a positive integer, got {n!r}")
+    if batch_size < 1:
+        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+    items = suite_items(families, n, task_seed) + (benchmark_items(benchmark) if benchmark is not None else [])
+    if not items:
+        raise EvaluationError("nothing to evaluate: no task families and no benchmark")
+    cfg = model.config
+    prompts = encode_items(tokenizer, items, sampling.max_new_tokens, cfg.max_position_embeddings)
+
+    totals = {"stats": [], "keys": 0, "new_tokens": 0, "prompt_tokens": 0, "seconds": 0.0}
+
+    def accumulate(gen: Generation) -> None:
+        totals["stats"] = merge_stats(totals["stats"], gen.stats)
+        totals["keys"] += gen.attended_keys
+        totals["new_tokens"] += gen.new_tokens
+        totals["prompt_tokens"] += gen.prompt_tokens
+        totals["seconds"] += gen.seconds
+
+    outcomes = run_batches(model, tokenizer, items, prompts, sampling, batch_size, seed, progress, accumulate)
+
+    groups = list(dict.fromkeys(item.group for item in items))
+    counts, samples = {}, {}
+    for group in groups:
+        mine = [(item, out) for item, out in zip(items, outcomes) if item.group == group]
+        done = [out for _, out in mine]
+        counts[group] = {
+            "correct": sum(out.correct for out in done),
+            "total": len(done),
+            "finished": sum(out.finished for out in done),
+            "tokens_generated": sum(out.new_tokens for out in done),
+            "zero_expert_ratio_generated": _ratio(sum(o.zero_slots for o in done), sum(o.real_slots for o in done)),
+        }
+        samples[group] = [{"where": item.where, "prompt": item.messages[-1]["content"], "output": out.output,
+                           "reference": item.reference, "correct": out.correct}
+                          for item, out in mine[:samples_per_group]]
+    accuracy = {group: counts[group]["correct"] / counts[group]["total"] for group in groups}
+    accuracy["average"] = sum(accuracy.values()) / len(groups)
+
+    flops = flop_report(cfg, totals["stats"], totals["keys"])
+    zero_gen, real_gen = sum(o.zero_slots for o in outcomes), sum(o.real_slots for o in outcomes)
+    return {
+        "model": str(getattr(tokenizer, "name_or_path", "")),
+        "architecture": {"model_type": cfg.model_type, "num_experts": cfg.num_experts,
+                         "num_zero_experts": cfg.num_zero_experts, "top_k": cfg.num_experts_per_tok,
+                         "use_zce_mask": cfg.use_zce_mask},
+        "device": str(model.lm_head.weight.device),
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "expert_backend": expert_backend_of(model),
+        "families": list(families),
+        "n_per_family": n if families else 0,
+        "task_seed": task_seed,
+        "benchmark": None if benchmark is None else str(benchmark),
+        "sampling": {**dataclasses.asdict(sampling), "seed": seed},
+        "batch_size": batch_size,
+        "accuracy": accuracy,
+        "counts": counts,
+        "zero_expert_ratio": flops["zero_expert_ratio"],
+        "zero_expert_ratio_generated": _ratio(zero_gen, real_gen),
+        "expert_flops": {"dynamic": flops["expert_flops_dynamic"], "static": flops["expert_flops_static"]},
+        "expert_flops_reduction": flops["expert_flops_reduction"],
+        "forward_flops": {"dynamic": flops["forward_flops_dynamic"], "static": flops["forward_flops_static"]},
+        "forward_flops_reduction": flops["forward_flops_reduction"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "tokens_processed": flops["tokens"],  # prompts + fed generated tokens (the FLOPs cover these)
+        "tokens_generated": totals["new_tokens"],
+        "generation_seconds": totals["seconds"],
+        "tokens_per_second": totals["new_tokens"] / totals["seconds"] if totals["seconds"] > 0 else 0.0,
+        "samples": samples,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def summary_table(report: dict) -> str:
+    """A readable table of a report: accuracy per group, then routing cost and speed."""
+    s = report["sampling"]
+    mode = "greedy" if s["temperature"] == 0 else f"T={s['temperature']} top-p={s['top_p']} top-k={s['top_k']}"
+    lines = [f"model {report['model']} ({report['architecture']['model_type']}, "
+             f"{report['architecture']['num_zero_experts']} zero experts) on {report['device']} {report['dtype']}, "
+             f"{mode}, max {s['max_new_tokens']} new tokens",
+             f"{'group':<12}{'correct':>8}{'total':>7}{'accuracy':>10}{'stopped':>9}{'zero (gen)':>12}"]
+    for group, c in report["counts"].items():
+        lines.append(f"{group:<12}{c['correct']:>8}{c['total']:>7}{report['accuracy'][group]:>10.1%}"
+                     f"{c['finished']:>9}{c['zero_expert_ratio_generated']:>12.1%}")
+    lines.append(f"{'average':<12}{'':>15}{report['accuracy']['average']:>10.1%}")
+    e, f = report["expert_flops"], report["forward_flops"]
+    lines += [
+        f"zero-expert ratio   {report['zero_expert_ratio']:.1%} of routed slots "
+        f"({report['zero_expert_ratio_generated']:.1%} over generated tokens)",
+        f"expert FLOPs        {e['dynamic']:.3e} dynamic / {e['static']:.3e} static: "
+        f"{report['expert_flops_reduction']:.1%} saved",
+        f"forward FLOPs       {f['dynamic']:.3e} dynamic / {f['static']:.3e} static: "
+        f"{report['forward_flops_reduction']:.1%} saved",
+        f"tokens generated    {report['tokens_generated']} in {report['generation_seconds']:.1f} s: "
+        f"{report['tokens_per_second']:.1f} tokens/s",
+    ]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """json.dump to a temporary file beside `path`, then rename: readers never see half a report."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
