@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,8 @@ from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import routing_stats
 from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist, init_distributed, shutdown
-from zeda.training import (STATE_FILE, collate, encode_chats, latest_checkpoint, load_optimizer_state, lr_at,
-                           make_optimizer, save_training_checkpoint)
+from zeda.training import (STATE_FILE, collate, encode_chats, install_stop_handler, latest_checkpoint,
+                           load_optimizer_state, lr_at, make_optimizer, save_training_checkpoint)
 
 # ----------------------------------------------------------------------------- data
 
@@ -143,13 +142,7 @@ def train(args, d: Dist) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     warmup = int(args.warmup_ratio * total_steps)
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = install_stop_handler()
 
     def state(step):
         return {"step": step, "total_steps": total_steps, "seed": args.seed, "args": {k: str(v) for k, v in
@@ -191,7 +184,7 @@ def train(args, d: Dist) -> dict:
         # Each rank's terms are scaled so that their mean over ranks is the global-batch loss.
         ce_val, ga_val = (d.all_reduce(torch.tensor([ce_sum, ga_sum], dtype=torch.float64)) / d.world).tolist()
         if not math.isfinite(ce_val + ga_val):
-            raise FloatingPointError(f"non-finite loss at step {step} (ce {ce_val}, ga {ga_val}); stopping without "
+            raise FloatingPointError(f"non-finite loss at step {step + 1} (ce {ce_val}, ga {ga_val}); stopping without "
                                      f"saving. Last good checkpoint: {latest_checkpoint(out)}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +145,16 @@ def latest_checkpoint(out: Path) -> Path | None:
     if (out / "final" / STATE_FILE).exists():
         found.append(out / "final")
     return max(found, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"], default=None)
+
+
+def install_stop_handler() -> dict:
+    """SIGTERM / Ctrl-C set flag["signal"] instead of killing the run, so the training loop can finish the
+    current step, save a checkpoint and exit cleanly."""
+    flag = {"signal": None}
+
+    def on_signal(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return flag
