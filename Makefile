@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(PY) -m zeda.demo
+	$(PY) pipeline.py
 
 test: install
 	$(PY) -m pytest

@@ -114,7 +114,7 @@ def opd_step(student, teacher, examples, old_logp_values, args, d: Dist, pad_id:
                         d.all_reduce if d.world > 1 else None)
     (policy + ga).backward()
     reverse_kl_sum = float(((s_logp - t_logp) * mask_f).sum())  # host sync: metrics
-    return float(policy), float(ga), reverse_kl_sum, routing_stats(routing, cfg.num_experts, routed_mask)
+    return float(policy.detach()), float(ga.detach()), reverse_kl_sum, routing_stats(routing, cfg.num_experts, routed_mask)
 
 
 def train(args, d: Dist) -> dict:

@@ -1,0 +1,165 @@
+"""The main job: the whole ZEDA pipeline on a shipped teacher, end to end, on CPU.
+
+    python pipeline.py                          # the qwen3_moe teacher
+    python pipeline.py --arch glm4_moe_lite     # the GLM-4.7-Flash-style teacher
+    python pipeline.py --stages convert,eval    # just convert and compare before any training
+
+Stages, each a script a user can also run alone (the commands are printed):
+  convert   convert.py: static teacher -> dynamic student with Z = N/2 zero experts (ZEDA.md §1)
+  rollouts  rollout.py: the teacher answers the SFT prompts (train split of the task suite)
+  sft       train_sft.py: stage 1, CE on the teacher's answers + Group Auxiliary Loss (§4)
+  opd       train_opd.py: stage 2, on-policy distillation from the frozen teacher (§5)
+  eval      evaluate.py on the test split: teacher / converted / after SFT / after SFT+OPD
+It ends with one table -- per-family and average accuracy, zero-expert ratio, expert-FLOP and whole-forward
+FLOP reduction, measured tokens/s -- and writes the same numbers to OUT/results.json.
+
+The defaults are sized for a 2-core CPU (about 15 minutes); they are not the paper's recipe (a 30B model,
+60k prompts, lr 2e-5 / 5e-6): our ~2M-parameter teachers were trained at lr 3e-3 and need a larger lr to move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import convert
+import train_opd
+import train_sft
+from rollout import rollout
+from zeda import tasks
+from zeda.config import ModelConfig
+from zeda.data import write_jsonl_atomic
+from zeda.evaluation import evaluate_model, load_for_inference, write_json_atomic
+from zeda.generation import SamplingParams
+
+ROOT = Path(__file__).resolve().parent
+TEACHERS = {"qwen3_moe": ROOT / "assets" / "qwen3_moe_teacher",
+            "glm4_moe_lite": ROOT / "assets" / "glm4_moe_lite_teacher"}
+STAGES = ("convert", "rollouts", "sft", "opd", "eval")
+
+
+def evaluate_folder(folder: Path, args) -> dict:
+    model, tokenizer = load_for_inference(folder)
+    print(f"\n[eval] {folder}: {args.n} test items per family, greedy")
+    with torch.no_grad():
+        report = evaluate_model(model, tokenizer, list(tasks.FAMILIES), args.n,
+                                SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
+                                args.batch_size, args.seed)
+    report["model"] = str(folder)
+    return report
+
+
+def table(rows: dict[str, dict]) -> str:
+    cols = [*tasks.FAMILIES, "average"]
+    header = (f"{'stage':<24}" + "".join(f"{c:>9}" for c in cols)
+              + f"{'zero %':>8}{'expert FLOPs -':>16}{'fwd FLOPs -':>13}{'tok/s':>8}")
+    lines = [header, "-" * len(header)]
+    for name, r in rows.items():
+        acc = "".join(f"{100 * r['accuracy'][c]:>8.1f}%" for c in cols)
+        lines.append(f"{name:<24}{acc}{100 * r['zero_expert_ratio']:>7.1f}%{100 * r['expert_flops_reduction']:>15.1f}%"
+                     f"{100 * r['forward_flops_reduction']:>12.1f}%{r['tokens_per_second']:>8.0f}")
+    return "\n".join(lines)
+
+
+def run(cmd: list[str], main) -> None:
+    """Run a stage's script in-process (so the pipeline is one process), printing the equivalent command."""
+    print(f"\n$ python {' '.join(cmd)}", flush=True)
+    code = main(cmd[1:])
+    if code:
+        raise SystemExit(f"pipeline.py: stage `{cmd[0]}` failed with exit code {code}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="qwen3_moe", choices=sorted(TEACHERS), help="which shipped teacher")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: the shipped one)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "pipeline", help="output folder")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--zero-experts", type=int, default=None, help="Z (default N/2, the paper's setting)")
+    p.add_argument("--n", type=int, default=300, help="test items per family for each evaluation")
+    p.add_argument("--sft-prompts", type=int, default=1500, help="SFT prompts per family (train split)")
+    p.add_argument("--sft-epochs", type=int, default=2, help="SFT epochs over the rollouts")
+    p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT peak lr (cosine, 10%% warmup)")
+    p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
+    p.add_argument("--opd-lr", type=float, default=1e-4, help="OPD constant lr")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="answer limit for rollouts, OPD and eval")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    p.add_argument("--seed", type=int, default=0, help="seed for every stage")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = args.teacher or TEACHERS[args.arch]
+    if not (teacher / "config.json").exists():
+        print(f"pipeline.py: error: no teacher at {teacher}; train it with "
+              f"`python -m zeda.teacher --arch {args.arch} --out {teacher}`", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    n_real = ModelConfig.from_hf_config(teacher).num_experts
+    zero = args.zero_experts or n_real // 2
+    student, sft_out, opd_out = out / "converted", out / "sft", out / "opd"
+    prompts_sft, prompts_opd, rollouts = out / "prompts_sft.jsonl", out / "prompts_opd.jsonl", out / "rollouts.jsonl"
+    seconds = {}
+
+    if "convert" in stages:
+        t = time.time()
+        run(["convert.py", "--input-dir", str(teacher), "--output-dir", str(student), "--num-zero-experts", str(zero),
+             "--seed", str(args.seed), "--overwrite"], convert.main)
+        seconds["convert"] = time.time() - t
+    if "rollouts" in stages:
+        t = time.time()
+        items = tasks.mixture("train", args.sft_prompts, seed=args.seed + 1)
+        write_jsonl_atomic(prompts_sft, [tasks.to_prompt_record(x) for x in items])
+        opd_items = tasks.mixture("train", 200, seed=args.seed + 2)
+        write_jsonl_atomic(prompts_opd, [tasks.to_prompt_record(x) for x in opd_items])
+        rollouts.unlink(missing_ok=True)
+        print(f"\n[rollouts] {teacher} answers {len(items)} train prompts -> {rollouts}")
+        model, tokenizer = load_for_inference(teacher)
+        with torch.no_grad():
+            stats = rollout(model, tokenizer, prompts_sft, rollouts, SamplingParams(temperature=1.0,
+                            max_new_tokens=args.max_new_tokens), batch_size=args.batch_size, seed=args.seed)
+        print(f"[rollouts] {stats}")
+        seconds["rollouts"] = time.time() - t
+    if "sft" in stages:
+        t = time.time()
+        run(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
+             "--epochs", str(args.sft_epochs), "--global-batch-size", "32", "--micro-batch-size", "16",
+             "--lr", str(args.sft_lr), "--seed", str(args.seed)], train_sft.main)
+        seconds["sft"] = time.time() - t
+    if "opd" in stages:
+        t = time.time()
+        run(["train_opd.py", "--student", str(sft_out / "final"), "--teacher", str(teacher), "--prompts",
+             str(prompts_opd), "--out", str(opd_out), "--max-steps", str(args.opd_steps), "--lr", str(args.opd_lr),
+             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)], train_opd.main)
+        seconds["opd"] = time.time() - t
+    rows = {}
+    if "eval" in stages:
+        t = time.time()
+        candidates = {"teacher (static)": teacher, "converted, no training": student,
+                      "after SFT": sft_out / "final", "after SFT + OPD": opd_out / "final"}
+        for name, folder in candidates.items():
+            if (folder / "config.json").exists():
+                rows[name] = evaluate_folder(folder, args)
+        seconds["eval"] = time.time() - t
+        print("\n" + table(rows))
+    results = {"arch": args.arch, "teacher": str(teacher), "real_experts": n_real, "zero_experts": zero,
+               "n_per_family": args.n, "stages": rows, "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
+               "seconds": round(time.time() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()}}
+    out_json = out / "results.json"
+    write_json_atomic(out_json, results)
+    print(f"\nresults written to {out_json} ({results['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
