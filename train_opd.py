@@ -1,6 +1,6 @@
 """Stage 2 of ZEDA: on-policy distillation of the SFT student from the frozen static teacher (ZEDA.md §5).
 
-    python train_opd.py --student runs/sft/final --teacher assets/qwen3_moe_teacher --prompts prompts.jsonl --out runs/opd
+    python train_opd.py --student runs/sft/final --teacher assets/qwen3_moe_teacher --prompts p.jsonl --out runs/opd
     torchrun --nproc_per_node=2 train_opd.py --student ... --teacher ... --prompts ... --out runs/opd
 
 Each step:
@@ -114,7 +114,8 @@ def opd_step(student, teacher, examples, old_logp_values, args, d: Dist, pad_id:
                         d.all_reduce if d.world > 1 else None)
     (policy + ga).backward()
     reverse_kl_sum = float(((s_logp - t_logp) * mask_f).sum())  # host sync: metrics
-    return float(policy.detach()), float(ga.detach()), reverse_kl_sum, routing_stats(routing, cfg.num_experts, routed_mask)
+    stats = routing_stats(routing, cfg.num_experts, routed_mask)
+    return float(policy.detach()), float(ga.detach()), reverse_kl_sum, stats
 
 
 def train(args, d: Dist) -> dict:
@@ -207,7 +208,8 @@ def train(args, d: Dist) -> dict:
         done = step + 1
         if stop["signal"] is not None or (args.save_every and done % args.save_every == 0 and done < args.max_steps):
             if d.is_main:
-                d.print(f"\nsaved {save_training_checkpoint(student, opt, out / f'step-{done}', args.student, state(done))}")
+                path = save_training_checkpoint(student, opt, out / f"step-{done}", args.student, state(done))
+                d.print(f"\nsaved {path}")
             d.barrier()
         if stop["signal"] is not None:
             d.print(f"stopped by {stop['signal']} after step {done}; resume with --resume")

@@ -67,8 +67,8 @@ def build_examples(tokenizer, n_per_family: int, seed: int) -> dict[str, list]:
     return out
 
 
-def train(arch: str, out: Path, steps: int, minutes: float | None, batch_size: int, lr: float, n_per_family: int, seed: int,
-          balance_coef: float, threads: int | None, backend: str) -> dict:
+def train(arch: str, out: Path, steps: int, minutes: float | None, batch_size: int, lr: float, n_per_family: int,
+          seed: int, balance_coef: float, threads: int | None, backend: str) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -147,8 +147,8 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--backend", default="grouped_mm", choices=["loop", "grouped_mm"], help="expert backend")
     args = p.parse_args()
-    record = train(args.arch, args.out, args.steps, args.minutes, args.batch_size, args.lr, args.train_per_family, args.seed,
-                   args.balance_coef, args.threads, args.backend)
+    record = train(args.arch, args.out, args.steps, args.minutes, args.batch_size, args.lr, args.train_per_family,
+                   args.seed, args.balance_coef, args.threads, args.backend)
     print(json.dumps(record, indent=2))
 
 
