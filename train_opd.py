@@ -39,7 +39,7 @@ from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
 from zeda.parallel import Dist, init_distributed, shutdown
-from zeda.training import (STATE_FILE, Example, collate, encode_chats, install_stop_handler, latest_checkpoint,
+from zeda.training import (STATE_FILE, Example, collate, encode_chats, stop_on_signals, latest_checkpoint,
                            load_optimizer_state, make_optimizer, save_training_checkpoint)
 
 
@@ -118,7 +118,7 @@ def opd_step(student, teacher, examples, old_logp_values, args, d: Dist, pad_id:
     return float(policy.detach()), float(ga.detach()), reverse_kl_sum, stats
 
 
-def train(args, d: Dist) -> dict:
+def train(args, d: Dist, stop: dict) -> dict:
     from transformers import AutoTokenizer
 
     out: Path = args.out
@@ -152,7 +152,6 @@ def train(args, d: Dist) -> dict:
         d.print(f"resuming from {resume_from} at step {start_step}")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    stop = install_stop_handler()
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     per_rank = args.prompts_per_step // d.world
 
@@ -262,7 +261,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     d = init_distributed(args.device)
     try:
-        summary = train(args, d)
+        with stop_on_signals() as stop:
+            summary = train(args, d, stop)
     except (ValueError, OSError, zeda.ConfigError, zeda.CheckpointError, FloatingPointError) as e:
         print(f"train_opd.py: error: {e}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import routing_stats
 from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist, init_distributed, shutdown
-from zeda.training import (STATE_FILE, collate, encode_chats, install_stop_handler, latest_checkpoint,
+from zeda.training import (STATE_FILE, collate, encode_chats, stop_on_signals, latest_checkpoint,
                            load_optimizer_state, lr_at, make_optimizer, save_training_checkpoint)
 
 # ----------------------------------------------------------------------------- data
@@ -91,7 +91,7 @@ def micro_batches(examples, indices: list[int], micro: int, d: Dist):
 
 # ----------------------------------------------------------------------------- training
 
-def train(args, d: Dist) -> dict:
+def train(args, d: Dist, stop: dict) -> dict:
     from transformers import AutoTokenizer
 
     out: Path = args.out
@@ -142,7 +142,6 @@ def train(args, d: Dist) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     warmup = int(args.warmup_ratio * total_steps)
 
-    stop = install_stop_handler()
 
     def state(step):
         return {"step": step, "total_steps": total_steps, "seed": args.seed, "args": {k: str(v) for k, v in
@@ -260,7 +259,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     d = init_distributed(args.device)
     try:
-        summary = train(args, d)
+        with stop_on_signals() as stop:
+            summary = train(args, d, stop)
     except (ValueError, OSError, zeda.ConfigError, zeda.CheckpointError, FloatingPointError) as e:
         print(f"train_sft.py: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@
 - lr_at: linear warmup then cosine decay (the paper's SFT schedule), or constant.
 - make_optimizer: AdamW, weight decay on matrices only.
 - save_training_checkpoint / latest_checkpoint / load_optimizer_state: resumable checkpoints, no pickle.
+- stop_on_signals: SIGTERM / Ctrl-C end the current step cleanly instead of killing the run.
 - load_balancing_loss: the Switch-style balance loss used to pre-train the teachers (so every expert is
   used); the Group Auxiliary Loss of ZEDA lives in zeda/losses.py.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,14 +149,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found, key=lambda p: json.loads((p / STATE_FILE).read_text())["step"], default=None)
 
 
-def install_stop_handler() -> dict:
-    """SIGTERM / Ctrl-C set flag["signal"] instead of killing the run, so the training loop can finish the
-    current step, save a checkpoint and exit cleanly."""
+@contextmanager
+def stop_on_signals():
+    """Within the block, SIGTERM / Ctrl-C set flag["signal"] instead of killing the run, so the training loop
+    can finish the current step, save a checkpoint and exit cleanly. The previous handlers come back after."""
     flag = {"signal": None}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def on_signal(signum, _frame):
         flag["signal"] = signal.Signals(signum).name
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return flag
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

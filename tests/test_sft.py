@@ -1,0 +1,417 @@
+"""Stage 1 (ZEDA.md §4): train_sft.py on a tiny converted student, and rollout.py's resumable output.
+
+The student is a tiny random Qwen3-MoE (N = 8, K = 2, 3 MoE layers) converted with Z = 4 zero experts; the
+rollouts are the task suite's reference answers (no generation needed). Checked: the loss mask covers exactly
+the response and its EOS; a few steps lower the loss; metrics.jsonl has its fields; --resume reproduces the
+uninterrupted run; the final checkpoint is a converted model with tokenizer and trainer state; every refusal
+exits 2 with a message that says where; over-long rollouts are dropped or truncated and counted; a NaN stops
+the run naming the step, before any save; SIGTERM stops after the step with a checkpoint; rollout.py resumes
+without duplicates and repairs a torn line; torchrun data parallelism gives the single-process step-1 loss.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import convert
+import rollout
+import train_sft
+import zeda
+from zeda import tasks
+from zeda.generation import SamplingParams
+from zeda.tiny import make_tiny_checkpoint
+from zeda.tokenizer import save_tokenizer
+from zeda.training import STATE_FILE, collate, encode_chats
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_ZERO = 4
+FAST = ["--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3", "--device", "cpu"]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def subprocess_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """train_sft installs SIGTERM/SIGINT handlers in-process; put pytest's back so Ctrl-C still works."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """teacher (static), student (converted), prompts.jsonl (12 prompts), rollouts.jsonl (12 reference answers),
+    rollouts4.jsonl (the first 4)."""
+    d = tmp_path_factory.mktemp("sft")
+    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
+    save_tokenizer(d / "teacher")
+    convert.convert(d / "teacher", d / "student", num_zero=NUM_ZERO, progress=False)
+    items = tasks.mixture("train", 4, seed=1)
+    write_jsonl(d / "prompts.jsonl", [tasks.to_prompt_record(t) for t in items])
+    write_jsonl(d / "rollouts.jsonl", [tasks.to_rollout_record(t, t.response) for t in items])
+    write_jsonl(d / "rollouts4.jsonl", [tasks.to_rollout_record(t, t.response) for t in items[:4]])
+    return d
+
+
+def sft(data: Path, out: Path, *extra, rollouts="rollouts4.jsonl", student="student") -> int:
+    return train_sft.main(["--student", str(data / student), "--rollouts", str(data / rollouts), "--out", str(out),
+                           *FAST, *extra])
+
+
+@pytest.fixture(scope="session")
+def run4(data):
+    """One uninterrupted 4-step run on the same 4 rollouts (one global batch, repeated)."""
+    out = data / "run4"
+    assert sft(data, out, "--max-steps", "4") == 0
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# loss masking
+
+
+def test_loss_mask_is_exactly_response_and_eos(data):
+    tokenizer = AutoTokenizer.from_pretrained(data / "student")
+    items = tasks.mixture("train", 1, seed=1)  # one per family: three different lengths
+    examples = encode_chats(tokenizer, [[{"role": "user", "content": t.prompt}] for t in items],
+                            [t.response for t in items])
+    ids, attn, loss_mask = collate(examples, tokenizer.pad_token_id)
+    targets = ids[:, 1:]
+    assert loss_mask.shape == targets.shape
+    eos = tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id)
+    assert eos == "<|im_end|>"
+    for b, (task, e) in enumerate(zip(items, examples)):
+        picked = targets[b][loss_mask[b]].tolist()
+        assert tokenizer.decode(picked, skip_special_tokens=False) == task.response + eos
+        # The prompt (all of it, assistant header included) is never a target; padding never either.
+        prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}], tokenize=False,
+                                                    add_generation_prompt=True)
+        assert tokenizer.decode(ids[b, : e.num_prompt].tolist(), skip_special_tokens=False) == prompt_text
+        assert not loss_mask[b, : e.num_prompt - 1].any()  # targets 1..num_prompt-1 are prompt tokens
+        assert loss_mask[b, e.num_prompt - 1 : len(e.ids) - 1].all()
+        assert not loss_mask[b, len(e.ids) - 1 :].any()  # padding
+        assert attn[b].sum() == len(e.ids)
+    assert (~attn.bool()).any()  # the batch really has padding
+
+
+# ----------------------------------------------------------------------------------------------
+# a real run: the loss goes down, metrics, final checkpoint
+
+
+def test_a_few_steps_lower_the_loss(run4):
+    metrics = read_metrics(run4)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[3]["loss"] < metrics[0]["loss"]
+    assert metrics[3]["ce"] < metrics[0]["ce"]
+
+
+def test_metrics_fields(run4, data):
+    cfg = zeda.ModelConfig.from_hf_config(data / "student")
+    moe_layers = sum(cfg.moe_layers)
+    for m in read_metrics(run4):
+        for key in ("step", "lr", "loss", "ce", "ga", "zero_ratio", "zero_ratio_per_layer", "tokens",
+                    "tokens_per_s"):
+            assert key in m, key
+        assert len(m["zero_ratio_per_layer"]) == moe_layers == 3
+        assert 0 <= m["zero_ratio"] <= 1 and all(0 <= r <= 1 for r in m["zero_ratio_per_layer"])
+        assert m["loss"] == pytest.approx(m["ce"] + m["ga"])
+        assert m["ga"] > 0 and m["tokens"] > 0 and m["tokens_per_s"] > 0
+    first = read_metrics(run4)[0]
+    assert first["lr"] == pytest.approx(1e-3)  # 10% of 4 steps = no warmup; cosine starts at the peak
+    # tokens = response tokens (+ EOS) of the global batch: here all 4 rollouts.
+    tokenizer = AutoTokenizer.from_pretrained(data / "student")
+    examples, _ = train_sft.load_rollouts(data / "rollouts4.jsonl", tokenizer, 10**6, 10**6, False)
+    assert first["tokens"] == sum(len(e.ids) - e.num_prompt for e in examples)
+
+
+def test_final_checkpoint_is_a_converted_model(run4, data):
+    final = run4 / "final"
+    state = json.loads((final / STATE_FILE).read_text())
+    assert state["step"] == 4 and state["total_steps"] == 4
+    assert (final / "optimizer.safetensors").exists()
+    model = zeda.load_model(final)
+    assert model.config.num_zero_experts == NUM_ZERO and model.config.num_experts == 8
+    assert json.loads((final / "config.json").read_text())["zce_nums"] == [NUM_ZERO]
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) == 101
+    # It trained: weights moved away from the student's.
+    student = zeda.load_model(data / "student")
+    assert not torch.equal(model.lm_head.weight, student.lm_head.weight)
+    summary = json.loads((run4 / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["examples_used"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+
+
+def test_resume_matches_uninterrupted_run(data):
+    """12 rollouts, 4 per global batch: steps 3 and 4 cross an epoch boundary, so the data order must be
+    recomputed right after the resume, not only the weights and the optimizer state."""
+    a, b = data / "resume_a", data / "resume_b"
+    assert sft(data, a, "--max-steps", "4", "--save-every", "2", rollouts="rollouts.jsonl") == 0
+    assert (a / "step-2" / STATE_FILE).exists() and not (a / "step-4").exists()
+    b.mkdir()
+    shutil.copytree(a / "step-2", b / "step-2")
+    assert sft(data, b, "--max-steps", "4", "--save-every", "2", "--resume", rollouts="rollouts.jsonl") == 0
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [m["step"] for m in mb] == [3, 4]
+    for got, want in zip(mb, ma[2:]):
+        for key in ("lr", "loss", "ce", "ga", "grad_norm", "zero_ratio", "tokens"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6, rel=1e-6), key
+        assert got["zero_ratio_per_layer"] == pytest.approx(want["zero_ratio_per_layer"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# refusals: exit code 2 and a message that says what and where
+
+
+def refused(capsys, rc) -> str:
+    """The error line of a refused run (stderr may also carry progress bars and library warnings)."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("train_sft.py: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_refuses_a_student_that_is_not_converted(data, tmp_path, capsys):
+    err = refused(capsys, sft(data, tmp_path / "out", "--max-steps", "1", student="teacher"))
+    assert "not a converted checkpoint" in err and str(data / "teacher" / "config.json") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_rollouts_that_do_not_fit_the_vocabulary(data, tmp_path, capsys):
+    small = tmp_path / "small"
+    make_tiny_checkpoint(small / "teacher", "qwen3_moe", vocab_size=40, max_position_embeddings=512)
+    save_tokenizer(small / "teacher")
+    convert.convert(small / "teacher", small / "student", num_zero=NUM_ZERO, progress=False)
+    items = tasks.mixture("train", 1, seed=1)
+    records = [tasks.to_rollout_record(t, t.response) for t in items]
+    assert not any("~" in json.dumps(r) for r in records)
+    records[2]["messages"][-1]["content"] += " ~"  # "~" has the largest id of the tokenizer (100)
+    path = write_jsonl(tmp_path / "rollouts.jsonl", records)
+    rc = train_sft.main(["--student", str(small / "student"), "--rollouts", str(path), "--out", str(tmp_path / "o"),
+                         *FAST, "--max-steps", "1"])
+    err = refused(capsys, rc)
+    assert f"{path}:3:" in err and "token id 100" in err and "vocab_size 40" in err
+
+
+def test_refuses_an_empty_rollouts_file(data, tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    err = refused(capsys, train_sft.main(["--student", str(data / "student"), "--rollouts", str(path), "--out",
+                                          str(tmp_path / "o"), *FAST]))
+    assert str(path) in err and "empty" in err
+
+
+def test_refuses_a_rollout_without_an_assistant_turn(data, tmp_path, capsys):
+    items = tasks.mixture("train", 1, seed=1)
+    records = [tasks.to_rollout_record(items[0], items[0].response), tasks.to_prompt_record(items[1])]
+    path = write_jsonl(tmp_path / "r.jsonl", records)
+    err = refused(capsys, train_sft.main(["--student", str(data / "student"), "--rollouts", str(path), "--out",
+                                          str(tmp_path / "o"), *FAST]))
+    assert f"{path}:2:" in err and "assistant" in err
+
+
+def test_refuses_when_every_rollout_is_too_long(data, tmp_path, capsys):
+    err = refused(capsys, sft(data, tmp_path / "o", "--max-seq-len", "10"))
+    assert "--max-seq-len 10" in err and str(data / "rollouts4.jsonl") in err
+
+
+def test_refuses_a_global_batch_that_does_not_split(data, tmp_path, capsys):
+    err = refused(capsys, sft(data, tmp_path / "o", "--global-batch-size", "3"))
+    assert "--global-batch-size 3" in err and "--micro-batch-size 2" in err
+
+
+def test_refuses_fewer_rollouts_than_one_global_batch(data, tmp_path, capsys):
+    err = refused(capsys, sft(data, tmp_path / "o", "--global-batch-size", "8"))
+    assert "fewer than one global batch" in err
+
+
+def test_cli_needs_rollouts_or_teacher_and_prompts(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--student", str(data / "student"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "give --rollouts FILE, or --teacher DIR with --prompts FILE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# over-long rollouts
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_over_long_rollouts_are_dropped_or_truncated(data, tmp_path, truncate):
+    tokenizer = AutoTokenizer.from_pretrained(data / "student")
+    path = data / "rollouts.jsonl"
+    full, _ = train_sft.load_rollouts(path, tokenizer, 10**6, 10**6, False)
+    lengths = sorted(len(e.ids) for e in full)
+    limit = lengths[len(lengths) // 2]  # about half of them are longer
+    assert limit > max(e.num_prompt for e in full)  # so every long one can be truncated
+    n_long = sum(n > limit for n in lengths)
+    assert 0 < n_long < len(full) - 4
+
+    kept, counts = train_sft.load_rollouts(path, tokenizer, 10**6, limit, truncate)
+    assert counts == {"rollouts": 12, "truncated": n_long if truncate else 0,
+                      "dropped_too_long": 0 if truncate else n_long}
+    assert all(len(e.ids) <= limit for e in kept)
+    if truncate:  # cut at the end, the prompt intact
+        assert [e.ids for e in kept] == [e.ids[:limit] for e in full]
+
+    out = tmp_path / "out"
+    extra = ["--truncate"] if truncate else []
+    assert sft(data, out, "--max-steps", "1", "--max-seq-len", str(limit), *extra, rollouts="rollouts.jsonl") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truncated"] == counts["truncated"]
+    assert summary["dropped_too_long"] == counts["dropped_too_long"]
+    assert summary["examples_used"] == len(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite loss
+
+
+def test_nan_stops_the_run_naming_the_step(data, tmp_path, capsys, monkeypatch):
+    real = train_sft.response_cross_entropy
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(train_sft, "response_cross_entropy", nan_on_second_call)
+    out = tmp_path / "out"
+    # One micro-batch per step: the second call is the second step.
+    rc = sft(data, out, "--max-steps", "3", "--save-every", "1", "--global-batch-size", "2")
+    err = refused(capsys, rc)
+    assert "non-finite loss at step 2" in err and str(out / "step-1") in err
+    assert (out / "step-1" / STATE_FILE).exists()
+    assert not (out / "step-2").exists() and not (out / "final").exists()
+    assert [m["step"] for m in read_metrics(out)] == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM: stop after the step with a checkpoint, then resume
+
+
+def test_sigterm_saves_and_resume_continues(data, tmp_path):
+    out = tmp_path / "out"
+    stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    cmd = [sys.executable, str(ROOT / "train_sft.py"), "--student", str(data / "student"), "--rollouts",
+           str(data / "rollouts4.jsonl"), "--out", str(out), *FAST, "--global-batch-size", "2", "--max-steps", "200"]
+    with open(stdout, "w") as so, open(stderr, "w") as se:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=se, env=subprocess_env())
+        try:
+            deadline = time.time() + 180
+            while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2):
+                assert proc.poll() is None, stderr.read_text()[-3000:]
+                assert time.time() < deadline, "no training steps within 180 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 0, stderr.read_text()[-3000:]
+    steps = [m["step"] for m in read_metrics(out)]
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and 2 <= n < 200
+    assert json.loads((out / f"step-{n}" / STATE_FILE).read_text())["step"] == n
+    assert not (out / "final").exists()
+    assert f"stopped by SIGTERM after step {n}" in stdout.read_text()
+
+    assert sft(data, out, "--global-batch-size", "2", "--max-steps", str(n + 1), "--resume") == 0
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, n + 2))
+    assert json.loads((out / "final" / STATE_FILE).read_text())["step"] == n + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# rollout.py: resumable, no duplicates, torn line repaired
+
+
+def test_rollout_resume_writes_no_duplicates(data, tmp_path, monkeypatch):
+    teacher = zeda.load_model(data / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(data / "teacher")
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    prompts, out, samples = data / "prompts.jsonl", tmp_path / "out.jsonl", 2
+    n_prompts = len(prompts.read_text().splitlines())
+
+    real_generate = rollout.generate
+    calls = {"n": 0}
+
+    def crash_after_first_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", crash_after_first_batch)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="simulated crash"):
+        rollout.rollout(teacher, tokenizer, prompts, out, params, samples, batch_size=2, progress=False)
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(first) == 2
+    # A crash in the middle of a write: half a JSON line, no newline.
+    with open(out, "a") as f:
+        f.write(json.dumps({"id": "9:1", "messages": [{"role": "user", "content": "x"}]})[:25])
+
+    monkeypatch.setattr(rollout, "generate", real_generate)
+    with torch.no_grad():
+        stats = rollout.rollout(teacher, tokenizer, prompts, out, params, samples, batch_size=2, progress=False)
+    assert stats["skipped_existing"] == 2 and stats["written"] == n_prompts * samples - 2
+    text = out.read_text()
+    assert text.endswith("\n")
+    records = [json.loads(line) for line in text.splitlines()]  # every line is valid JSON: the torn one is gone
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == n_prompts * samples
+    assert set(ids) == {f"{p}:{s}" for p in range(1, n_prompts + 1) for s in range(samples)}
+    assert records[:2] == first  # the first run's lines are kept as they were
+    assert all(r["messages"][-1]["role"] == "assistant" for r in records)
+
+    # A third run has nothing left to do.
+    with torch.no_grad():
+        stats = rollout.rollout(teacher, tokenizer, prompts, out, params, samples, batch_size=2, progress=False)
+    assert stats["written"] == 0 and out.read_text() == text
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun data parallelism
+
+
+def test_torchrun_two_ranks_match_single_process_step_one(data, run4, tmp_path):
+    """2 ranks x 1 micro-batch of 2 == 1 process x 2 micro-batches of 2 at step 1 (before any update). GA uses
+    per-micro-batch f, which differs between the two layouts, so only ce, zero_ratio and tokens are compared."""
+    out = tmp_path / "dp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_sft.py"), "--student", str(data / "student"), "--rollouts",
+           str(data / "rollouts4.jsonl"), "--out", str(out), *FAST, "--max-steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dp, single = read_metrics(out), read_metrics(run4)
+    assert [m["step"] for m in dp] == [1, 2]  # rank 0 alone writes metrics
+    assert dp[0]["ce"] == pytest.approx(single[0]["ce"], abs=1e-5)
+    assert dp[0]["zero_ratio"] == pytest.approx(single[0]["zero_ratio"], abs=1e-12)
+    assert dp[0]["zero_ratio_per_layer"] == pytest.approx(single[0]["zero_ratio_per_layer"], abs=1e-12)
+    assert dp[0]["tokens"] == single[0]["tokens"]
+    assert json.loads((out / "final" / STATE_FILE).read_text())["step"] == 2
