@@ -137,6 +137,8 @@ def train(args, d: Dist, stop: dict) -> dict:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.world} ranks")
 
     resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")
     student = zeda.load_model(resume_from or args.student, dtype=args.dtype, device=d.device)
     for block in student.model.layers:  # router in fp32 (paper recipe)
         if block.is_moe:
@@ -190,7 +192,7 @@ def train(args, d: Dist, stop: dict) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
         opt.step()
         t_train = time.time() - t1
-        # routing over the sampled answers' tokens as the student saw them (this step's forward)
+        # routing over every real token of this step's training forward (prompts and answers), as evaluate counts
         real = d.all_reduce(torch.tensor([s.real_slots for s in stats], dtype=torch.float64))
         zero = d.all_reduce(torch.tensor([s.zero_slots for s in stats], dtype=torch.float64))
         last = {"step": step + 1, "lr": args.lr, "loss": policy_val + ga_val, "policy_loss": policy_val, "ga": ga_val,

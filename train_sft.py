@@ -125,6 +125,8 @@ def train(args, d: Dist, stop: dict) -> dict:
     total_steps = args.max_steps or args.epochs * (len(examples) // G)
 
     resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")
     model = zeda.load_model(resume_from or args.student, dtype=args.dtype, device=d.device)
     for block in model.model.layers:  # router in fp32 whatever the training dtype (paper recipe)
         if block.is_moe:

@@ -40,6 +40,7 @@ from zeda.data import REFERENCE_FIELDS, iter_jsonl, prompt_messages, reference_a
 from zeda.flops import flop_report, merge_stats
 from zeda.generation import Generation, SamplingParams, generate
 from zeda.model import CausalLM
+from zeda.parallel import pick_device
 from zeda.training import encode_chat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -55,19 +56,6 @@ class EvaluationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Device, dtype, backend and loading (shared with serve.py).
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": cuda when available, else cpu. Anything else is passed to torch.device as is."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise EvaluationError(f"bad device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -107,7 +95,7 @@ def load_for_inference(path: str | os.PathLike, device: str = "auto", dtype: str
     cfg = ModelConfig.from_hf_config(path)  # refuses unsupported architectures before any weight is read
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise EvaluationError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
-    dev = resolve_device(device)
+    dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
     backend = resolve_backend(expert_backend, cfg, dt)
     model = load_model(path, dtype=dt, device=dev)

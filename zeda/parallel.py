@@ -55,10 +55,16 @@ class Dist:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto": cuda if available, else cpu."""
+    """The one place a device is chosen: "auto" is cuda when available, else cpu; anything else is checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"bad device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here (use --device cpu)")
+    return device
 
 
 def init_distributed(device: str = "auto") -> Dist:
