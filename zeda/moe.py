@@ -119,11 +119,13 @@ class LocalDispatcher:
 def expert_swiglu_loop(x_MH, counts_N, gate_proj, up_proj, down_proj):
     """The reference: one SwiGLU per expert over its contiguous rows. gate/up [N, I, H], down [N, H, I]."""
     outs = []
+    # unbind once: indexing w[e] inside the loop makes autograd build a full [N, ...] zero gradient per expert
+    gates, ups, downs = gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0)
     for e, rows in enumerate(x_MH.split(counts_N.tolist())):  # host sync
         if rows.shape[0] == 0:
             continue
-        h = F.silu(F.linear(rows, gate_proj[e])) * F.linear(rows, up_proj[e])  # [m, I]
-        outs.append(F.linear(h, down_proj[e]))  # [m, H]
+        h = F.silu(F.linear(rows, gates[e])) * F.linear(rows, ups[e])  # [m, I]
+        outs.append(F.linear(h, downs[e]))  # [m, H]
     return torch.cat(outs) if outs else x_MH.new_zeros(0, down_proj.shape[1])
 
 
