@@ -38,9 +38,9 @@ from zeda.data import iter_jsonl, prompt_messages
 from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
-from zeda.parallel import Dist, init_distributed, shutdown
-from zeda.training import (STATE_FILE, Example, collate, encode_chats, stop_on_signals, latest_checkpoint,
-                           load_optimizer_state, make_optimizer, save_training_checkpoint)
+from zeda.parallel import Dist
+from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, Example, latest_checkpoint,
+                           load_optimizer_state, make_optimizer, run_training, save_training_checkpoint)
 
 
 def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> list[Example]:
@@ -241,37 +241,15 @@ def parse_args(argv=None):
                    help="ppo: sampled-token reverse-KL advantage, PPO-clipped; full-reverse-kl: exact KL over V")
     p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip")
     p.add_argument("--lr", type=float, default=5e-6, help="constant learning rate (paper: 5e-6 Qwen, 1e-6 GLM)")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight")
-    p.add_argument("--w", type=float, default=2.0, help="GA zero-group weight: targets zero share wZ/(N+wZ)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_training_args(p)
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--expert-backend", default="grouped_mm", choices=["loop", "grouped_mm", "triton"],
-                   help="routed-expert implementation")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    d = init_distributed(args.device)
-    try:
-        with stop_on_signals() as stop:
-            summary = train(args, d, stop)
-    except (ValueError, OSError, zeda.ConfigError, zeda.CheckpointError, FloatingPointError) as e:
-        print(f"train_opd.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    d.print(f"\nOPD done: {json.dumps(summary)}")
-    return 0
+    return run_training("train_opd.py", train, parse_args(argv))
 
 
 if __name__ == "__main__":

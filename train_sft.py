@@ -33,9 +33,9 @@ import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import routing_stats
 from zeda.losses import group_aux_loss, response_cross_entropy
-from zeda.parallel import Dist, init_distributed, shutdown
-from zeda.training import (STATE_FILE, collate, encode_chats, stop_on_signals, latest_checkpoint,
-                           load_optimizer_state, lr_at, make_optimizer, save_training_checkpoint)
+from zeda.parallel import Dist
+from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, latest_checkpoint,
+                           load_optimizer_state, lr_at, make_optimizer, run_training, save_training_checkpoint)
 
 # ----------------------------------------------------------------------------- data
 
@@ -233,21 +233,10 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward on one rank")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight")
-    p.add_argument("--w", type=float, default=2.0, help="GA zero-group weight: targets zero share wZ/(N+wZ)")
+    add_training_args(p)
     p.add_argument("--max-seq-len", type=int, default=4096, help="longer rollouts are dropped (or --truncate)")
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="data order and rollout sampling seed")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--expert-backend", default="grouped_mm", choices=["loop", "grouped_mm", "triton"],
-                   help="routed-expert implementation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="rollout answer limit (--teacher mode)")
     p.add_argument("--rollout-temperature", type=float, default=1.0, help="rollout sampling temperature")
     args = p.parse_args(argv)
@@ -258,18 +247,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    d = init_distributed(args.device)
-    try:
-        with stop_on_signals() as stop:
-            summary = train(args, d, stop)
-    except (ValueError, OSError, zeda.ConfigError, zeda.CheckpointError, FloatingPointError) as e:
-        print(f"train_sft.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    d.print(f"\nSFT done: {json.dumps(summary)}")
-    return 0
+    return run_training("train_sft.py", train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -131,16 +131,16 @@ def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Write all records, then rename over `path`: readers see the old file or the new one, never half."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, then rename over `path`: readers see the old file
+    or the new one, never half of it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # The temp file sits in the same directory, so os.replace is a rename on one filesystem (atomic).
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(_line(record))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -148,6 +148,11 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Write all records as JSONL atomically (write_text_atomic)."""
+    write_text_atomic(path, "".join(_line(r) for r in records))
 
 
 def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from tqdm import tqdm
 
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.data import REFERENCE_FIELDS, iter_jsonl, prompt_messages, reference_answer, score_answer
+from zeda.data import (REFERENCE_FIELDS, iter_jsonl, prompt_messages, reference_answer, score_answer,
+                       write_text_atomic)
 from zeda.flops import flop_report, merge_stats
 from zeda.generation import Generation, SamplingParams, generate
 from zeda.model import CausalLM
@@ -355,18 +355,5 @@ def summary_table(report: dict) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """json.dump to a temporary file beside `path`, then rename: readers never see half a report."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """A JSON report, written atomically: readers never see half of it."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

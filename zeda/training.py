@@ -7,6 +7,7 @@
 - make_optimizer: AdamW, weight decay on matrices only.
 - save_training_checkpoint / latest_checkpoint / load_optimizer_state: resumable checkpoints, no pickle.
 - stop_on_signals: SIGTERM / Ctrl-C end the current step cleanly instead of killing the run.
+- add_training_args / run_training: the flags and the main() the two training scripts share.
 - load_balancing_loss: the Switch-style balance loss used to pre-train the teachers (so every expert is
   used); the Group Auxiliary Loss of ZEDA lives in zeda/losses.py.
 
@@ -15,9 +16,11 @@ Shape letters: B batch, T tokens, K top-k, E router outputs, N real experts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import signal
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,3 +169,39 @@ def stop_on_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The flags train_sft.py and train_opd.py share: optimizer, Group Auxiliary Loss, checkpoints, device."""
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight")
+    p.add_argument("--w", type=float, default=2.0, help="GA zero-group weight: targets zero share wZ/(N+wZ)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--expert-backend", default="grouped_mm", choices=["loop", "grouped_mm", "triton"],
+                   help="routed-expert implementation")
+
+
+def run_training(script: str, train, args) -> int:
+    """A training script's main(): start the process group, train with clean stops on signals, report errors
+    as one line on stderr with exit code 2 (nothing half-written: checkpoints are atomic)."""
+    from zeda.checkpoint import CheckpointError
+    from zeda.config import ConfigError
+    from zeda.parallel import init_distributed, shutdown
+
+    d = init_distributed(args.device)
+    try:
+        with stop_on_signals() as stop:
+            summary = train(args, d, stop)
+    except (ValueError, OSError, ConfigError, CheckpointError, FloatingPointError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    d.print(f"\n{script} done: {json.dumps(summary)}")
+    return 0

@@ -1,0 +1,48 @@
+"""The main job end to end on a tiny budget: convert -> rollouts -> SFT -> OPD -> evaluate, one table, one JSON.
+
+A tiny random teacher (not the shipped one) keeps it fast; what is checked is that every stage runs, hands its
+output to the next, and that the results file has a row per stage with the reported fields.
+"""
+
+import json
+
+import pytest
+
+import pipeline
+from zeda.tiny import make_tiny_checkpoint
+from zeda.tokenizer import save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe") / "teacher"
+    make_tiny_checkpoint(folder, "qwen3_moe", vocab_size=104, max_position_embeddings=512)
+    save_tokenizer(folder)
+    return folder
+
+
+def test_pipeline_runs_every_stage(tiny_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = pipeline.main(["--teacher", str(tiny_teacher), "--out", str(out), "--n", "2", "--sft-prompts", "6",
+                          "--sft-epochs", "1", "--opd-steps", "1", "--max-new-tokens", "12", "--batch-size", "8"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["stages"]) == ["teacher (static)", "converted, no training", "after SFT", "after SFT + OPD"]
+    for row in results["stages"].values():
+        assert set(row["accuracy"]) >= {"math", "code", "if", "average"}
+        for key in ("zero_expert_ratio", "expert_flops_reduction", "forward_flops_reduction", "tokens_per_second"):
+            assert key in row
+    assert results["stages"]["teacher (static)"]["zero_expert_ratio"] == 0.0
+    assert results["stages"]["after SFT + OPD"]["zero_expert_ratio"] > 0.0
+    assert results["zero_experts"] == 4  # N/2 of the tiny teacher's 8 experts
+    for stage in ("convert", "rollouts", "sft", "opd", "eval"):
+        assert stage in results["stage_seconds"]
+    printed = capsys.readouterr().out
+    assert "after SFT + OPD" in printed and "$ python train_opd.py" in printed
+
+
+def test_pipeline_refuses_a_missing_teacher_and_unknown_stages(tmp_path, capsys):
+    assert pipeline.main(["--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no teacher at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pipeline.main(["--stages", "convert,bogus", "--out", str(tmp_path / "o")])

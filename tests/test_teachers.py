@@ -1,0 +1,65 @@
+"""The shipped teachers: real HF checkpoints, genuinely good at the tasks, and using their experts.
+
+Greedy decoding on a fixed sample of the test split is deterministic, so the accuracy bar below is a
+measurement, not a flaky threshold: the same items give the same answers on every machine (fp32, CPU).
+The full measurement (300 items per family) is in the README, made with evaluate.py.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+import zeda
+from zeda import tasks
+from zeda.evaluation import evaluate_model, load_for_inference
+from zeda.generation import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHERS = [ROOT / "assets" / "qwen3_moe_teacher", ROOT / "assets" / "glm4_moe_lite_teacher"]
+N_SAMPLE = 40  # per family: a small, fixed sample of the test split
+
+
+def _present(folder: Path):
+    if not (folder / "model.safetensors").exists():
+        pytest.fail(f"{folder} is missing: the teachers ship in the repository (python -m zeda.teacher ...)")
+
+
+@pytest.mark.parametrize("folder", TEACHERS, ids=lambda p: p.name)
+def test_teacher_is_a_real_hf_checkpoint(folder):
+    _present(folder)
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 8 * 2**20  # <= 8 MB each
+    cfg = AutoConfig.from_pretrained(folder)  # transformers reads it as its own architecture
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "Compute 1+2."}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    model = zeda.load_model(folder)
+    assert model.config.num_zero_experts == 0 and model.config.num_experts_per_tok > 1
+    assert model.config.num_experts >= 8
+    assert cfg.model_type == model.config.model_type
+    record = json.loads((folder / "training.json").read_text())
+    assert record["train_seconds"] > 0 and "machine" in record
+
+
+@pytest.mark.parametrize("folder", TEACHERS, ids=lambda p: p.name)
+def test_teacher_accuracy_and_expert_use(folder):
+    _present(folder)
+    model, tokenizer = load_for_inference(folder, expert_backend="loop")
+    with torch.no_grad():
+        report = evaluate_model(model, tokenizer, list(tasks.FAMILIES), N_SAMPLE,
+                                SamplingParams(temperature=0.0, max_new_tokens=160), batch_size=64, seed=0,
+                                progress=False)
+    acc = report["accuracy"]
+    assert acc["average"] >= 0.85, acc
+    assert min(acc[f] for f in tasks.FAMILIES) >= 0.70, acc
+    # Every expert of every MoE layer is used on real text: skipping experts has a cost.
+    ids = tokenizer(["Compute 843-618+227. Write the words yak bell jar in reverse order."],
+                    return_tensors="pt")["input_ids"]
+    routing = []
+    with torch.no_grad():
+        model(ids, routing=routing)
+    for r in routing:
+        assert torch.unique(r.ids_TK).numel() >= model.config.num_experts // 2
