@@ -20,6 +20,7 @@ The defaults are sized for a 2-core CPU (about 15 minutes); they are not the pap
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--sft-prompts", type=int, default=1500, help="SFT prompts per family (train split)")
     p.add_argument("--sft-epochs", type=int, default=2, help="SFT epochs over the rollouts")
     p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT peak lr (cosine, 10%% warmup)")
+    p.add_argument("--sft-batch-size", type=int, default=32, help="SFT global batch (sequences per step)")
     p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
     p.add_argument("--opd-lr", type=float, default=1e-4, help="OPD constant lr")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer limit for rollouts, OPD and eval")
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     if "sft" in stages:
         t = time.time()
         run(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
-             "--epochs", str(args.sft_epochs), "--global-batch-size", "32", "--micro-batch-size", "16",
+             "--epochs", str(args.sft_epochs), "--global-batch-size", str(args.sft_batch_size),
+             "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)),
              "--lr", str(args.sft_lr), "--seed", str(args.seed)], train_sft.main)
         seconds["sft"] = time.time() - t
     if "opd" in stages:

@@ -24,7 +24,7 @@ def tiny_teacher(tmp_path_factory):
 def test_pipeline_runs_every_stage(tiny_teacher, tmp_path, capsys):
     out = tmp_path / "run"
     code = pipeline.main(["--teacher", str(tiny_teacher), "--out", str(out), "--n", "2", "--sft-prompts", "6",
-                          "--sft-epochs", "1", "--opd-steps", "1", "--max-new-tokens", "12", "--batch-size", "8"])
+                          "--sft-epochs", "1", "--sft-batch-size", "8", "--opd-steps", "1", "--max-new-tokens", "12", "--batch-size", "8"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["stages"]) == ["teacher (static)", "converted, no training", "after SFT", "after SFT + OPD"]
