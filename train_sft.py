@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
-from zeda.flops import routing_stats
+from zeda.flops import expert_counts
 from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist
 from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, latest_checkpoint,
@@ -162,7 +162,9 @@ def train(args, d: Dist, stop: dict) -> dict:
         local_tokens = sum(sum(len(e.ids) - e.num_prompt for e in b) for b in batches)
         global_tokens = float(d.all_reduce(torch.tensor(float(local_tokens))))
         opt.zero_grad(set_to_none=True)
-        ce_sum, ga_sum, layer_real, layer_zero = 0.0, 0.0, None, None
+        # Logged sums stay on the device over the micro-batches: one host sync per step, not per micro-batch.
+        loss_sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # [ce, ga]
+        counts_LE = torch.zeros(cfg.num_moe_layers, cfg.num_router_outputs, dtype=torch.long, device=d.device)
         for b in batches:
             ids, attn, loss_mask = collate(b, tokenizer.pad_token_id or 0)
             ids, attn, loss_mask = ids.to(d.device), attn.to(d.device), loss_mask.to(d.device)
@@ -174,22 +176,19 @@ def train(args, d: Dist, stop: dict) -> dict:
             ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring,
                                 args.alpha, args.w, d.all_reduce if d.world > 1 else None) / len(batches)
             (ce + ga).backward()
-            ce_sum += ce.item()  # host sync: logging
-            ga_sum += ga.item()
-            st = routing_stats(routing, cfg.num_experts, attn[:, :-1])
-            real = torch.tensor([s.real_slots for s in st], dtype=torch.float64)
-            zero = torch.tensor([s.zero_slots for s in st], dtype=torch.float64)
-            layer_real = real if layer_real is None else layer_real + real
-            layer_zero = zero if layer_zero is None else layer_zero + zero
+            loss_sums += torch.stack([ce.detach(), ga.detach()]).double()
+            counts_LE += expert_counts(routing, valid, cfg.num_router_outputs)
         d.average_gradients(model)
         # Each rank's terms are scaled so that their mean over ranks is the global-batch loss.
-        ce_val, ga_val = (d.all_reduce(torch.tensor([ce_sum, ga_sum], dtype=torch.float64)) / d.world).tolist()
+        ce_val, ga_val = (d.all_reduce(loss_sums) / d.world).tolist()  # host sync: logging, once per step
         if not math.isfinite(ce_val + ga_val):
             raise FloatingPointError(f"non-finite loss at step {step + 1} (ce {ce_val}, ga {ga_val}); stopping without "
                                      f"saving. Last good checkpoint: {latest_checkpoint(out)}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        layer_real, layer_zero = d.all_reduce(layer_real), d.all_reduce(layer_zero)
+        counts_LE = d.all_reduce(counts_LE).double()
+        layer_real = counts_LE[:, :cfg.num_experts].sum(1)
+        layer_zero = counts_LE[:, cfg.num_experts:].sum(1)
         per_layer = (layer_zero / (layer_real + layer_zero).clamp(min=1)).tolist()
         zero_ratio = float(layer_zero.sum() / (layer_real + layer_zero).sum().clamp(min=1))
         seconds = time.time() - t0

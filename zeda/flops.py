@@ -33,24 +33,41 @@ class LayerStats:
     tokens_per_expert: list[int]  # [N] real slots per real expert
 
 
+def expert_counts(routing: list, valid_BT: torch.Tensor, num_outputs: int) -> torch.Tensor:
+    """Slots per router output [L, E] over the real tokens of a forward (no boolean indexing: no host sync)."""
+    if not routing:
+        return torch.zeros(0, num_outputs, dtype=torch.long, device=valid_BT.device)
+    ids_LX = torch.stack([r.ids_TK.reshape(-1) for r in routing])  # [L, T*K]
+    K = routing[0].ids_TK.shape[-1]
+    weight_LX = valid_BT.reshape(-1).long().repeat_interleave(K).expand_as(ids_LX)
+    return torch.zeros(len(routing), num_outputs, dtype=torch.long, device=ids_LX.device).scatter_add_(
+        1, ids_LX, weight_LX)
+
+
+def layer_stats(counts_LE: torch.Tensor, num_tokens: int, num_experts: int, top_k: int) -> list[LayerStats]:
+    """LayerStats from accumulated per-output slot counts [L, E] (expert_counts)."""
+    counts = counts_LE.tolist()  # host sync, once
+    return [LayerStats(num_tokens, num_tokens * top_k, sum(c[:num_experts]), sum(c[num_experts:]), c[:num_experts])
+            for c in counts]
+
+
 def routing_stats(routing, num_experts: int, attention_mask=None) -> list[LayerStats]:
     """Per MoE layer: routed, real and zero slots and tokens per expert, over real tokens only.
 
     routing: the RouterOutputs a forward appended (ids_TK with T = B * T_new, flattened row-major).
     attention_mask: [B, S] with the new tokens last (as passed to the model), or None for all real.
+    Counted on device; one host sync for the whole list.
     """
-    stats = []
-    for r in routing:
-        ids_TK = r.ids_TK
-        if attention_mask is not None:
-            B = attention_mask.shape[0]
-            valid_T = attention_mask[:, -(ids_TK.shape[0] // B):].reshape(-1).bool()
-            ids_TK = ids_TK[valid_T]
-        real = ids_TK < num_experts
-        counts = torch.bincount(ids_TK[real], minlength=num_experts)
-        routed, n_real = ids_TK.numel(), int(real.sum())  # host sync: statistics are for reporting
-        stats.append(LayerStats(ids_TK.shape[0], routed, n_real, routed - n_real, counts.tolist()))
-    return stats
+    if not routing:
+        return []
+    ids_TK = routing[0].ids_TK
+    if attention_mask is None:
+        valid_T = torch.ones(ids_TK.shape[0], dtype=torch.bool, device=ids_TK.device)
+    else:
+        B = attention_mask.shape[0]
+        valid_T = attention_mask[:, -(ids_TK.shape[0] // B):].reshape(-1).bool()
+    counts_LE = expert_counts(routing, valid_T, routing[0].logits_TE.shape[-1])
+    return layer_stats(counts_LE, int(valid_T.sum()), num_experts, ids_TK.shape[-1])  # host sync
 
 
 def merge_stats(a: list[LayerStats], b: list[LayerStats]) -> list[LayerStats]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zeda.flops import LayerStats, attended_keys, routing_stats
+from zeda.flops import LayerStats, attended_keys, expert_counts, layer_stats, routing_stats
 from zeda.model import CausalLM, KVCache
 
 
@@ -154,24 +154,6 @@ def last_token_slots(routing: list, batch: int, num_experts: int):
     L, _, K = ids_LBK.shape
     real_B = (ids_LBK < num_experts).sum(dim=(0, 2))
     return real_B, L * K - real_B
-
-
-def expert_counts(routing: list, valid_BT: torch.Tensor, num_outputs: int) -> torch.Tensor:
-    """Slots per router output [L, E] over the real tokens of a forward (no boolean indexing: no host sync)."""
-    if not routing:
-        return torch.zeros(0, num_outputs, dtype=torch.long, device=valid_BT.device)
-    ids_LX = torch.stack([r.ids_TK.reshape(-1) for r in routing])  # [L, T*K]
-    K = routing[0].ids_TK.shape[-1]
-    weight_LX = valid_BT.reshape(-1).long().repeat_interleave(K).expand_as(ids_LX)
-    return torch.zeros(len(routing), num_outputs, dtype=torch.long, device=ids_LX.device).scatter_add_(
-        1, ids_LX, weight_LX)
-
-
-def layer_stats(counts_LE: torch.Tensor, num_tokens: int, num_experts: int, top_k: int) -> list[LayerStats]:
-    """LayerStats (as flops.routing_stats makes them) from accumulated per-output slot counts [L, E]."""
-    counts = counts_LE.tolist()  # host sync, once
-    return [LayerStats(num_tokens, num_tokens * top_k, sum(c[:num_experts]), sum(c[num_experts:]), c[:num_experts])
-            for c in counts]
 
 
 def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tensor:

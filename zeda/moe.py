@@ -159,10 +159,12 @@ def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
 EXPERT_SWIGLU = {"loop": expert_swiglu_loop, "grouped_mm": expert_swiglu_grouped_mm}
 
 
-def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, backend="loop", keep_TK=None):
+def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, backend="loop", keep_TK=None,
+                           dispatcher=None):
     """y_TH = sum over real slots of w * SwiGLU_e(x): the whole routed path behind one function.
 
     keep_TK (optional) further drops slots, e.g. those of padding tokens; ids >= N are always dropped.
+    dispatcher: where dispatch/combine happen (LocalDispatcher by default; expert parallelism swaps it).
     """
     N = gate_proj.shape[0]
     real_TK = ids_TK < N
@@ -171,7 +173,7 @@ def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_pr
         from zeda.kernels import triton_moe
 
         return triton_moe(x_TH, weights_TK * keep_TK, torch.where(keep_TK, ids_TK, N), gate_proj, up_proj, down_proj)
-    dispatcher = LocalDispatcher()
+    dispatcher = dispatcher or LocalDispatcher()
     x_MH, counts_N, plan = dispatcher.dispatch(x_TH, ids_TK, keep_TK, N)
     y_MH = EXPERT_SWIGLU[backend](x_MH, counts_N, gate_proj, up_proj, down_proj)
     return dispatcher.combine(y_MH, weights_TK, plan)
@@ -189,13 +191,8 @@ class GroupedExperts(nn.Module):
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x_TH, weights_TK, ids_TK, keep_TK):
-        if self.backend == "triton":
-            return routed_experts_forward(
-                x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj, "triton", keep_TK
-            )
-        x_MH, counts_N, plan = self.dispatcher.dispatch(x_TH, ids_TK, keep_TK, self.gate_proj.shape[0])
-        y_MH = EXPERT_SWIGLU[self.backend](x_MH, counts_N, self.gate_proj, self.up_proj, self.down_proj)
-        return self.dispatcher.combine(y_MH, weights_TK, plan)
+        return routed_experts_forward(x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj,
+                                      self.backend, keep_TK, self.dispatcher)
 
 
 class MLP(nn.Module):
