@@ -91,16 +91,6 @@ def random_batch(seed: int = 0):
 # fixtures: tiny static checkpoints and their conversions, built once per session
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: with 2 intra-op threads a [33, 32] linear waits ~10 ms on the
-    other thread, 1000x its work, and a forward takes a second instead of 10 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def static_ckpt(tmp_path_factory):
     """static_ckpt(model_type, shards, **overrides) -> a tiny HF checkpoint with a dummy tokenizer_config.json.

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import evaluate
 from zeda import evaluation, tasks
@@ -26,14 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses on a shared 2-core machine
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6)
 CONTEXT = 256  # max_position_embeddings of the tiny model: task prompts fit, a 400-character one does not
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_tiny_folder(path: Path, **overrides) -> Path:

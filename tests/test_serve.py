@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import serve
 from zeda.evaluation import load_for_inference, pad_id, stop_ids
@@ -25,14 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SUMMARY = re.compile(r"^\[(\d+) tokens \((stopped at EOS|cut at --max-new-tokens)\), ([\d.]+) tokens/s, "
                      r"zero-expert ratio ([\d.]+)%, expert FLOPs saved ([\d.]+)%\]$", re.MULTILINE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
