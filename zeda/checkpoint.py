@@ -183,7 +183,8 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
     try:
         tensors = hf_state_dict(model)
         if dtype is not None:
-            tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("bias") else v)
+            # the router's selection bias stays fp32 (ZEDA.md §1); everything else takes the asked dtype
+            tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
                        for k, v in tensors.items()}
         shards, current, size = [], {}, 0
         for k, v in tensors.items():
