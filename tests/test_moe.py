@@ -10,7 +10,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from zeda import moe
@@ -146,8 +146,7 @@ def _router(scoring, N, Z, K, H, norm, scaling=1.0, mask=False, seed=0):
 @SETTINGS
 @given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.booleans(), st.integers(0, 999))
 def test_softmax_routing_keeps_zero_slots_in_the_normaliser(N, Z, K, norm, seed):
-    if K > N + Z:
-        return
+    assume(K <= N + Z)  # a router cannot pick more slots than it has experts
     H = 5
     r = _router("softmax", N, Z, K, H, norm, seed=seed)
     x = torch.randn(7, H, generator=torch.Generator().manual_seed(seed))
@@ -166,6 +165,7 @@ def test_softmax_routing_keeps_zero_slots_in_the_normaliser(N, Z, K, norm, seed)
 @SETTINGS
 @given(st.integers(2, 8), st.integers(1, 6), st.integers(1, 4), st.integers(0, 999))
 def test_sigmoid_routing_bias_selects_scaling_multiplies(N, Z, K, seed):
+    assume(K <= N + Z)  # N=2, Z=1, K=4 is not a router (hypothesis found it in CI)
     H, scaling = 5, 1.8
     r = _router("sigmoid", N, Z, K, H, True, scaling, seed=seed)
     x = torch.randn(7, H, generator=torch.Generator().manual_seed(seed))
