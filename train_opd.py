@@ -38,7 +38,7 @@ from zeda.data import iter_jsonl, prompt_messages
 from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
-from zeda.parallel import Dist
+from zeda.parallel import Dist, MeshError, clip_grad_norm, parallelize
 from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, Example, latest_checkpoint,
                            load_optimizer_state, make_optimizer, run_training, save_training_checkpoint)
 
@@ -89,7 +89,7 @@ def opd_step(student, teacher, examples, old_logp_values, args, d: Dist, pad_id:
     ids, attn, mask = collate(examples, pad_id)
     ids, attn, mask = ids.to(d.device), attn.to(d.device), mask.to(d.device)
     mask_f = mask.float()
-    norm = global_tokens / d.world  # x world: the mean over ranks of each rank's loss is the global mean
+    norm = global_tokens / d.dp  # x world: the mean over ranks of each rank's loss is the global mean
     routing = []
     if args.loss == "full-reverse-kl":
         with torch.no_grad():
@@ -111,7 +111,7 @@ def opd_step(student, teacher, examples, old_logp_values, args, d: Dist, pad_id:
         routed_mask = attn  # token_logprobs runs the whole sequence
     valid = routed_mask.reshape(-1).bool()
     ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring, args.alpha, args.w,
-                        d.all_reduce if d.world > 1 else None)
+                        d.all_reduce if d.dp > 1 else None)
     (policy + ga).backward()
     reverse_kl_sum = float(((s_logp - t_logp) * mask_f).sum())  # host sync: metrics
     stats = routing_stats(routing, cfg.num_experts, routed_mask)
@@ -133,8 +133,8 @@ def train(args, d: Dist, stop: dict) -> dict:
     pad_id = tokenizer.pad_token_id or 0
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
     prompts = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens)
-    if args.prompts_per_step % d.world:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.world} ranks")
+    if args.prompts_per_step % d.dp:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.dp} ranks")
 
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
@@ -146,19 +146,28 @@ def train(args, d: Dist, stop: dict) -> dict:
     teacher = zeda.load_model(args.teacher, dtype=args.dtype, device=d.device).requires_grad_(False)
     for m in (student, teacher):
         m.set_expert_backend(args.expert_backend)
+    if d.dims.ep > 1:
+        raise MeshError("train_opd.py: --ep > 1 is not supported yet: on-policy sampling would need every ep rank "
+                        "to decode in lockstep (use --tp and --dp/--fsdp)")
+    parallelize(student, d, args.activation_checkpointing)
+    parallelize(teacher, d)  # the frozen teacher is split the same way
     opt = make_optimizer(student, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:
-        load_optimizer_state(opt, student, resume_from)
-        start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        saved = json.loads((resume_from / STATE_FILE).read_text())
+        if saved.get("mesh", d.dims.describe()) != d.dims.describe():
+            raise ValueError(f"{resume_from / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on "
+                             f"{d.dims.describe()}; resume on the same mesh")
+        load_optimizer_state(opt, student, resume_from, d)
+        start_step = saved["step"]
         d.print(f"resuming from {resume_from} at step {start_step}")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    per_rank = args.prompts_per_step // d.world
+    per_rank = args.prompts_per_step // d.dp
 
     def state(step):
-        return {"step": step, "total_steps": args.max_steps, "seed": args.seed,
+        return {"step": step, "total_steps": args.max_steps, "seed": args.seed, "mesh": d.dims.describe(),
                 "args": {k: str(v) for k, v in vars(args).items()}}
 
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="opd",
@@ -166,13 +175,13 @@ def train(args, d: Dist, stop: dict) -> dict:
     last = {}
     for step in bar:
         picked = step_prompts(len(prompts), step, args.prompts_per_step, args.seed)
-        mine = [prompts[i] for i in picked[d.rank * per_rank:(d.rank + 1) * per_rank] for _ in
+        mine = [prompts[i] for i in picked[d.dp_rank * per_rank:(d.dp_rank + 1) * per_rank] for _ in
                 range(args.samples_per_prompt)]
         # 1. sample from the current student (eval mode: no dropout exists, but keep the habit)
         t0 = time.time()
         student.eval()
         gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id,
-                       seed=args.seed * 1_000_003 + step * 1009 + d.rank)
+                       seed=args.seed * 1_000_003 + step * 1009 + d.dp_rank)
         t_sample = time.time() - t0
         examples, old_logp = sequences_from(mine, gen)
         local_tokens = sum(len(t) for t in gen.tokens)
@@ -185,11 +194,11 @@ def train(args, d: Dist, stop: dict) -> dict:
         d.average_gradients(student)
         sums = d.all_reduce(torch.tensor([policy, ga, rkl_sum, float(sum(not f for f in gen.finished)),
                                           float(len(gen.finished))], dtype=torch.float64))
-        policy_val, ga_val = float(sums[0]) / d.world, float(sums[1]) / d.world
+        policy_val, ga_val = float(sums[0]) / d.dp, float(sums[1]) / d.dp
         if not math.isfinite(policy_val + ga_val):
             raise FloatingPointError(f"non-finite loss at step {step} (policy {policy_val}, ga {ga_val}); stopping "
                                      f"without saving. Last good checkpoint: {latest_checkpoint(out)}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        grad_norm = clip_grad_norm(student, args.grad_clip, d)
         opt.step()
         t_train = time.time() - t1
         # routing over every real token of this step's training forward (prompts and answers), as evaluate counts
@@ -208,18 +217,14 @@ def train(args, d: Dist, stop: dict) -> dict:
         bar.set_postfix(rkl=f"{last['reverse_kl']:.3f}", zero=f"{last['zero_ratio']:.2f}")
         done = step + 1
         if stop["signal"] is not None or (args.save_every and done % args.save_every == 0 and done < args.max_steps):
-            if d.is_main:
-                path = save_training_checkpoint(student, opt, out / f"step-{done}", args.student, state(done))
-                d.print(f"\nsaved {path}")
-            d.barrier()
+            path = save_training_checkpoint(student, opt, out / f"step-{done}", args.student, state(done), d)
+            d.print(f"\nsaved {path}")
         if stop["signal"] is not None:
             d.print(f"stopped by {stop['signal']} after step {done}; resume with --resume")
             return {"stopped": stop["signal"], **last}
     bar.close()
     final = out / "final"
-    if d.is_main:
-        save_training_checkpoint(student, opt, final, args.student, state(args.max_steps))
-    d.barrier()
+    save_training_checkpoint(student, opt, final, args.student, state(args.max_steps), d)
     summary = {"final": str(final), "steps": args.max_steps, **last}
     if d.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -33,7 +33,7 @@ import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
 from zeda.losses import group_aux_loss, response_cross_entropy
-from zeda.parallel import Dist
+from zeda.parallel import Dist, clip_grad_norm, parallelize
 from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, latest_checkpoint,
                            load_optimizer_state, lr_at, make_optimizer, run_training, save_training_checkpoint)
 
@@ -86,7 +86,7 @@ def micro_batches(examples, indices: list[int], micro: int, d: Dist):
     """This rank's micro-batches: the global batch sorted by length, cut into micro-batches taken in turn."""
     ordered = sorted(indices, key=lambda i: len(examples[i].ids))
     chunks = [ordered[i:i + micro] for i in range(0, len(ordered), micro)]
-    return [[examples[i] for i in c] for c in chunks[d.rank::d.world]]
+    return [[examples[i] for i in c] for c in chunks[d.dp_rank::d.dp]]
 
 
 # ----------------------------------------------------------------------------- training
@@ -118,8 +118,8 @@ def train(args, d: Dist, stop: dict) -> dict:
     examples, data_counts = load_rollouts(rollouts, tokenizer, student_cfg.vocab_size, args.max_seq_len,
                                           args.truncate)
     G, micro = args.global_batch_size, args.micro_batch_size
-    if G % (micro * d.world):
-        raise ValueError(f"--global-batch-size {G} must be a multiple of --micro-batch-size {micro} x {d.world} ranks")
+    if G % (micro * d.dp):
+        raise ValueError(f"--global-batch-size {G} must be a multiple of --micro-batch-size {micro} x {d.dp} ranks")
     if len(examples) < G:
         raise ValueError(f"{rollouts}: {len(examples)} usable rollouts, fewer than one global batch ({G})")
     total_steps = args.max_steps or args.epochs * (len(examples) // G)
@@ -132,13 +132,18 @@ def train(args, d: Dist, stop: dict) -> dict:
         if block.is_moe:
             block.mlp.gate.float()
     model.set_expert_backend(args.expert_backend)
+    parallelize(model, d, args.activation_checkpointing)  # tp, ep, fsdp as the mesh says (nothing on one rank)
     model.train()
     cfg = model.config
     opt = make_optimizer(model, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:
-        load_optimizer_state(opt, model, resume_from)
-        start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        saved = json.loads((resume_from / STATE_FILE).read_text())
+        if saved.get("mesh", d.dims.describe()) != d.dims.describe():
+            raise ValueError(f"{resume_from / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on "
+                             f"{d.dims.describe()}; resume on the same mesh")
+        load_optimizer_state(opt, model, resume_from, d)
+        start_step = saved["step"]
         d.print(f"resuming from {resume_from} at step {start_step}")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def train(args, d: Dist, stop: dict) -> dict:
 
 
     def state(step):
-        return {"step": step, "total_steps": total_steps, "seed": args.seed, "args": {k: str(v) for k, v in
+        return {"step": step, "total_steps": total_steps, "seed": args.seed, "mesh": d.dims.describe(), "args": {k: str(v) for k, v in
                                                                                        vars(args).items()}}
 
     metrics_path = out / "metrics.jsonl"
@@ -171,20 +176,22 @@ def train(args, d: Dist, stop: dict) -> dict:
             routing = []
             logits = model(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing)
             # x world: gradients are averaged over ranks, the sum over ranks must be the global mean.
-            ce = response_cross_entropy(logits, ids[:, 1:], loss_mask, normalizer=global_tokens / d.world)
-            valid = attn[:, :-1].reshape(-1).bool()
+            ce = response_cross_entropy(logits, ids[:, 1:], loss_mask, normalizer=global_tokens / d.dp)
+            # Routed tokens that count: every input position whose next token is real. (attn[:, :-1] would also
+            # count a sequence's final token unless it is the longest in its micro-batch: batching-dependent.)
+            valid = attn[:, 1:].reshape(-1).bool()
             ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring,
-                                args.alpha, args.w, d.all_reduce if d.world > 1 else None) / len(batches)
+                                args.alpha, args.w, d.all_reduce if d.dp > 1 else None) / len(batches)
             (ce + ga).backward()
             loss_sums += torch.stack([ce.detach(), ga.detach()]).double()
             counts_LE += expert_counts(routing, valid, cfg.num_router_outputs)
         d.average_gradients(model)
         # Each rank's terms are scaled so that their mean over ranks is the global-batch loss.
-        ce_val, ga_val = (d.all_reduce(loss_sums) / d.world).tolist()  # host sync: logging, once per step
+        ce_val, ga_val = (d.all_reduce(loss_sums) / d.dp).tolist()  # host sync: logging, once per step
         if not math.isfinite(ce_val + ga_val):
             raise FloatingPointError(f"non-finite loss at step {step + 1} (ce {ce_val}, ga {ga_val}); stopping without "
                                      f"saving. Last good checkpoint: {latest_checkpoint(out)}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = clip_grad_norm(model, args.grad_clip, d)
         opt.step()
         counts_LE = d.all_reduce(counts_LE).double()
         layer_real = counts_LE[:, :cfg.num_experts].sum(1)
@@ -201,18 +208,14 @@ def train(args, d: Dist, stop: dict) -> dict:
         bar.set_postfix(loss=f"{last['loss']:.3f}", zero=f"{zero_ratio:.2f}")
         done = step + 1
         if stop["signal"] is not None or (args.save_every and done % args.save_every == 0 and done < total_steps):
-            if d.is_main:
-                path = save_training_checkpoint(model, opt, out / f"step-{done}", args.student, state(done))
-                d.print(f"\nsaved {path}")
-            d.barrier()
+            path = save_training_checkpoint(model, opt, out / f"step-{done}", args.student, state(done), d)
+            d.print(f"\nsaved {path}")
         if stop["signal"] is not None:
             d.print(f"stopped by {stop['signal']} after step {done}; resume with --resume")
             return {"stopped": stop["signal"], "step": done, **last}
     bar.close()
     final = out / "final"
-    if d.is_main:
-        save_training_checkpoint(model, opt, final, args.student, state(total_steps))
-    d.barrier()
+    save_training_checkpoint(model, opt, final, args.student, state(total_steps), d)
     summary = {"final": str(final), "steps": total_steps, **data_counts, "examples_used": len(examples), **last}
     if d.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

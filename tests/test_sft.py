@@ -6,7 +6,7 @@ the response and its EOS; a few steps lower the loss; metrics.jsonl has its fiel
 uninterrupted run; the final checkpoint is a converted model with tokenizer and trainer state; every refusal
 exits 2 with a message that says where; over-long rollouts are dropped or truncated and counted; a NaN stops
 the run naming the step, before any save; SIGTERM stops after the step with a checkpoint; rollout.py resumes
-without duplicates and repairs a torn line; torchrun data parallelism gives the single-process step-1 loss.
+without duplicates and repairs a torn line. (torchrun meshes: tests/test_parallel.py.)
 """
 
 import json
@@ -393,25 +393,3 @@ def test_rollout_resume_writes_no_duplicates(data, tmp_path, monkeypatch):
     with torch.no_grad():
         stats = rollout.rollout(teacher, tokenizer, prompts, out, params, samples, batch_size=2, progress=False)
     assert stats["written"] == 0 and out.read_text() == text
-
-
-# ----------------------------------------------------------------------------------------------
-# torchrun data parallelism
-
-
-def test_torchrun_two_ranks_match_single_process_step_one(data, run4, tmp_path):
-    """2 ranks x 1 micro-batch of 2 == 1 process x 2 micro-batches of 2 at step 1 (before any update). GA uses
-    per-micro-batch f, which differs between the two layouts, so only ce, zero_ratio and tokens are compared."""
-    out = tmp_path / "dp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_sft.py"), "--student", str(data / "student"), "--rollouts",
-           str(data / "rollouts4.jsonl"), "--out", str(out), *FAST, "--max-steps", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dp, single = read_metrics(out), read_metrics(run4)
-    assert [m["step"] for m in dp] == [1, 2]  # rank 0 alone writes metrics
-    assert dp[0]["ce"] == pytest.approx(single[0]["ce"], abs=1e-5)
-    assert dp[0]["zero_ratio"] == pytest.approx(single[0]["zero_ratio"], abs=1e-12)
-    assert dp[0]["zero_ratio_per_layer"] == pytest.approx(single[0]["zero_ratio_per_layer"], abs=1e-12)
-    assert dp[0]["tokens"] == single[0]["tokens"]
-    assert json.loads((out / "final" / STATE_FILE).read_text())["step"] == 2

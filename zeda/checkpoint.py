@@ -135,10 +135,11 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
         raise CheckpointError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under HF's hub keys: 3D expert tensors split back into per-expert 2D weights."""
+def hf_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """Our parameters under HF's hub keys: 3D expert tensors split back into per-expert 2D weights.
+    state: the whole tensors to write instead of model.state_dict() (a sharded model gathers them first)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
         prefix, _, proj = name.rpartition(".")
@@ -170,18 +171,20 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Path | None = None,
-                    max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None, extra=None) -> Path:
+                    max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None, extra=None,
+                    state: dict | None = None) -> Path:
     """Write an HF-layout folder atomically (temporary folder, then rename).
 
     copy_from: a checkpoint folder whose other files (tokenizer, generation config, ...) are copied along.
     extra: a function called with the temporary folder before the rename, to add files (trainer state) that
     must appear together with the weights or not at all.
+    state: whole tensors under our parameter names (zeda.parallel.full_state_dict of a sharded model).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out)
     try:
-        tensors = hf_state_dict(model)
+        tensors = hf_state_dict(model, state)
         if dtype is not None:
             # the router's selection bias stays fp32 (ZEDA.md §1); everything else takes the asked dtype
             tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)

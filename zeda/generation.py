@@ -189,7 +189,7 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, 
     ids_BP, prompt_mask_BP = left_pad(prompts, pad_id, device)
     mask_BS = torch.zeros(B, P + M, dtype=torch.bool, device=device)  # grows one column per fed token
     mask_BS[:, :P] = prompt_mask_BP
-    cache = KVCache(cfg, B, P + M, dtype, device)
+    cache = KVCache(cfg, B, P + M, dtype, device, getattr(model, "tensor_parallel", 1))
     tokens_BM = torch.full((B, M), pad_id, dtype=torch.long, device=device)
     logprobs_BM = torch.zeros(B, M, dtype=torch.float32, device=device)
     real_BM = torch.zeros(B, M, dtype=torch.long, device=device)

@@ -61,8 +61,9 @@ class KVCache:
     """Static per-layer key/value buffers [B, heads, max_len, D]; every row writes at the same offset
     (prompts are left-padded), so one integer says how much is filled."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
-        heads = cfg.num_attention_heads if cfg.is_mla else cfg.num_key_value_heads
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device, tensor_parallel: int = 1):
+        # under tensor parallelism each rank caches only its own heads
+        heads = (cfg.num_attention_heads if cfg.is_mla else cfg.num_key_value_heads) // tensor_parallel
         dk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
         dv = cfg.v_head_dim if cfg.is_mla else cfg.head_dim
         n = cfg.num_hidden_layers
@@ -160,10 +161,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache, routing):
+    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_BTS, cache)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, valid_BT, routing) if self.is_moe else self.mlp(h))
+        return x + (self.mlp(h, valid_BT) if self.is_moe else self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -238,7 +239,12 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask_BTS, valid_BT, cache, routing)
+            x = block(x, cos, sin, mask_BTS, valid_BT, cache)
+        if routing is not None:
+            for block in self.model.layers:
+                if block.is_moe:
+                    routing.append(block.mlp.last_routing)
+                    block.mlp.last_routing = None
         if cache is not None:
             cache.length = S
         x = self.model.norm(x)

@@ -160,22 +160,24 @@ EXPERT_SWIGLU = {"loop": expert_swiglu_loop, "grouped_mm": expert_swiglu_grouped
 
 
 def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, backend="loop", keep_TK=None,
-                           dispatcher=None):
+                           dispatcher=None, num_experts=None):
     """y_TH = sum over real slots of w * SwiGLU_e(x): the whole routed path behind one function.
 
     keep_TK (optional) further drops slots, e.g. those of padding tokens; ids >= N are always dropped.
-    dispatcher: where dispatch/combine happen (LocalDispatcher by default; expert parallelism swaps it).
+    dispatcher: where dispatch/combine happen (LocalDispatcher by default; expert parallelism swaps it, and
+    then gate/up/down hold only this rank's experts while num_experts is the model's N).
     """
-    N = gate_proj.shape[0]
+    N = gate_proj.shape[0] if num_experts is None else num_experts
     real_TK = ids_TK < N
     keep_TK = real_TK if keep_TK is None else keep_TK & real_TK
-    if backend == "triton":
+    if backend == "triton" and dispatcher is None:
         from zeda.kernels import triton_moe
 
         return triton_moe(x_TH, weights_TK * keep_TK, torch.where(keep_TK, ids_TK, N), gate_proj, up_proj, down_proj)
     dispatcher = dispatcher or LocalDispatcher()
-    x_MH, counts_N, plan = dispatcher.dispatch(x_TH, ids_TK, keep_TK, N)
-    y_MH = EXPERT_SWIGLU[backend](x_MH, counts_N, gate_proj, up_proj, down_proj)
+    x_MH, counts_N, plan = dispatcher.dispatch(x_TH, ids_TK, keep_TK, N)  # counts of the experts held here
+    swiglu = EXPERT_SWIGLU["grouped_mm" if backend == "triton" else backend]  # the fused kernel has no EP seam
+    y_MH = swiglu(x_MH, counts_N, gate_proj, up_proj, down_proj)
     return dispatcher.combine(y_MH, weights_TK, plan)
 
 
@@ -187,12 +189,13 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # [N, H, I]
+        self.num_experts = num_experts  # N of the model; expert parallelism leaves N/ep of them here
         self.backend = "loop"
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = None  # LocalDispatcher; zeda.parallel.apply_expert_parallel sets an all-to-all one
 
     def forward(self, x_TH, weights_TK, ids_TK, keep_TK):
         return routed_experts_forward(x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj,
-                                      self.backend, keep_TK, self.dispatcher)
+                                      self.backend, keep_TK, self.dispatcher, self.num_experts)
 
 
 class MLP(nn.Module):
@@ -220,16 +223,17 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x_BTH, valid_BT=None, routing: list | None = None):
+    def forward(self, x_BTH, valid_BT=None):
         """valid_BT marks real tokens; padding tokens are routed (for shapes) but never reach a GEMM.
 
-        If `routing` is a list, this layer's RouterOutput is appended to it (for statistics and the GA loss).
+        This layer's RouterOutput is kept in `last_routing` (for statistics and the GA loss; CausalLM.forward
+        collects it). An attribute, not an appended list: wrappers such as FSDP2 may copy a list argument, and
+        activation checkpointing re-runs forward in backward, which would append twice.
         """
         B, T, H = x_BTH.shape
         x_TH = x_BTH.reshape(B * T, H)
         r = self.gate(x_TH)
-        if routing is not None:
-            routing.append(r)
+        self.last_routing = r
         keep_TK = r.ids_TK < self.num_experts  # [T, K] zero slots are dropped here, before dispatch
         if valid_BT is not None:
             keep_TK = keep_TK & valid_BT.reshape(B * T, 1)

@@ -1,25 +1,109 @@
-"""Distributed setup, applied from outside the model (the model files never import torch.distributed).
+"""Distributed training, applied from outside the model (the model files never import torch.distributed).
 
-Today: data parallelism under torchrun -- every rank holds the whole model, sees different sequences, and
-gradients are averaged after backward. NCCL on GPU, gloo on CPU; without torchrun it is one process and every
-helper here is a no-op. (Tensor, expert and FSDP2 parallelism build on this file; see the scale-up issue.)
+Under torchrun the world of W processes is laid out as a 2D DeviceMesh (dp, tp), W = dp x tp:
+
+    dp  data parallel: ranks that see different sequences. Gradients are averaged over them (an all-reduce,
+        or FSDP2's reduce-scatter with --fsdp, which also shards parameters and optimizer state over dp).
+    tp  tensor parallel: ranks that see the same sequences and split each attention / dense MLP / shared
+        expert by heads and columns (DTensor parallelize_module). Router and routed experts stay whole.
+    ep  expert parallel: groups of ep consecutive data-parallel ranks split the N real experts, N/ep each.
+        Tokens travel to the rank that holds their expert and back with all-to-all; only real slots are
+        sent (zero slots are dropped before dispatch), so the traffic falls as the zero share rises.
+        The ep groups are replicas of each other: an expert's gradient is summed over the ranks that hold it.
+
+NCCL on GPU, gloo on CPU; without torchrun there is one process and every helper here is a no-op. Every flag
+combination is checked against the world size and the model before any work starts (ParallelDims).
+Today ep needs tp = 1 (experts parallel across tensor-parallel ranks would need the tp ranks to split their
+shared tokens first, as torchtitan does), and --fsdp needs ep = 1.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from zeda.moe import LocalDispatcher
+
+
+class MeshError(ValueError):
+    """A --dp/--tp/--ep combination that cannot work for this world size or model."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int
+    tp: int
+    ep: int
+    fsdp: bool = False
+
+    @classmethod
+    def from_flags(cls, world: int, dp: int = 0, tp: int = 1, ep: int = 1, fsdp: bool = False) -> ParallelDims:
+        """dp = 0 means inferred (world / tp). Errors name the flags and the world size."""
+        for name, v in (("--tp", tp), ("--ep", ep)):
+            if v < 1:
+                raise MeshError(f"{name} must be >= 1, got {v}")
+        if world % tp:
+            raise MeshError(f"world size {world} is not a multiple of --tp {tp}")
+        dp = dp or world // tp
+        if dp * tp != world:
+            raise MeshError(f"world size {world} is not --dp {dp} x --tp {tp}; launch {dp * tp} processes or fix "
+                            f"the flags (--dp 0 infers it)")
+        if ep > 1 and tp > 1:
+            raise MeshError(f"--ep {ep} with --tp {tp} is not supported yet: expert parallelism runs over the "
+                            f"data-parallel ranks (tp 1)")
+        if dp % ep:
+            raise MeshError(f"--ep {ep} must divide the data-parallel size {dp} (world {world} / --tp {tp})")
+        if fsdp and ep > 1:
+            raise MeshError("--fsdp with --ep > 1 is not supported yet (experts would need their own FSDP mesh)")
+        return cls(dp, tp, ep, fsdp)
+
+    def check_model(self, cfg, where: str = "model") -> None:
+        """Shapes the mesh must divide: experts by ep, heads and MLP widths by tp."""
+        if cfg.num_experts % self.ep:
+            raise MeshError(f"{where}: --ep {self.ep} does not divide the {cfg.num_experts} routed experts")
+        if self.tp == 1:
+            return
+        sizes = {"num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size}
+        if not cfg.is_mla:
+            sizes["num_key_value_heads"] = cfg.num_key_value_heads
+        if cfg.n_shared_experts:
+            sizes["shared expert width"] = cfg.moe_intermediate_size * cfg.n_shared_experts
+        for name, size in sizes.items():
+            if size % self.tp:
+                raise MeshError(f"{where}: --tp {self.tp} does not divide {name} = {size}")
+
+    def describe(self) -> str:
+        return f"dp={self.dp} tp={self.tp} ep={self.ep}{' fsdp' if self.fsdp else ''}"
+
 
 @dataclass
 class Dist:
-    rank: int = 0
+    """This process's place in the mesh. dp_rank/dp index the data: ranks with the same dp_rank hold the same
+    sequences (they differ in tp_rank). all_reduce sums over the data-parallel ranks."""
+
+    rank: int = 0  # global process rank
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    dims: ParallelDims = field(default_factory=lambda: ParallelDims(1, 1, 1))
+    mesh: object = None  # DeviceMesh (dp, tp) when world > 1
+    ep_group: object = None  # this rank's expert-parallel group (ep consecutive dp ranks)
+    edp_group: object = None  # the ranks holding the same experts as this one (one per ep group)
+
+    @property
+    def dp(self) -> int:
+        return self.dims.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.dims.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.dims.tp
 
     @property
     def is_main(self) -> bool:
@@ -30,24 +114,32 @@ class Dist:
         if self.is_main:
             print(*args, **kwargs, flush=True)
 
+    def _dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (a new tensor; the input is untouched and keeps no autograd link)."""
-        if self.world == 1:
-            return t.detach().clone()
+        """Sum over the data-parallel ranks (a new tensor; the input is untouched and keeps no autograd link)."""
         out = t.detach().clone()
-        dist.all_reduce(out)
+        if self.dp > 1:
+            dist.all_reduce(out, group=self._dp_group())
         return out
 
     def average_gradients(self, model: torch.nn.Module) -> None:
-        """Mean of every gradient over ranks; a parameter no token reached on this rank counts as zero."""
-        if self.world == 1:
+        """Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss: average every
+        replicated gradient over dp. An expert shard's gradient already holds its ep group's tokens (the
+        all-to-all carried them back), so it is summed over the replicas of that shard and divided by dp.
+        FSDP2 reduces its own parameters in backward; they are skipped here."""
+        if self.dp == 1 or self.dims.fsdp:
             return
         for p in model.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
+            if not p.requires_grad:
+                continue
+            if p.grad is None:  # no token reached this parameter on this rank: it counts as zero
+                p.grad = torch.zeros_like(p)
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # DTensor (tp) -> local shard
+            group = self.edp_group if getattr(p, "expert_shard", False) else self._dp_group()
+            dist.all_reduce(grad, group=group)
+            grad /= self.dp
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -67,19 +159,269 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group if needed."""
+def init_distributed(device: str = "auto", dp: int = 0, tp: int = 1, ep: int = 1, fsdp: bool = False) -> Dist:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), check the mesh flags, start the process
+    group and build the (dp, tp) mesh and the expert-parallel groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dims = ParallelDims.from_flags(world, dp, tp, ep, fsdp)  # before any process group: a bad mesh costs nothing
     dev = pick_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    d = Dist(rank, world, local_rank, dev, dims)
+    if world == 1:
+        return d
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    d.mesh = init_device_mesh(dev.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+    if dims.ep > 1:  # every rank must create every group, in the same order
+        for start in range(0, world, dims.ep):
+            g = dist.new_group(list(range(start, start + dims.ep)))
+            if start <= rank < start + dims.ep:
+                d.ep_group = g
+        for offset in range(dims.ep):
+            g = dist.new_group(list(range(offset, world, dims.ep)))
+            if rank % dims.ep == offset:
+                d.edp_group = g
+    return d
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatch: the LocalDispatcher's real slots, sorted by expert, are sent to the rank that
+    holds their expert (experts [r*N/ep, (r+1)*N/ep) live on group rank r), computed there, and sent back.
+
+    Two all-to-alls per direction: the row counts (ep x N/ep integers) and then the rows. Received rows arrive
+    grouped by source rank; they are regrouped by local expert for the GEMMs and put back before the return
+    trip. `rows_sent` counts every row this rank dispatched (= its real slots, the volume the bench reports).
+    """
+
+    def __init__(self, group, group_size: int):
+        self.group, self.ep = group, group_size
+        self.local = LocalDispatcher()
+        self.rows_sent = 0
+        self.bytes_sent = 0
+
+    def dispatch(self, x_TH, ids_TK, keep_TK, num_experts):
+        x_MH, counts_N, local_plan = self.local.dispatch(x_TH, ids_TK, keep_TK, num_experts)  # zero slots gone
+        n_local = num_experts // self.ep
+        send_counts = counts_N.view(self.ep, n_local)  # [ep, N/ep] rows for each rank's each expert
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)  # [src, local expert]
+        in_splits = send_counts.sum(1).tolist()  # host sync: the split sizes
+        out_splits = recv_counts.sum(1).tolist()
+        x_RH = _all_to_all(x_MH, out_splits, in_splits, self.group)  # [R, H]
+        # Received rows are [source][local expert][row]: a stable sort by local expert groups them for the GEMMs.
+        expert_R = torch.repeat_interleave(torch.arange(n_local, device=x_RH.device).repeat(self.ep),
+                                           recv_counts.flatten())
+        order_R = expert_R.argsort(stable=True)
+        self.rows_sent += x_MH.shape[0]
+        self.bytes_sent += x_MH.numel() * x_MH.element_size()
+        return x_RH[order_R], recv_counts.sum(0), (local_plan, order_R, in_splits, out_splits, x_RH)
+
+    def combine(self, y_RH, weights_TK, plan):
+        local_plan, order_R, in_splits, out_splits, x_RH = plan
+        if x_RH.requires_grad and not y_RH.requires_grad:
+            # This rank received no rows, and the empty expert output fell off the autograd graph. Reconnect it:
+            # every rank must take part in both backward all-to-alls, or the others wait forever.
+            y_RH = y_RH + x_RH.sum() * 0
+        y_RH = y_RH[order_R.argsort()]  # back to [source][local expert][row]
+        y_MH = _all_to_all(y_RH, in_splits, out_splits, self.group)
+        return self.local.combine(y_MH, weights_TK, local_plan)
+
+
+def _all_to_all(x, out_splits: list[int], in_splits: list[int], group):
+    """Rows of x sent in blocks of in_splits, received in blocks of out_splits; differentiable (backward is the
+    same exchange the other way round)."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+    return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
+
+
+def apply_expert_parallel(model, d: Dist) -> None:
+    """Keep this rank's N/ep experts of every MoE layer (a view of the loaded weights is cloned, the rest is
+    freed) and route through the all-to-all dispatcher. Parameters are marked `expert_shard` so gradient
+    averaging and checkpoint gathering know them."""
+    ep = d.dims.ep
+    if ep == 1:
+        return
+    ep_rank = d.rank % ep
+    for block in model.model.layers:
+        if not block.is_moe:
+            continue
+        experts = block.mlp.experts
+        n_local = experts.num_experts // ep
+        lo = ep_rank * n_local
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            full = getattr(experts, name)
+            shard = torch.nn.Parameter(full.data[lo:lo + n_local].clone(), requires_grad=full.requires_grad)
+            shard.expert_shard = True
+            setattr(experts, name, shard)
+        experts.dispatcher = AllToAllDispatcher(d.ep_group, ep)
+        if experts.backend == "triton":
+            experts.backend = "grouped_mm"  # the fused kernel has no dispatch seam; grouped GEMMs do the work
+
+
+def expert_traffic(model) -> dict:
+    """Rows and bytes this rank's MoE layers dispatched through all-to-all so far."""
+    rows = bytes_ = 0
+    for block in model.model.layers:
+        disp = getattr(block.mlp, "experts", None) and block.mlp.experts.dispatcher
+        if isinstance(disp, AllToAllDispatcher):
+            rows, bytes_ = rows + disp.rows_sent, bytes_ + disp.bytes_sent
+    return {"rows_sent": rows, "bytes_sent": bytes_}
+
+
+# ----------------------------------------------------------------------------- tensor parallelism
+
+def apply_tensor_parallel(model, d: Dist) -> None:
+    """DTensor parallelize_module over the tp mesh: q/k/v (or MLA's q_b/kv_b) and gate/up split by columns
+    (heads), o_proj and down_proj by rows, summed back with one all-reduce per block. The attention code reads
+    the local head count from the tensors (view(B, T, -1, D)), so the model needs no change. Router, routed
+    experts, norms and embeddings stay replicated; the router keeps computing in fp32."""
+    if d.dims.tp == 1:
+        return
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp_mesh = d.mesh["tp"]
+
+    def mlp_plan(prefix):
+        return {f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(),
+                f"{prefix}.down_proj": RowwiseParallel()}
+
+    for block in model.model.layers:
+        if model.config.is_mla:
+            q = "q_proj" if model.config.q_lora_rank is None else "q_b_proj"
+            plan = {f"self_attn.{q}": ColwiseParallel(), "self_attn.kv_b_proj": ColwiseParallel(),
+                    "self_attn.o_proj": RowwiseParallel()}
+        else:
+            plan = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+            plan["self_attn.o_proj"] = RowwiseParallel()
+        if not block.is_moe:
+            plan.update(mlp_plan("mlp"))
+        elif block.mlp.shared_experts is not None:
+            plan.update(mlp_plan("mlp.shared_experts"))
+        parallelize_module(block, tp_mesh, plan)
+        # Replicated weights that each rank applies to its own heads only get a partial gradient: sum it over
+        # tp. Qwen3: the per-head q/k RMSNorm weights. GLM: the shared rotary key, a slice of kv_a_proj's output.
+        tp_group = tp_mesh.get_group()
+        if model.config.is_mla:
+            block.self_attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_summed(model.config, tp_group))
+        else:
+            for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
+                norm.weight.register_hook(lambda g, group=tp_group: _all_reduce_sum(g, group))
+    model.tensor_parallel = d.dims.tp  # generation sizes its KV cache by the local head count
+
+
+def _all_reduce_sum(t, group):
+    from torch.distributed._functional_collectives import all_reduce, wait_tensor
+
+    return wait_tensor(all_reduce(t.contiguous(), "sum", group))
+
+
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over a group (Megatron's "copy to tensor-parallel region")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce_sum(grad, ctx.group), None
+
+
+def _rope_key_grad_summed(cfg, group):
+    """Forward hook for MLA's kv_a_proj_with_mqa: its last qk_rope_head_dim outputs (the rotary key shared by all
+    heads) feed only this rank's heads, so their gradient is summed over tp. The latent part goes through
+    kv_b_proj, whose DTensor input already gets the summed gradient."""
+
+    def hook(_module, _inputs, out):
+        latent, k_rot = out.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        return torch.cat([latent, _SumGradOverGroup.apply(k_rot, group)], dim=-1)
+
+    return hook
+
+
+def apply_fsdp(model, d: Dist) -> None:
+    """FSDP2 fully_shard over dp: one unit per block plus the root; parameters, gradients and optimizer state
+    are sharded dp ways and gathered per block in forward and backward."""
+    if not d.dims.fsdp or d.dims.dp == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = d.mesh["dp"]
+    for block in model.model.layers:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of keeping them (memory for compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block)
+
+
+def parallelize(model, d: Dist, activation_checkpointing: bool = False):
+    """The whole recipe, in torchtitan's order: check shapes, tp, ep, activation checkpointing, fsdp."""
+    d.dims.check_model(model.config)
+    apply_tensor_parallel(model, d)
+    apply_expert_parallel(model, d)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, d)
+    return model
+
+
+# ----------------------------------------------------------------------------- whole tensors again
+
+def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as one whole tensor on CPU, under the single-process names (collective: all
+    ranks call it). DTensors (tp, fsdp) are gathered with full_tensor(); expert shards with an all-gather over
+    their ep group."""
+    out = {}
+    for name, t in model.state_dict().items():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        elif d.dims.ep > 1 and name.rpartition(".")[0].endswith("mlp.experts"):
+            parts = [torch.empty_like(t) for _ in range(d.dims.ep)]
+            dist.all_gather(parts, t.contiguous(), group=d.ep_group)
+            t = torch.cat(parts)
+        out[name] = t.detach().cpu()
+    return out
+
+
+def clip_grad_norm(model, max_norm: float, d: Dist) -> torch.Tensor:
+    """clip_grad_norm_ for any mesh: DTensor gradients (tp, fsdp) are reduced over their mesh, and expert
+    shards (ep) over their ep group, so every rank clips by the same norm, the single-process one."""
+    grads, expert_sq, other_sq = [], [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        n = torch.linalg.vector_norm(p.grad.float())
+        n = n.full_tensor() if hasattr(n, "full_tensor") else n
+        (expert_sq if getattr(p, "expert_shard", False) else other_sq).append(n.double() ** 2)
+    zero = torch.zeros((), dtype=torch.float64, device=d.device)
+    expert = torch.stack(expert_sq).sum() if expert_sq else zero
+    if d.dims.ep > 1:
+        dist.all_reduce(expert, group=d.ep_group)
+    total = ((torch.stack(other_sq).sum() if other_sq else zero) + expert).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total.float()

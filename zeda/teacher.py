@@ -69,8 +69,28 @@ def build_examples(tokenizer, n_per_family: int, seed: int) -> dict[str, list]:
     return out
 
 
+def warm_start(arch: str, init_from: Path, cfg: ModelConfig) -> tuple[CausalLM, list]:
+    """The weights of an earlier teacher run (same architecture and shape) and that run's lineage, so a long
+    training can be done in several sittings; training.json then lists every command in order."""
+    from zeda import load_model
+
+    record_path = Path(init_from) / "training.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path}: --init-from must be a folder written by zeda.teacher")
+    earlier = json.loads(record_path.read_text())
+    if earlier.get("arch") != arch:
+        raise ValueError(f"{record_path}: arch is {earlier.get('arch')!r}, but --arch is {arch!r}")
+    model = load_model(init_from)
+    theirs, ours = model.config.to_hf_dict(), cfg.to_hf_dict()
+    differ = [k for k in [*TEACHER_SHAPES[arch], "vocab_size"] if theirs.get(k) != ours.get(k)]
+    if differ:
+        raise ValueError(f"{init_from}/config.json: {', '.join(differ)} differ from TEACHER_SHAPES[{arch!r}]")
+    return model, earlier.get("lineage", [earlier])
+
+
 def train(arch: str, out: Path, steps: int, minutes: float | None, batch_size: int, lr: float, n_per_family: int,
-          seed: int, balance_coef: float, threads: int | None, backend: str) -> dict:
+          seed: int, balance_coef: float, threads: int | None, backend: str, init_from: Path | None = None,
+          save_every: int = 0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -78,8 +98,12 @@ def train(arch: str, out: Path, steps: int, minutes: float | None, batch_size: i
     tokenizer = build_tokenizer()
     hf_cfg = teacher_hf_config(arch, tokenizer)
     cfg = ModelConfig.from_hf_config(hf_cfg.to_dict())
-    model = CausalLM(cfg)
-    model.init_weights(seed)
+    lineage = []
+    if init_from is None:
+        model = CausalLM(cfg)
+        model.init_weights(seed)
+    else:
+        model, lineage = warm_start(arch, init_from, cfg)
     model.set_expert_backend(backend)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -116,22 +140,41 @@ def train(arch: str, out: Path, steps: int, minutes: float | None, batch_size: i
             bar.set_postfix(ce=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", bal=f"{balance.item():.3f}")
         bar.update(1)
         step += 1
+        if save_every and step % save_every == 0 and step < total:  # a killed run keeps its latest weights
+            save_teacher(model, out, tokenizer, teacher_record(arch, out, step, batch_size, lr, seed, n_params,
+                                                               time.time() - t0, losses, init_from, lineage))
+            model.train()
     bar.close()
-    steps, seconds = total, time.time() - t0
+    record = teacher_record(arch, out, total, batch_size, lr, seed, n_params, time.time() - t0, losses, init_from,
+                            lineage)
+    save_teacher(model, out, tokenizer, record)
+    return record
 
-    record = {
+
+def teacher_record(arch, out, steps, batch_size, lr, seed, n_params, seconds, losses, init_from, lineage) -> dict:
+    """training.json: this sitting's command and numbers, and (warm-started) every earlier sitting's."""
+    init = f" --init-from {init_from}" if init_from else ""
+    this = {
         "command": f"python -m zeda.teacher --arch {arch} --out {out} --steps {steps} --batch-size {batch_size} "
-                   f"--lr {lr} --seed {seed}",
+                   f"--lr {lr} --seed {seed}{init}",
         "arch": arch, "parameters": n_params, "steps": steps, "batch_size": batch_size, "lr": lr,
         "seed": seed, "train_seconds": round(seconds, 1), "final_ce": sum(losses[-50:]) / len(losses[-50:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
+    earlier = [{k: v for k, v in r.items() if k not in ("lineage", "total_steps", "total_train_seconds")}
+               for r in lineage]
+    this["lineage"] = earlier + [dict(this)]
+    this["total_steps"] = sum(r["steps"] for r in this["lineage"])
+    this["total_train_seconds"] = round(sum(r["train_seconds"] for r in this["lineage"]), 1)
+    return this
+
+
+def save_teacher(model, out: Path, tokenizer, record: dict) -> None:
     with tempfile.TemporaryDirectory() as side:  # tokenizer + record, copied along by the atomic save
         save_tokenizer(side)
         (Path(side) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         save_checkpoint(model.eval(), out, copy_from=side)
-    return record
 
 
 def main():
@@ -148,9 +191,14 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and batches")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--backend", default="grouped_mm", choices=["loop", "grouped_mm"], help="expert backend")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an earlier teacher folder (fresh warmup + cosine); lineage is recorded")
+    p.add_argument("--save-every", type=int, default=0, help="also save to --out every N steps (0: only at the end)")
     args = p.parse_args()
+    if args.init_from is not None and args.init_from.resolve() == args.out.resolve():
+        p.error("--out must differ from --init-from: the input teacher is never overwritten")
     record = train(args.arch, args.out, args.steps, args.minutes, args.batch_size, args.lr, args.train_per_family,
-                   args.seed, args.balance_coef, args.threads, args.backend)
+                   args.seed, args.balance_coef, args.threads, args.backend, args.init_from, args.save_every)
     print(json.dumps(record, indent=2))
 
 

@@ -119,29 +119,69 @@ def load_balancing_loss(routing, num_experts: int, valid_T: torch.Tensor | None 
     return torch.stack(losses).mean()
 
 
-def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dict) -> Path:
+def _clean_name(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing's wrapper adds this
+
+
+def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
+    """This rank's optimizer state keyed '<parameter name>::<field>' (the local shard of a DTensor)."""
+    names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
+    tensors = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                value = value.to_local() if hasattr(value, "to_local") else value
+                tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    return tensors
+
+
+def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dict, d=None) -> Path:
     """HF-layout checkpoint + optimizer (safetensors) + trainer state (JSON), all in one atomic rename.
-    No pickle: optimizer tensors are keyed '<parameter name>::<field>'."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    No pickle: optimizer tensors are keyed '<parameter name>::<field>'.
+
+    With a Dist of several ranks every rank must call this: the weights are gathered whole (one folder that a
+    single process loads), and when the mesh shards parameters (tp, ep, fsdp) each rank's optimizer shard is
+    kept under 'rank<r>/', for a resume on the same mesh. Rank 0 writes."""
+    from zeda.parallel import full_state_dict
+
+    distributed = d is not None and d.world > 1
+    whole = full_state_dict(model, d) if distributed else None
+    optim = _optimizer_tensors(model, opt)
+    if distributed and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp):
+        import torch.distributed as dist
+
+        parts = [None] * d.world if d.is_main else None
+        dist.gather_object(optim, parts, dst=0)
+        optim = {f"rank{r}/{k}": v for r, part in enumerate(parts or []) for k, v in part.items()}
 
     def write_state(folder: Path):
-        tensors = {}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                for key, value in opt.state.get(p, {}).items():
-                    tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-        save_file(tensors, str(folder / OPTIM_FILE))
+        save_file(optim, str(folder / OPTIM_FILE))
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    return save_checkpoint(model, path, copy_from=copy_from, extra=write_state)
+    if not distributed or d.is_main:
+        save_checkpoint(model, path, copy_from=copy_from, extra=write_state, state=whole)
+    if distributed:
+        d.barrier()
+    return path
 
 
-def load_optimizer_state(opt, model, folder: Path) -> None:
+def load_optimizer_state(opt, model, folder: Path, d=None) -> None:
+    """The inverse of save_training_checkpoint, onto a model already parallelized the same way."""
     tensors = load_file(str(folder / OPTIM_FILE))
-    params = dict(model.named_parameters())
+    prefix = f"rank{d.rank}/" if d is not None and any(k.startswith("rank") for k in tensors) else ""
+    params = {_clean_name(n): p for n, p in model.named_parameters()}
     for key, value in tensors.items():
-        name, field = key.split("::")
-        opt.state[params[name]][field] = value.to(params[name].device)
+        if not key.startswith(prefix) or (not prefix and key.startswith("rank")):
+            continue
+        name, field = key[len(prefix):].split("::")
+        p = params[name]
+        if hasattr(p, "device_mesh") and value.dim() > 0:  # a DTensor parameter: its state is a DTensor too
+            from torch.distributed.tensor import DTensor
+
+            value = DTensor.from_local(value.to(p.to_local().device), p.device_mesh, p.placements, run_check=False)
+        else:
+            value = value.to(p.device)
+        opt.state[p][field] = value
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -185,6 +225,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--expert-backend", default="grouped_mm", choices=["loop", "grouped_mm", "triton"],
                    help="routed-expert implementation")
+    p.add_argument("--dp", type=int, default=0, help="data-parallel size (0: world size / --tp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (attention heads, dense MLPs)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (splits the routed experts)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over dp (FSDP2)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute block activations in backward (less memory, ~1/3 more compute)")
 
 
 def run_training(script: str, train, args) -> int:
@@ -194,7 +240,11 @@ def run_training(script: str, train, args) -> int:
     from zeda.config import ConfigError
     from zeda.parallel import init_distributed, shutdown
 
-    d = init_distributed(args.device)
+    try:
+        d = init_distributed(args.device, args.dp, args.tp, args.ep, args.fsdp)
+    except ValueError as e:  # a bad mesh: before any work, and before a process group exists
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
     try:
         with stop_on_signals() as stop:
             summary = train(args, d, stop)

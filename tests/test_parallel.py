@@ -1,0 +1,192 @@
+"""Scale-up (zeda/parallel.py) under `torchrun --nproc_per_node=2` on CPU with gloo.
+
+Checked: bad meshes are refused before any work; ep=2, tp=2 and FSDP2 over dp=2 give the single-process logits
+of both architectures; the all-to-all sends exactly the real slots, fewer once zero experts are used; parameters
+per rank fall with the shard; three SFT steps under each mesh follow the single-process run, and the
+checkpoint they save is one folder that a single process loads.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import convert
+import train_sft
+import zeda
+from zeda import tasks
+from zeda.config import ModelConfig
+from zeda.parallel import MeshError, ParallelDims
+from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
+from zeda.tokenizer import save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args, timeout=600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# ----------------------------------------------------------------------------------------------
+# bad meshes: refused before any work
+
+
+@pytest.mark.parametrize("world,flags,message", [
+    (2, dict(tp=3), "not a multiple of --tp 3"),
+    (4, dict(dp=3, tp=1), "is not --dp 3 x --tp 1"),
+    (4, dict(ep=3), "--ep 3 must divide"),
+    (4, dict(tp=2, ep=2), "not supported yet"),
+    (2, dict(ep=2, fsdp=True), "--fsdp with --ep"),
+    (2, dict(tp=0), "--tp must be >= 1"),
+])
+def test_bad_mesh_flags(world, flags, message):
+    with pytest.raises(MeshError, match=message):
+        ParallelDims.from_flags(world, **flags)
+
+
+@pytest.mark.parametrize("arch,dims,message", [
+    ("qwen3_moe", ParallelDims(1, 1, 3), "does not divide the 8 routed experts"),
+    ("qwen3_moe", ParallelDims(1, 3, 1), "num_attention_heads"),
+    ("qwen3_moe", ParallelDims(1, 4, 1), "num_key_value_heads = 2"),
+    ("glm4_moe_lite", ParallelDims(1, 3, 1), "num_attention_heads"),
+])
+def test_mesh_that_does_not_divide_the_model(arch, dims, message):
+    cfg = ModelConfig.from_hf_config(tiny_hf_config(arch).to_dict())
+    with pytest.raises(MeshError, match=message):
+        dims.check_model(cfg)
+    ParallelDims(1, 2, 1).check_model(cfg)  # tp=2, ep=1 fits both tiny models
+    ParallelDims(1, 1, 2).check_model(cfg)
+
+
+def test_training_script_refuses_a_bad_mesh_before_any_work(tmp_path, capsys):
+    rc = train_sft.main(["--student", str(tmp_path / "missing"), "--rollouts", str(tmp_path / "missing.jsonl"),
+                         "--out", str(tmp_path / "out"), "--tp", "2", "--device", "cpu"])
+    assert rc == 2
+    assert "world size 1 is not a multiple of --tp 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# forward: the same logits on every mesh, real slots only on the wire
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("parallel")
+    for arch in ("qwen3_moe", "glm4_moe_lite"):
+        make_tiny_checkpoint(d / arch, arch)
+        convert.convert(d / arch, d / f"{arch}-zeda", num_zero=4, progress=False)
+    torchrun(ROOT / "tests" / "dist_worker.py", d / "results.json", d / "qwen3_moe-zeda", d / "glm4_moe_lite-zeda")
+    return json.loads((d / "results.json").read_text())
+
+
+def test_every_mesh_gives_the_single_process_logits(worker_results):
+    seen = {(r["checkpoint"], r["mesh"]) for r in worker_results}
+    assert len(seen) == 6  # 2 architectures x (ep, tp, fsdp)
+    for r in worker_results:
+        assert r["max_abs_diff"] <= 1e-5, r
+
+
+def test_every_mesh_gives_the_single_process_gradients(worker_results):
+    for r in worker_results:  # every parameter, made whole (tp's partial head gradients summed included)
+        assert r["max_grad_diff"] <= 1e-4, r
+
+
+def test_all_to_all_sends_exactly_the_real_slots(worker_results):
+    ep = [r for r in worker_results if r["mesh"] == "ep"]
+    for r in ep:
+        assert r["rows_sent"] == r["real_slots"] > 0, r
+        assert r["bytes_sent"] == r["rows_sent"] * r["row_bytes"]
+    for name in {r["checkpoint"] for r in ep}:  # zero experts in use -> less traffic than with them masked
+        used = sum(r["rows_sent"] for r in ep if r["checkpoint"] == name and not r["masked"])
+        masked = sum(r["rows_sent"] for r in ep if r["checkpoint"] == name and r["masked"])
+        assert used < masked
+
+
+def test_parameters_per_rank_fall_with_the_shard(worker_results):
+    for r in worker_results:
+        if r["mesh"] == "fsdp":  # everything sharded 2 ways (dim-0 chunks; odd sizes round up)
+            assert r["params_here"] <= r["params_full"] / 2 + 64
+        else:  # ep halves the experts, tp the attention and dense MLPs
+            assert r["params_here"] < 0.95 * r["params_full"]
+
+
+# ----------------------------------------------------------------------------------------------
+# training: three SFT steps on each mesh follow the single-process run
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """The single-process run (one micro-batch of 4) and 2-rank runs (2 + 2): the Group Auxiliary Loss sees the
+    same 4 sequences either way, since its counts are reduced over the data-parallel ranks."""
+    d = tmp_path_factory.mktemp("sft-parallel")
+    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
+    save_tokenizer(d / "teacher")
+    convert.convert(d / "teacher", d / "student", num_zero=4, progress=False)
+    items = tasks.mixture("train", 4, seed=1)
+    (d / "r.jsonl").write_text("".join(json.dumps(tasks.to_rollout_record(t, t.response)) + "\n" for t in items))
+    common = ["--student", d / "student", "--rollouts", d / "r.jsonl", "--global-batch-size", "4", "--lr", "2e-4",
+              "--max-steps", "3", "--device", "cpu"]
+    assert train_sft.main([*map(str, common), "--micro-batch-size", "4", "--out", str(d / "single")]) == 0
+    runs = {"single": d / "single"}
+    for name, flags in {"ep": ["--ep", "2", "--save-every", "2"], "fsdp": ["--fsdp"], "dp": []}.items():
+        torchrun(ROOT / "train_sft.py", *common, "--micro-batch-size", "2", "--out", d / name, *flags)
+        runs[name] = d / name
+    torchrun(ROOT / "train_sft.py", *common, "--micro-batch-size", "4", "--out", d / "tp", "--tp", "2")
+    runs["tp"] = d / "tp"
+    return runs
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mesh", ["ep", "tp", "fsdp", "dp"])
+def test_three_sft_steps_follow_the_single_process_run(sft_runs, mesh):
+    single, sharded = metrics(sft_runs["single"]), metrics(sft_runs[mesh])
+    assert len(single) == len(sharded) == 3
+    # Step 1 starts from the same weights: the same loss, Group Auxiliary Loss included.
+    assert abs(single[0]["loss"] - sharded[0]["loss"]) <= 1e-4
+    assert single[0]["zero_ratio"] == pytest.approx(sharded[0]["zero_ratio"], abs=1e-9)
+    for a, b in zip(single, sharded):
+        # Cross-entropy is smooth in the weights and stays within 1e-4. The GA term counts top-k choices, and
+        # a reduction in another order can flip one near-tied choice (one slot of ~500: ~1e-4 of GA).
+        assert abs(a["ce"] - b["ce"]) <= 1e-4, (a, b)
+        assert abs(a["ga"] - b["ga"]) <= 1e-3, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"], (a, b)
+
+
+@pytest.mark.parametrize("mesh", ["ep", "tp", "fsdp"])
+def test_sharded_run_saves_one_folder_a_single_process_loads(sft_runs, mesh):
+    single = zeda.load_model(sft_runs["single"] / "final").state_dict()
+    gathered = zeda.load_model(sft_runs[mesh] / "final").state_dict()
+    assert single.keys() == gathered.keys()
+    for name, t in single.items():
+        torch.testing.assert_close(gathered[name], t, atol=2e-4, rtol=0, msg=name)
+    state = json.loads((sft_runs[mesh] / "final" / "trainer_state.json").read_text())
+    assert state["mesh"] == {"ep": "dp=2 tp=1 ep=2", "tp": "dp=1 tp=2 ep=1", "fsdp": "dp=2 tp=1 ep=1 fsdp"}[mesh]
+
+
+def test_resume_on_the_same_mesh_continues_the_run(sft_runs, tmp_path):
+    """Stop the ep run after its step-2 checkpoint (optimizer shards kept per rank), resume: step 3 as before."""
+    out = tmp_path / "ep"
+    shutil.copytree(sft_runs["ep"] / "step-2", out / "step-2")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(sft_runs["ep"])[:2]))
+    common = ["--student", sft_runs["single"].parent / "student", "--rollouts", sft_runs["single"].parent / "r.jsonl",
+              "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "2e-4", "--max-steps", "3", "--device",
+              "cpu", "--out", out, "--resume"]
+    torchrun(ROOT / "train_sft.py", *common, "--ep", "2")
+    resumed, uninterrupted = metrics(out)[2], metrics(sft_runs["ep"])[2]
+    assert resumed["loss"] == pytest.approx(uninterrupted["loss"], abs=1e-6)
+    # another mesh cannot take these optimizer shards: a clear error, nothing written
+    rc = train_sft.main([*map(str, common)])
+    assert rc == 2
