@@ -147,7 +147,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     for m in (student, teacher):
         m.set_expert_backend(args.expert_backend)
     if d.dims.ep > 1:
-        raise MeshError("train_opd.py: --ep > 1 is not supported yet: on-policy sampling would need every ep rank "
+        raise MeshError("--ep > 1 is not supported yet: on-policy sampling would need every ep rank "
                         "to decode in lockstep (use --tp and --dp/--fsdp)")
     parallelize(student, d, args.activation_checkpointing)
     parallelize(teacher, d)  # the frozen teacher is split the same way

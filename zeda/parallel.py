@@ -318,7 +318,8 @@ def apply_tensor_parallel(model, d: Dist) -> None:
             block.self_attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_summed(model.config, tp_group))
         else:
             for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
-                norm.weight.register_hook(lambda g, group=tp_group: _all_reduce_sum(g, group))
+                if norm.weight.requires_grad:  # not for a frozen teacher
+                    norm.weight.register_hook(lambda g, group=tp_group: _all_reduce_sum(g, group))
     model.tensor_parallel = d.dims.tp  # generation sizes its KV cache by the local head count
 
 
