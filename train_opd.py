@@ -38,7 +38,7 @@ from zeda.data import iter_jsonl, prompt_messages
 from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
-from zeda.parallel import Dist, MeshError, clip_grad_norm, parallelize
+from zeda.parallel import Dist, clip_grad_norm, parallelize
 from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, Example, latest_checkpoint,
                            load_optimizer_state, make_optimizer, run_training, save_training_checkpoint)
 
@@ -146,9 +146,6 @@ def train(args, d: Dist, stop: dict) -> dict:
     teacher = zeda.load_model(args.teacher, dtype=args.dtype, device=d.device).requires_grad_(False)
     for m in (student, teacher):
         m.set_expert_backend(args.expert_backend)
-    if d.dims.ep > 1:
-        raise MeshError("--ep > 1 is not supported yet: on-policy sampling would need every ep rank "
-                        "to decode in lockstep (use --tp and --dp/--fsdp)")
     parallelize(student, d, args.activation_checkpointing)
     parallelize(teacher, d)  # the frozen teacher is split the same way
     opt = make_optimizer(student, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
@@ -181,7 +178,8 @@ def train(args, d: Dist, stop: dict) -> dict:
         t0 = time.time()
         student.eval()
         gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id,
-                       seed=args.seed * 1_000_003 + step * 1009 + d.dp_rank)
+                       seed=args.seed * 1_000_003 + step * 1009 + d.dp_rank,
+                       all_done=d.ep_all_done if d.dims.ep > 1 else None)  # ep ranks decode in lockstep
         t_sample = time.time() - t0
         examples, old_logp = sequences_from(mine, gen)
         local_tokens = sum(len(t) for t in gen.tokens)

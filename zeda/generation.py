@@ -169,12 +169,15 @@ def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tens
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int] | set[int],
              pad_id: int = 0, seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None,
+             all_done: Callable[[bool], bool] | None = None) -> Generation:
     """Generate for a batch of prompts with a static KV cache (see the module docstring).
 
     eos_ids: tokens that end a row (kept in its output). pad_id: what left padding and finished rows feed (it is
     masked out, so its value does not matter). seed: reproducible sampling. on_token(row, token): called for
     each new token of each unfinished row as soon as it is sampled (streaming; costs one transfer per step).
+    all_done(mine): whether every process is done, given whether this one is. Expert parallelism needs it: every
+    rank of an all-to-all group must run the same number of forwards, so a finished rank keeps feeding padding.
     """
     cfg = model.config
     M = params.max_new_tokens
@@ -214,7 +217,8 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, 
             for row, tok in enumerate(torch.where(live_B, next_B, -1).tolist()):  # host sync (streaming only)
                 if tok >= 0:
                     on_token(row, tok)
-        if t == M - 1 or bool(done_B.all()):  # host sync: the one per step
+        finished = bool(done_B.all())  # host sync: the one per step
+        if t == M - 1 or (all_done(finished) if all_done is not None else finished):
             break
         mask_BS[:, P + t] = ~done_B  # a finished row feeds pad with its mask bit off
         routing = []

@@ -14,7 +14,8 @@ Under torchrun the world of W processes is laid out as a 2D DeviceMesh (dp, tp),
 NCCL on GPU, gloo on CPU; without torchrun there is one process and every helper here is a no-op. Every flag
 combination is checked against the world size and the model before any work starts (ParallelDims).
 Today ep needs tp = 1 (experts parallel across tensor-parallel ranks would need the tp ranks to split their
-shared tokens first, as torchtitan does), and --fsdp needs ep = 1.
+shared tokens first, as torchtitan does), and --fsdp needs ep = 1. Generation under ep decodes in lockstep
+(Dist.ep_all_done): a rank whose rows are finished keeps joining the all-to-alls until its whole group is done.
 """
 
 from __future__ import annotations
@@ -140,6 +141,12 @@ class Dist:
             group = self.edp_group if getattr(p, "expert_shard", False) else self._dp_group()
             dist.all_reduce(grad, group=group)
             grad /= self.dp
+
+    def ep_all_done(self, mine: bool) -> bool:
+        """True when every rank of this expert-parallel group is done (generation's lockstep)."""
+        flag = torch.tensor([int(mine)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ep_group)
+        return bool(flag.item())
 
     def barrier(self) -> None:
         if self.world > 1:
