@@ -74,3 +74,27 @@ def test_teacher_accuracy(folder):
     acc = report["accuracy"]
     assert acc["average"] >= 0.85, acc
     assert min(acc[f] for f in tasks.FAMILIES) >= 0.70, acc
+
+
+def test_teacher_training_continues_from_an_earlier_run(tmp_path, monkeypatch):
+    """zeda.teacher --init-from: a second sitting starts from the first one's weights (its first loss is the
+    first sitting's last, not a fresh model's), records both sittings, and refuses a mismatched start."""
+    from zeda import teacher
+
+    monkeypatch.setattr(teacher, "TEACHER_SHAPES", {"qwen3_moe": dict(
+        teacher.TEACHER_SHAPES["qwen3_moe"], hidden_size=32, head_dim=8, num_hidden_layers=1, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32)})
+    kw = dict(minutes=None, batch_size=4, lr=3e-3, n_per_family=20, seed=0, balance_coef=0.01, threads=None,
+              backend="grouped_mm")
+    first = teacher.train("qwen3_moe", tmp_path / "a", steps=6, **kw)
+    second = teacher.train("qwen3_moe", tmp_path / "b", steps=2, init_from=tmp_path / "a", **kw)
+    assert [r["steps"] for r in second["lineage"]] == [6, 2]
+    assert second["total_steps"] == 8
+    assert "--init-from" in second["command"]
+    a, b = zeda.load_model(tmp_path / "a"), zeda.load_model(tmp_path / "b")
+    assert a.config.to_hf_dict()["hidden_size"] == b.config.to_hf_dict()["hidden_size"] == 32
+    moved = max(float((pa - pb).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
+    assert 0 < moved < 0.01  # two warmup steps from the first sitting's weights, not a fresh initialisation
+    assert first["lineage"][0]["steps"] == 6
+    with pytest.raises(ValueError, match="arch is 'qwen3_moe'"):
+        teacher.warm_start("glm4_moe_lite", tmp_path / "a", b.config)
