@@ -39,8 +39,8 @@ from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
 from zeda.parallel import Dist, clip_grad_norm, parallelize
-from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, Example, latest_checkpoint,
-                           load_optimizer_state, make_optimizer, run_training, save_training_checkpoint)
+from zeda.training import (add_training_args, collate, encode_chats, Example, latest_checkpoint,
+                           resume_training, make_optimizer, run_training, save_training_checkpoint)
 
 
 def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> list[Example]:
@@ -151,12 +151,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     opt = make_optimizer(student, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:
-        saved = json.loads((resume_from / STATE_FILE).read_text())
-        if saved.get("mesh", d.dims.describe()) != d.dims.describe():
-            raise ValueError(f"{resume_from / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on "
-                             f"{d.dims.describe()}; resume on the same mesh")
-        load_optimizer_state(opt, student, resume_from, d)
-        start_step = saved["step"]
+        start_step = resume_training(opt, student, resume_from, d)
         d.print(f"resuming from {resume_from} at step {start_step}")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)

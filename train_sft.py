@@ -34,8 +34,8 @@ from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
 from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist, clip_grad_norm, parallelize
-from zeda.training import (STATE_FILE, add_training_args, collate, encode_chats, latest_checkpoint,
-                           load_optimizer_state, lr_at, make_optimizer, run_training, save_training_checkpoint)
+from zeda.training import (add_training_args, collate, encode_chats, latest_checkpoint,
+                           resume_training, lr_at, make_optimizer, run_training, save_training_checkpoint)
 
 # ----------------------------------------------------------------------------- data
 
@@ -138,12 +138,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     opt = make_optimizer(model, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:
-        saved = json.loads((resume_from / STATE_FILE).read_text())
-        if saved.get("mesh", d.dims.describe()) != d.dims.describe():
-            raise ValueError(f"{resume_from / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on "
-                             f"{d.dims.describe()}; resume on the same mesh")
-        load_optimizer_state(opt, model, resume_from, d)
-        start_step = saved["step"]
+        start_step = resume_training(opt, model, resume_from, d)
         d.print(f"resuming from {resume_from} at step {start_step}")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -184,6 +184,17 @@ def load_optimizer_state(opt, model, folder: Path, d=None) -> None:
         opt.state[p][field] = value
 
 
+def resume_training(opt, model, folder: Path, d) -> int:
+    """Load a training checkpoint's optimizer state onto a model parallelized as when it was saved; returns the
+    step to continue from. Another mesh is refused: its optimizer shards would not fit."""
+    saved = json.loads((folder / STATE_FILE).read_text())
+    if saved.get("mesh", d.dims.describe()) != d.dims.describe():
+        raise ValueError(f"{folder / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on {d.dims.describe()}; "
+                         f"resume on the same mesh")
+    load_optimizer_state(opt, model, folder, d)
+    return saved["step"]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest OUT/step-N (or OUT/final) that has a trainer state."""
     found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
