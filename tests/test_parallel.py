@@ -227,3 +227,16 @@ def test_opd_under_expert_parallelism_is_the_data_parallel_run(sft_runs, tmp_pat
         assert a["mean_response_length"] == b["mean_response_length"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(sft_runs, tmp_path):
+    d = sft_runs["single"].parent
+    args = ["--student", d / "student", "--rollouts", d / "r.jsonl", "--global-batch-size", "4", "--lr", "2e-4",
+            "--max-steps", "3", "--device", "cpu", "--micro-batch-size", "4", "--out", tmp_path / "ac",
+            "--activation-checkpointing"]
+    assert train_sft.main(list(map(str, args))) == 0
+    for a, b in zip(metrics(sft_runs["single"]), metrics(tmp_path / "ac"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)  # recomputed, not re-routed: GA counted once
+        assert a["zero_ratio"] == b["zero_ratio"]
+    saved = zeda.load_model(tmp_path / "ac" / "final").state_dict()  # no wrapper prefix in the saved names
+    assert saved.keys() == zeda.load_model(sft_runs["single"] / "final").state_dict().keys()
