@@ -14,7 +14,8 @@ Under torchrun the world of W processes is laid out as a 2D DeviceMesh (dp, tp),
 NCCL on GPU, gloo on CPU; without torchrun there is one process and every helper here is a no-op. Every flag
 combination is checked against the world size and the model before any work starts (ParallelDims).
 Today ep needs tp = 1 (experts parallel across tensor-parallel ranks would need the tp ranks to split their
-shared tokens first, as torchtitan does), and --fsdp needs ep = 1. Generation under ep decodes in lockstep
+shared tokens first, as torchtitan does). With --fsdp and --ep, FSDP2 shards everything but the experts, which
+ep already splits. Generation under ep decodes in lockstep
 (Dist.ep_all_done): a rank whose rows are finished keeps joining the all-to-alls until its whole group is done.
 """
 
@@ -57,8 +58,6 @@ class ParallelDims:
                             f"data-parallel ranks (tp 1)")
         if dp % ep:
             raise MeshError(f"--ep {ep} must divide the data-parallel size {dp} (world {world} / --tp {tp})")
-        if fsdp and ep > 1:
-            raise MeshError("--fsdp with --ep > 1 is not supported yet (experts would need their own FSDP mesh)")
         return cls(dp, tp, ep, fsdp)
 
     def check_model(self, cfg, where: str = "model") -> None:
@@ -130,10 +129,10 @@ class Dist:
         replicated gradient over dp. An expert shard's gradient already holds its ep group's tokens (the
         all-to-all carried them back), so it is summed over the replicas of that shard and divided by dp.
         FSDP2 reduces its own parameters in backward; they are skipped here."""
-        if self.dp == 1 or self.dims.fsdp:
+        if self.dp == 1:
             return
         for p in model.parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or (self.dims.fsdp and not getattr(p, "expert_shard", False)):
                 continue
             if p.grad is None:  # no token reached this parameter on this rank: it counts as zero
                 p.grad = torch.zeros_like(p)
@@ -363,15 +362,17 @@ def _rope_key_grad_summed(cfg, group):
 
 def apply_fsdp(model, d: Dist) -> None:
     """FSDP2 fully_shard over dp: one unit per block plus the root; parameters, gradients and optimizer state
-    are sharded dp ways and gathered per block in forward and backward."""
+    are sharded dp ways and gathered per block in forward and backward. Expert shards (ep) are left out: ep
+    already splits them, and their gradients are reduced over their replicas by Dist.average_gradients."""
     if not d.dims.fsdp or d.dims.dp == 1:
         return
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = d.mesh["dp"]
+    experts = {p for p in model.parameters() if getattr(p, "expert_shard", False)} or None
     for block in model.model.layers:
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, ignored_params=experts)
+    fully_shard(model, mesh=dp_mesh, ignored_params=experts)
 
 
 def apply_activation_checkpointing(model) -> None:
