@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zeda  # noqa: E402
 from zeda.parallel import expert_traffic, init_distributed, parallelize, shutdown  # noqa: E402
 
-MESHES = {"ep": dict(ep=2), "tp": dict(tp=2), "fsdp": dict(fsdp=True), "ep-fsdp": dict(ep=2, fsdp=True)}
+MESHES = {"ep": dict(ep=2), "tp": dict(tp=2), "fsdp": dict(fsdp=True), "ep-fsdp": dict(ep=2, fsdp=True),
+          "ep-tp": dict(ep=2, tp=2)}
 
 
 def local_numel(model) -> int:

@@ -43,13 +43,23 @@ def torchrun(*args, timeout=600, nproc=2) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("world,flags,message", [
     (2, dict(tp=3), "not a multiple of --tp 3"),
     (4, dict(dp=3, tp=1), "is not --dp 3 x --tp 1"),
-    (4, dict(ep=3), "--ep 3 must divide"),
-    (4, dict(tp=2, ep=2), "not supported yet"),
+    (4, dict(ep=3), "--ep 3 must divide the world size 4"),
+    (4, dict(tp=2, ep=1, fsdp=True, dp=2), None),
+    (8, dict(tp=4, ep=2), "--ep 2 must be a multiple of --tp 4"),
+    (4, dict(tp=2, ep=2, fsdp=True), "--fsdp with both --ep and --tp"),
     (2, dict(tp=0), "--tp must be >= 1"),
 ])
 def test_bad_mesh_flags(world, flags, message):
+    if message is None:  # a good one, for contrast
+        ParallelDims.from_flags(world, **flags)
+        return
     with pytest.raises(MeshError, match=message):
         ParallelDims.from_flags(world, **flags)
+
+
+def test_the_issue_command_mesh_is_accepted():
+    dims = ParallelDims.from_flags(8, tp=4, ep=8)  # torchrun --nproc_per_node=8 train_opd.py --tp 4 --ep 8
+    assert (dims.dp, dims.tp, dims.ep) == (2, 4, 8)
 
 
 @pytest.mark.parametrize("arch,dims,message", [
@@ -90,7 +100,7 @@ def worker_results(tmp_path_factory):
 
 def test_every_mesh_gives_the_single_process_logits(worker_results):
     seen = {(r["checkpoint"], r["mesh"]) for r in worker_results}
-    assert len(seen) == 8  # 2 architectures x (ep, tp, fsdp, ep + fsdp)
+    assert len(seen) == 10  # 2 architectures x (ep, tp, fsdp, ep + fsdp, ep across tp)
     for r in worker_results:
         assert r["max_abs_diff"] <= 1e-5, r
 
@@ -105,6 +115,10 @@ def test_all_to_all_sends_exactly_the_real_slots(worker_results):
     for r in ep:
         assert r["rows_sent"] == r["real_slots"] > 0, r
         assert r["bytes_sent"] == r["rows_sent"] * r["row_bytes"]
+    for name in {r["checkpoint"] for r in worker_results}:  # ep across tp: each tp rank sends its token slice
+        split = [r for r in worker_results if r["checkpoint"] == name and r["mesh"] == "ep-tp"]
+        assert sum(r["rows_sent"] for r in split) == split[0]["real_slots"] > 0
+        assert all(0 < r["rows_sent"] < r["real_slots"] for r in split)
     for name in {r["checkpoint"] for r in ep}:  # zero experts in use -> less traffic than with them masked
         used = sum(r["rows_sent"] for r in ep if r["checkpoint"] == name and not r["masked"])
         masked = sum(r["rows_sent"] for r in ep if r["checkpoint"] == name and r["masked"])
@@ -143,8 +157,9 @@ def sft_runs(tmp_path_factory):
                         "ep-fsdp": ["--ep", "2", "--fsdp"]}.items():
         torchrun(ROOT / "train_sft.py", *common, "--micro-batch-size", "2", "--out", d / name, *flags)
         runs[name] = d / name
-    torchrun(ROOT / "train_sft.py", *common, "--micro-batch-size", "4", "--out", d / "tp", "--tp", "2")
-    runs["tp"] = d / "tp"
+    for name, flags in {"tp": ["--tp", "2"], "ep-tp": ["--ep", "2", "--tp", "2"]}.items():  # dp = 1: micro 4
+        torchrun(ROOT / "train_sft.py", *common, "--micro-batch-size", "4", "--out", d / name, *flags)
+        runs[name] = d / name
     # 2D: tp=2 inside, FSDP2 over dp=2 outside (4 processes)
     torchrun(ROOT / "train_sft.py", *common, "--micro-batch-size", "2", "--out", d / "tp-fsdp", "--tp", "2", "--fsdp",
              nproc=4)
@@ -156,7 +171,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mesh", ["ep", "tp", "fsdp", "dp", "tp-fsdp", "ep-fsdp"])
+@pytest.mark.parametrize("mesh", ["ep", "tp", "fsdp", "dp", "tp-fsdp", "ep-fsdp", "ep-tp"])
 def test_three_sft_steps_follow_the_single_process_run(sft_runs, mesh):
     single, sharded = metrics(sft_runs["single"]), metrics(sft_runs[mesh])
     assert len(single) == len(sharded) == 3
@@ -171,7 +186,7 @@ def test_three_sft_steps_follow_the_single_process_run(sft_runs, mesh):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"], (a, b)
 
 
-@pytest.mark.parametrize("mesh", ["ep", "tp", "fsdp", "ep-fsdp"])
+@pytest.mark.parametrize("mesh", ["ep", "tp", "fsdp", "ep-fsdp", "ep-tp"])
 def test_sharded_run_saves_one_folder_a_single_process_loads(sft_runs, mesh):
     single = zeda.load_model(sft_runs["single"] / "final").state_dict()
     gathered = zeda.load_model(sft_runs[mesh] / "final").state_dict()
@@ -180,7 +195,7 @@ def test_sharded_run_saves_one_folder_a_single_process_loads(sft_runs, mesh):
         torch.testing.assert_close(gathered[name], t, atol=2e-4, rtol=0, msg=name)
     state = json.loads((sft_runs[mesh] / "final" / "trainer_state.json").read_text())
     assert state["mesh"] == {"ep": "dp=2 tp=1 ep=2", "tp": "dp=1 tp=2 ep=1", "fsdp": "dp=2 tp=1 ep=1 fsdp",
-                             "ep-fsdp": "dp=2 tp=1 ep=2 fsdp"}[mesh]
+                             "ep-fsdp": "dp=2 tp=1 ep=2 fsdp", "ep-tp": "dp=1 tp=2 ep=2"}[mesh]
 
 
 def test_resume_on_the_same_mesh_continues_the_run(sft_runs, tmp_path):
@@ -200,8 +215,9 @@ def test_resume_on_the_same_mesh_continues_the_run(sft_runs, tmp_path):
 
 
 def test_opd_under_tensor_parallelism_is_the_single_process_run(sft_runs, tmp_path):
-    """tp ranks share their data and sampling seed: the same samples, the same losses. The frozen teacher is split
-    the same way. (Under dp each rank samples with its own seed, so no equality is expected there.)"""
+    """tp ranks share their data and sampling seed: the same samples, the same losses, also with the experts split
+    across the two tp ranks (--ep 2 --tp 2). The frozen teacher is split the same way. (Under dp each rank
+    samples with its own seed, so no equality with one process is expected there.)"""
     d = sft_runs["single"].parent
     common = ["--student", d / "student", "--teacher", d / "teacher", "--prompts", d / "p.jsonl", "--max-steps", "2",
               "--prompts-per-step", "4", "--samples-per-prompt", "1", "--max-new-tokens", "16", "--lr", "1e-4",
@@ -210,10 +226,12 @@ def test_opd_under_tensor_parallelism_is_the_single_process_run(sft_runs, tmp_pa
 
     assert train_opd.main([*map(str, common), "--out", str(tmp_path / "single")]) == 0
     torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "tp", "--tp", "2")
-    for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / "tp"), strict=True):
-        assert a["mean_response_length"] == b["mean_response_length"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-        assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
+    torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "ep-tp", "--tp", "2", "--ep", "2")
+    for mesh in ("tp", "ep-tp"):
+        for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / mesh), strict=True):
+            assert a["mean_response_length"] == b["mean_response_length"]
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+            assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
 
 
 def test_opd_under_expert_parallelism_is_the_data_parallel_run(sft_runs, tmp_path):

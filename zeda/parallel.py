@@ -6,15 +6,16 @@ Under torchrun the world of W processes is laid out as a 2D DeviceMesh (dp, tp),
         or FSDP2's reduce-scatter with --fsdp, which also shards parameters and optimizer state over dp).
     tp  tensor parallel: ranks that see the same sequences and split each attention / dense MLP / shared
         expert by heads and columns (DTensor parallelize_module). Router and routed experts stay whole.
-    ep  expert parallel: groups of ep consecutive data-parallel ranks split the N real experts, N/ep each.
-        Tokens travel to the rank that holds their expert and back with all-to-all; only real slots are
-        sent (zero slots are dropped before dispatch), so the traffic falls as the zero share rises.
-        The ep groups are replicas of each other: an expert's gradient is summed over the ranks that hold it.
+    ep  expert parallel: groups of ep consecutive ranks split the N real experts, N/ep each. Tokens travel to
+        the rank that holds their expert and back with all-to-all; only real slots are sent (zero slots are
+        dropped before dispatch), so the traffic falls as the zero share rises. The ep groups are replicas of
+        each other: an expert's gradient is summed over the ranks that hold it. An ep group is made of whole
+        tp groups (ep a multiple of tp); the tp ranks, which hold the same tokens, each dispatch a slice of them
+        and all-gather the outputs (TokenSplitDispatcher), so no token is computed twice.
 
 NCCL on GPU, gloo on CPU; without torchrun there is one process and every helper here is a no-op. Every flag
 combination is checked against the world size and the model before any work starts (ParallelDims).
-Today ep needs tp = 1 (experts parallel across tensor-parallel ranks would need the tp ranks to split their
-shared tokens first, as torchtitan does). With --fsdp and --ep, FSDP2 shards everything but the experts, which
+With --fsdp and --ep, FSDP2 shards everything but the experts, which
 ep already splits. Generation under ep decodes in lockstep
 (Dist.ep_all_done): a rank whose rows are finished keeps joining the all-to-alls until its whole group is done.
 """
@@ -53,11 +54,13 @@ class ParallelDims:
         if dp * tp != world:
             raise MeshError(f"world size {world} is not --dp {dp} x --tp {tp}; launch {dp * tp} processes or fix "
                             f"the flags (--dp 0 infers it)")
-        if ep > 1 and tp > 1:
-            raise MeshError(f"--ep {ep} with --tp {tp} is not supported yet: expert parallelism runs over the "
-                            f"data-parallel ranks (tp 1)")
-        if dp % ep:
-            raise MeshError(f"--ep {ep} must divide the data-parallel size {dp} (world {world} / --tp {tp})")
+        if world % ep:
+            raise MeshError(f"--ep {ep} must divide the world size {world}")
+        if ep > 1 and tp > 1 and ep % tp:
+            raise MeshError(f"--ep {ep} must be a multiple of --tp {tp}: an expert-parallel group is made of whole "
+                            f"tensor-parallel groups")
+        if ep > 1 and tp > 1 and fsdp:
+            raise MeshError("--fsdp with both --ep and --tp is not supported yet")
         return cls(dp, tp, ep, fsdp)
 
     def check_model(self, cfg, where: str = "model") -> None:
@@ -245,6 +248,59 @@ class AllToAllDispatcher:
         return self.local.combine(y_MH, weights_TK, local_plan)
 
 
+class TokenSplitDispatcher:
+    """Expert parallelism across tensor-parallel ranks: the tp ranks of a group hold the same tokens, so each one
+    dispatches only its slice (rows [r*c, (r+1)*c), c = ceil(T/tp)) through the all-to-all dispatcher, and the
+    combined slices are all-gathered back into every rank's [T, H].
+
+    Gradients: what arrives at the layer output is the same on every tp rank (the rest of the model is
+    replicated or DTensor), so the gather's backward keeps this rank's slice. The slice's input rows and routing
+    weights then hold only this rank's share of their gradient, summed over tp on the way back
+    (_SumGradOverGroup); the router's other path, the Group Auxiliary Loss on all tokens, is whole already."""
+
+    def __init__(self, inner: AllToAllDispatcher, tp_group, tp: int, tp_rank: int):
+        self.inner, self.group, self.tp, self.tp_rank = inner, tp_group, tp, tp_rank
+
+    def _slice(self, T: int) -> slice:
+        chunk = -(-T // self.tp)
+        return slice(min(T, self.tp_rank * chunk), min(T, (self.tp_rank + 1) * chunk))
+
+    def dispatch(self, x_TH, ids_TK, keep_TK, num_experts):
+        own = self._slice(x_TH.shape[0])
+        x_TH = _SumGradOverGroup.apply(x_TH, self.group)
+        x_MH, counts, plan = self.inner.dispatch(x_TH[own], ids_TK[own], keep_TK[own], num_experts)
+        return x_MH, counts, (plan, x_TH.shape[0])
+
+    def combine(self, y_MH, weights_TK, plan):
+        inner_plan, T = plan
+        own = self._slice(T)
+        weights_TK = _SumGradOverGroup.apply(weights_TK, self.group)
+        y_own = self.inner.combine(y_MH, weights_TK[own], inner_plan)  # [own rows, H]
+        return _GatherSlices.apply(y_own, T, self.group, self.tp, self.tp_rank)
+
+
+class _GatherSlices(torch.autograd.Function):
+    """Forward: every tp rank's slice of the T rows, concatenated (padded to equal chunks for all_gather).
+    Backward: this rank's slice of the (replicated) gradient."""
+
+    @staticmethod
+    def forward(ctx, y_own, T, group, tp, tp_rank):
+        chunk = -(-T // tp)
+        ctx.rows = (min(T, tp_rank * chunk), min(T, (tp_rank + 1) * chunk))
+        padded = y_own.new_zeros(chunk, y_own.shape[1])
+        padded[: y_own.shape[0]] = y_own
+        out = y_own.new_empty(tp * chunk, y_own.shape[1])
+        dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+        # rank r's slice sits at [r*chunk, r*chunk + its length); the padding rows are dropped
+        lengths = [max(0, min(T, (r + 1) * chunk) - r * chunk) for r in range(tp)]
+        return torch.cat([out[r * chunk: r * chunk + n] for r, n in enumerate(lengths)])
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        lo, hi = ctx.rows
+        return grad_TH[lo:hi].contiguous(), None, None, None, None
+
+
 def _all_to_all(x, out_splits: list[int], in_splits: list[int], group):
     """Rows of x sent in blocks of in_splits, received in blocks of out_splits; differentiable (backward is the
     same exchange the other way round)."""
@@ -273,6 +329,9 @@ def apply_expert_parallel(model, d: Dist) -> None:
             shard.expert_shard = True
             setattr(experts, name, shard)
         experts.dispatcher = AllToAllDispatcher(d.ep_group, ep)
+        if d.dims.tp > 1:
+            experts.dispatcher = TokenSplitDispatcher(experts.dispatcher, d.mesh["tp"].get_group(), d.dims.tp,
+                                                      d.tp_rank)
         if experts.backend == "triton":
             experts.backend = "grouped_mm"  # the fused kernel has no dispatch seam; grouped GEMMs do the work
 
@@ -282,6 +341,7 @@ def expert_traffic(model) -> dict:
     rows = bytes_ = 0
     for block in model.model.layers:
         disp = getattr(block.mlp, "experts", None) and block.mlp.experts.dispatcher
+        disp = getattr(disp, "inner", disp)  # TokenSplitDispatcher wraps the all-to-all one
         if isinstance(disp, AllToAllDispatcher):
             rows, bytes_ = rows + disp.rows_sent, bytes_ + disp.bytes_sent
     return {"rows_sent": rows, "bytes_sent": bytes_}
