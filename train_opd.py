@@ -172,8 +172,11 @@ def train(args, d: Dist, stop: dict) -> dict:
         # 1. sample from the current student (eval mode: no dropout exists, but keep the habit)
         t0 = time.time()
         student.eval()
-        gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id,
-                       seed=args.seed * 1_000_003 + step * 1009 + d.dp_rank,
+        # One seed per sample, from its place in the global batch: the samples do not depend on the rank layout,
+        # so a dp=2 run samples what a single process samples.
+        first = d.dp_rank * len(mine)
+        seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + first + i) % 2**63 for i in range(len(mine))]
+        gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id, seed=seeds,
                        all_done=d.ep_all_done if d.dims.ep > 1 else None)  # ep ranks decode in lockstep
         t_sample = time.time() - t0
         examples, old_logp = sequences_from(mine, gen)

@@ -83,6 +83,20 @@ def test_fixed_seed_reproduces_and_matches_naive(model):
     assert one.tokens == generate_naive(model, PROMPTS[0], params, eos_ids=[], seed=5).tokens
 
 
+def test_per_row_seeds_make_a_sample_independent_of_its_batch(model):
+    """What data parallelism needs: a row with its own seed samples the same tokens whichever rows share its batch
+    (and the batch of one equals the naive reference with that seed)."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=8)
+    seeds = [11 + i for i in range(len(PROMPTS))]
+    batch = generate(model, PROMPTS, params, eos_ids=[], seed=seeds)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model, [prompt], params, eos_ids=[], seed=[11 + i])
+        assert batch.tokens[i] == alone.tokens[0], i
+        assert alone.tokens == generate_naive(model, prompt, params, eos_ids=[], seed=11 + i).tokens
+    shuffled = generate(model, PROMPTS[::-1], params, eos_ids=[], seed=seeds[::-1])
+    assert shuffled.tokens[::-1] == batch.tokens
+
+
 def test_different_seeds_differ(model):
     params = SamplingParams(temperature=1.0, max_new_tokens=8)
     a = generate(model, PROMPTS, params, eos_ids=[], seed=1)

@@ -234,19 +234,24 @@ def test_opd_under_tensor_parallelism_is_the_single_process_run(sft_runs, tmp_pa
             assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
 
 
-def test_opd_under_expert_parallelism_is_the_data_parallel_run(sft_runs, tmp_path):
-    """ep=2 over dp=2 against plain dp=2: each rank samples with the same seed in both, so the samples and losses
-    must agree. The ep ranks decode in lockstep (a rank whose answers ended keeps joining the all-to-alls)."""
+def test_opd_under_data_and_expert_parallelism_is_the_single_process_run(sft_runs, tmp_path):
+    """Each sample has its own seed from its place in the global batch, so dp=2 and ep=2 (over dp=2) sample what
+    one process samples, and the losses agree. The ep ranks decode in lockstep (a rank whose answers ended keeps
+    joining the all-to-alls)."""
     d = sft_runs["single"].parent
     common = ["--student", d / "student", "--teacher", d / "teacher", "--prompts", d / "p.jsonl", "--max-steps", "2",
               "--prompts-per-step", "4", "--samples-per-prompt", "1", "--max-new-tokens", "16", "--lr", "1e-4",
               "--device", "cpu"]
+    import train_opd
+
+    assert train_opd.main([*map(str, common), "--out", str(tmp_path / "single")]) == 0
     torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "dp")
     torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "ep", "--ep", "2")
-    for a, b in zip(metrics(tmp_path / "dp"), metrics(tmp_path / "ep"), strict=True):
-        assert a["mean_response_length"] == b["mean_response_length"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
+    for mesh in ("dp", "ep"):
+        for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / mesh), strict=True):
+            assert a["mean_response_length"] == b["mean_response_length"]
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+            assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(sft_runs, tmp_path):

@@ -95,13 +95,15 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
     return logits_BV
 
 
-def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+def sample(logits_BV: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | list[torch.Generator] | None = None):
     """One token per row, and its log-probability. Returns (tokens [B] int64, logprobs [B] fp32); no host sync.
 
     logprob = log_softmax(logits / T)[token], at the sampling temperature T but *before* the top-k/top-p
     truncation (T = 1 for greedy). At T = 1 -- what OPD samples with (ZEDA.md §5) -- that is exactly
     log p_student(y_t), the quantity the advantage log p_teacher - log p_student needs; the truncated
     distribution's log-prob would be biased upwards by the dropped mass.
+    generator: one for the batch, or one per row (a row's samples then do not depend on its batch-mates).
     """
     logits_BV = logits_BV.float()
     if params.greedy:
@@ -112,13 +114,19 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
         logprobs_BV = scaled_BV.log_softmax(dim=-1)
         probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(dim=-1)
         # argmax(p / q) with q ~ Exp(1) is a draw from p (gpt-fast): no torch.multinomial, no host sync.
-        q_BV = torch.empty_like(probs_BV).exponential_(1, generator=generator)
+        if isinstance(generator, list):
+            q_BV = torch.stack([torch.empty_like(row).exponential_(1, generator=g) for row, g in zip(probs_BV, generator)])
+        else:
+            q_BV = torch.empty_like(probs_BV).exponential_(1, generator=generator)
         tokens_B = (probs_BV / q_BV).argmax(dim=-1)
     return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
-def make_generator(seed: int | None, device) -> torch.Generator | None:
-    """A generator on `device` seeded with `seed`; None (torch's global RNG) when no seed is given."""
+def make_generator(seed: int | list[int] | None, device):
+    """A generator on `device` seeded with `seed` (a list of seeds: one generator per row); None (torch's global
+    RNG) when no seed is given."""
+    if isinstance(seed, list):
+        return [torch.Generator(device=device).manual_seed(s) for s in seed]
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
@@ -168,14 +176,15 @@ def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tens
 
 @torch.no_grad()
 def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int] | set[int],
-             pad_id: int = 0, seed: int | None = None,
+             pad_id: int = 0, seed: int | list[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
              all_done: Callable[[bool], bool] | None = None) -> Generation:
     """Generate for a batch of prompts with a static KV cache (see the module docstring).
 
     eos_ids: tokens that end a row (kept in its output). pad_id: what left padding and finished rows feed (it is
-    masked out, so its value does not matter). seed: reproducible sampling. on_token(row, token): called for
-    each new token of each unfinished row as soon as it is sampled (streaming; costs one transfer per step).
+    masked out, so its value does not matter). seed: reproducible sampling; a list gives each row its own seed,
+    so a row's sample does not depend on how the prompts were batched (data parallelism). on_token(row, token):
+    called for each new token of each unfinished row as soon as it is sampled (streaming; one transfer a step).
     all_done(mine): whether every process is done, given whether this one is. Expert parallelism needs it: every
     rank of an all-to-all group must run the same number of forwards, so a finished rank keeps feeding padding.
     """
