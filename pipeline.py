@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
         seconds["rollouts"] = time.time() - t
     if "sft" in stages:
         t = time.time()
+        shutil.rmtree(sft_out, ignore_errors=True)  # the pipeline's own earlier SFT run: a fresh one replaces it
         run(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
              "--epochs", str(args.sft_epochs), "--global-batch-size", str(args.sft_batch_size),
              "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)),
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
         seconds["sft"] = time.time() - t
     if "opd" in stages:
         t = time.time()
+        shutil.rmtree(opd_out, ignore_errors=True)
         run(["train_opd.py", "--student", str(sft_out / "final"), "--teacher", str(teacher), "--prompts",
              str(prompts_opd), "--out", str(opd_out), "--max-steps", str(args.opd_steps), "--lr", str(args.opd_lr),
              "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed)], train_opd.main)

@@ -39,7 +39,7 @@ from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
 from zeda.parallel import Dist, clip_grad_norm, parallelize
-from zeda.training import (add_training_args, collate, encode_chats, Example, latest_checkpoint,
+from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, Example, latest_checkpoint,
                            resume_training, make_optimizer, run_training, save_training_checkpoint)
 
 
@@ -136,6 +136,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     if args.prompts_per_step % d.dp:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.dp} ranks")
 
+    check_fresh_out(out, args.resume)
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")

@@ -34,7 +34,7 @@ from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
 from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist, clip_grad_norm, parallelize
-from zeda.training import (add_training_args, collate, encode_chats, latest_checkpoint,
+from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, latest_checkpoint,
                            resume_training, lr_at, make_optimizer, run_training, save_training_checkpoint)
 
 # ----------------------------------------------------------------------------- data
@@ -124,6 +124,7 @@ def train(args, d: Dist, stop: dict) -> dict:
         raise ValueError(f"{rollouts}: {len(examples)} usable rollouts, fewer than one global batch ({G})")
     total_steps = args.max_steps or args.epochs * (len(examples) // G)
 
+    check_fresh_out(out, args.resume)
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")

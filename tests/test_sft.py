@@ -196,6 +196,13 @@ def refused(capsys, rc) -> str:
     return lines[0]
 
 
+def test_refuses_to_start_over_in_a_folder_that_holds_a_run(data, run4, capsys):
+    before = (run4 / "metrics.jsonl").read_text()
+    err = refused(capsys, sft(data, run4, "--max-steps", "1"))
+    assert "already holds a training run" in err and "--resume" in err
+    assert (run4 / "metrics.jsonl").read_text() == before  # nothing appended, nothing replaced
+
+
 def test_refuses_a_student_that_is_not_converted(data, tmp_path, capsys):
     err = refused(capsys, sft(data, tmp_path / "out", "--max-steps", "1", student="teacher"))
     assert "not a converted checkpoint" in err and str(data / "teacher" / "config.json") in err

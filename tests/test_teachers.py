@@ -18,8 +18,7 @@ from zeda.evaluation import evaluate_model, load_for_inference
 from zeda.generation import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
-# The glm4_moe_lite teacher joins this list when it ships (it has not reached the accuracy bar yet; see README).
-TEACHERS = [ROOT / "assets" / "qwen3_moe_teacher"]
+TEACHERS = [ROOT / "assets" / "qwen3_moe_teacher", ROOT / "assets" / "glm4_moe_lite_teacher"]
 N_SAMPLE = 40  # per family: a small, fixed sample of the test split
 
 

@@ -195,6 +195,17 @@ def resume_training(opt, model, folder: Path, d) -> int:
     return saved["step"]
 
 
+def check_fresh_out(out: Path, resume: bool) -> None:
+    """A run without --resume must not land in a folder that holds another run: its metrics.jsonl would be
+    appended to and a later --resume could pick up the other run's checkpoints."""
+    if resume:
+        return
+    found = [p.name for p in (out / "metrics.jsonl", out / "final") if p.exists()] + [p.name for p in out.glob("step-*")]
+    if found:
+        raise ValueError(f"{out} already holds a training run ({', '.join(sorted(found)[:3])}); pass --resume to "
+                         f"continue it, or choose another --out")
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest OUT/step-N (or OUT/final) that has a trainer state."""
     found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
