@@ -214,44 +214,24 @@ def test_resume_on_the_same_mesh_continues_the_run(sft_runs, tmp_path):
     assert rc == 2
 
 
-def test_opd_under_tensor_parallelism_is_the_single_process_run(sft_runs, tmp_path):
-    """tp ranks share their data and sampling seed: the same samples, the same losses, also with the experts split
-    across the two tp ranks (--ep 2 --tp 2). The frozen teacher is split the same way. (Under dp each rank
-    samples with its own seed, so no equality with one process is expected there.)"""
+def test_opd_on_every_mesh_is_the_single_process_run(sft_runs, tmp_path):
+    """Each sample has its own seed from its place in the global batch, so dp=2, ep=2 (over dp=2), tp=2 and ep=2
+    across tp=2 sample what one process samples, and the losses agree. The frozen teacher is split the same
+    way; ep ranks decode in lockstep (a rank whose answers ended keeps joining the all-to-alls)."""
+    import train_opd
+
     d = sft_runs["single"].parent
     common = ["--student", d / "student", "--teacher", d / "teacher", "--prompts", d / "p.jsonl", "--max-steps", "2",
               "--prompts-per-step", "4", "--samples-per-prompt", "1", "--max-new-tokens", "16", "--lr", "1e-4",
               "--device", "cpu"]
-    import train_opd
-
     assert train_opd.main([*map(str, common), "--out", str(tmp_path / "single")]) == 0
-    torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "tp", "--tp", "2")
-    torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "ep-tp", "--tp", "2", "--ep", "2")
-    for mesh in ("tp", "ep-tp"):
+    meshes = {"dp": [], "ep": ["--ep", "2"], "tp": ["--tp", "2"], "ep-tp": ["--tp", "2", "--ep", "2"]}
+    for mesh, flags in meshes.items():
+        torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / mesh, *flags)
         for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / mesh), strict=True):
-            assert a["mean_response_length"] == b["mean_response_length"]
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-            assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
-
-
-def test_opd_under_data_and_expert_parallelism_is_the_single_process_run(sft_runs, tmp_path):
-    """Each sample has its own seed from its place in the global batch, so dp=2 and ep=2 (over dp=2) sample what
-    one process samples, and the losses agree. The ep ranks decode in lockstep (a rank whose answers ended keeps
-    joining the all-to-alls)."""
-    d = sft_runs["single"].parent
-    common = ["--student", d / "student", "--teacher", d / "teacher", "--prompts", d / "p.jsonl", "--max-steps", "2",
-              "--prompts-per-step", "4", "--samples-per-prompt", "1", "--max-new-tokens", "16", "--lr", "1e-4",
-              "--device", "cpu"]
-    import train_opd
-
-    assert train_opd.main([*map(str, common), "--out", str(tmp_path / "single")]) == 0
-    torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "dp")
-    torchrun(ROOT / "train_opd.py", *common, "--out", tmp_path / "ep", "--ep", "2")
-    for mesh in ("dp", "ep"):
-        for a, b in zip(metrics(tmp_path / "single"), metrics(tmp_path / mesh), strict=True):
-            assert a["mean_response_length"] == b["mean_response_length"]
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-            assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9)
+            assert a["mean_response_length"] == b["mean_response_length"], mesh
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), mesh
+            assert a["zero_ratio"] == pytest.approx(b["zero_ratio"], abs=1e-9), mesh
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(sft_runs, tmp_path):
