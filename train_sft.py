@@ -147,8 +147,8 @@ def train(args, d: Dist, stop: dict) -> dict:
 
 
     def state(step):
-        return {"step": step, "total_steps": total_steps, "seed": args.seed, "mesh": d.dims.describe(), "args": {k: str(v) for k, v in
-                                                                                       vars(args).items()}}
+        return {"step": step, "total_steps": total_steps, "seed": args.seed, "mesh": d.dims.describe(),
+                "args": {k: str(v) for k, v in vars(args).items()}}
 
     metrics_path = out / "metrics.jsonl"
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="sft", unit="step",

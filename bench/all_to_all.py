@@ -5,18 +5,18 @@
 One MoE layer's routed path (dispatch -> grouped experts -> combine, forward + backward) on ep ranks, with
 routes drawn so that a given share of the slots lands on zero experts. Zero slots are dropped before the
 all-to-all, so the bytes sent fall linearly with the zero share, and the step time with them. Prints a table
-(rank 0) and writes bench/all_to_all.json. Measured numbers, never a pass/fail.
+(rank 0) and writes runs/all_to_all.json. Measured numbers, never a pass/fail.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from zeda.evaluation import write_json_atomic
 from zeda.moe import routed_experts_forward
 from zeda.parallel import AllToAllDispatcher, init_distributed, shutdown
 
@@ -40,7 +40,7 @@ def main():
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=Path("bench/all_to_all.json"))
+    p.add_argument("--out", type=Path, default=Path("runs/all_to_all.json"), help="the rows as JSON")
     args = p.parse_args()
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     d = init_distributed(args.device, ep=world)
@@ -69,17 +69,19 @@ def main():
                 times.append(time.perf_counter() - t0)
         sent = disp.bytes_sent / (args.repeats + 1) if disp else 0
         rows.append({"zero_share": share, "real_slots_per_rank": int((ids < N).sum()),
-                     "all_to_all_MB_per_rank_per_direction": sent / 2**20, "step_ms": 1000 * sorted(times)[len(times) // 2]})
+                     "all_to_all_MB_per_rank_per_direction": sent / 2**20,
+                     "step_ms": 1000 * sorted(times)[len(times) // 2]})
     if d.is_main:
-        device = torch.cuda.get_device_name() if d.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-        print(f"ep={d.dims.ep}  tokens/rank={args.tokens}  H={H}  I={I}  N={N}  Z={args.zero}  K={args.top_k}  ({device})")
+        device = (torch.cuda.get_device_name() if d.device.type == "cuda"
+                  else f"CPU, {torch.get_num_threads()} threads")
+        print(f"ep={d.dims.ep}  tokens/rank={args.tokens}  H={H}  I={I}  N={N}  Z={args.zero}  K={args.top_k}  "
+              f"({device})")
         print(f"{'zero share':>10}  {'real slots':>10}  {'all-to-all MB':>13}  {'fwd+bwd ms':>10}")
         for r in rows:
             print(f"{r['zero_share']:>10.2f}  {r['real_slots_per_rank']:>10d}  "
                   f"{r['all_to_all_MB_per_rank_per_direction']:>13.2f}  {r['step_ms']:>10.1f}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "ep": d.dims.ep,
-                                        "device": device, "rows": rows}, indent=2) + "\n")
+        write_json_atomic(args.out, {"config": {k: str(v) for k, v in vars(args).items()}, "ep": d.dims.ep,
+                                     "device": device, "rows": rows})
     shutdown()
 
 

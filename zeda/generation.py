@@ -115,7 +115,8 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams,
         probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(dim=-1)
         # argmax(p / q) with q ~ Exp(1) is a draw from p (gpt-fast): no torch.multinomial, no host sync.
         if isinstance(generator, list):
-            q_BV = torch.stack([torch.empty_like(row).exponential_(1, generator=g) for row, g in zip(probs_BV, generator)])
+            q_BV = torch.stack([torch.empty_like(row).exponential_(1, generator=g)
+                                for row, g in zip(probs_BV, generator)])
         else:
             q_BV = torch.empty_like(probs_BV).exponential_(1, generator=generator)
         tokens_B = (probs_BV / q_BV).argmax(dim=-1)

@@ -332,8 +332,6 @@ def apply_expert_parallel(model, d: Dist) -> None:
         if d.dims.tp > 1:
             experts.dispatcher = TokenSplitDispatcher(experts.dispatcher, d.mesh["tp"].get_group(), d.dims.tp,
                                                       d.tp_rank)
-        if experts.backend == "triton":
-            experts.backend = "grouped_mm"  # the fused kernel has no dispatch seam; grouped GEMMs do the work
 
 
 def expert_traffic(model) -> dict:
@@ -359,6 +357,7 @@ def apply_tensor_parallel(model, d: Dist) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp_mesh = d.mesh["tp"]
+    tp_group = tp_mesh.get_group()
 
     def mlp_plan(prefix):
         return {f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(),
@@ -379,7 +378,6 @@ def apply_tensor_parallel(model, d: Dist) -> None:
         parallelize_module(block, tp_mesh, plan)
         # Replicated weights that each rank applies to its own heads only get a partial gradient: sum it over
         # tp. Qwen3: the per-head q/k RMSNorm weights. GLM: the shared rotary key, a slice of kv_a_proj's output.
-        tp_group = tp_mesh.get_group()
         if model.config.is_mla:
             block.self_attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_summed(model.config, tp_group))
         else:

@@ -200,7 +200,7 @@ def check_fresh_out(out: Path, resume: bool) -> None:
     appended to and a later --resume could pick up the other run's checkpoints."""
     if resume:
         return
-    found = [p.name for p in (out / "metrics.jsonl", out / "final") if p.exists()] + [p.name for p in out.glob("step-*")]
+    found = [p.name for p in (out / "metrics.jsonl", out / "final", *out.glob("step-*")) if p.exists()]
     if found:
         raise ValueError(f"{out} already holds a training run ({', '.join(sorted(found)[:3])}); pass --resume to "
                          f"continue it, or choose another --out")
