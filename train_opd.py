@@ -38,7 +38,7 @@ from zeda.data import iter_jsonl, prompt_messages
 from zeda.flops import routing_stats
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
-from zeda.parallel import Dist, clip_grad_norm, parallelize
+from zeda.parallel import Dist, clip_grad_norm, load_parallel
 from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, Example, latest_checkpoint,
                            resume_training, make_optimizer, run_training, save_training_checkpoint)
 
@@ -140,15 +140,11 @@ def train(args, d: Dist, stop: dict) -> dict:
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")
-    student = zeda.load_model(resume_from or args.student, dtype=args.dtype, device=d.device)
-    for block in student.model.layers:  # router in fp32 (paper recipe)
-        if block.is_moe:
-            block.mlp.gate.float()
-    teacher = zeda.load_model(args.teacher, dtype=args.dtype, device=d.device).requires_grad_(False)
-    for m in (student, teacher):
-        m.set_expert_backend(args.expert_backend)
-    parallelize(student, d, args.activation_checkpointing)
-    parallelize(teacher, d)  # the frozen teacher is split the same way
+    # Both split over the mesh as they load; the student's router in fp32 (paper recipe); the frozen teacher is
+    # split the same way.
+    student = load_parallel(resume_from or args.student, d, args.dtype, args.activation_checkpointing,
+                            router_fp32=True, expert_backend=args.expert_backend)
+    teacher = load_parallel(args.teacher, d, args.dtype, expert_backend=args.expert_backend, trainable=False)
     opt = make_optimizer(student, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
     start_step = 0
     if resume_from is not None:

@@ -33,7 +33,7 @@ import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
 from zeda.losses import group_aux_loss, response_cross_entropy
-from zeda.parallel import Dist, clip_grad_norm, parallelize
+from zeda.parallel import Dist, clip_grad_norm, load_parallel
 from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, latest_checkpoint,
                            resume_training, lr_at, make_optimizer, run_training, save_training_checkpoint)
 
@@ -128,12 +128,9 @@ def train(args, d: Dist, stop: dict) -> dict:
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")
-    model = zeda.load_model(resume_from or args.student, dtype=args.dtype, device=d.device)
-    for block in model.model.layers:  # router in fp32 whatever the training dtype (paper recipe)
-        if block.is_moe:
-            block.mlp.gate.float()
-    model.set_expert_backend(args.expert_backend)
-    parallelize(model, d, args.activation_checkpointing)  # tp, ep, fsdp as the mesh says (nothing on one rank)
+    # Split over the mesh as it loads (tp, ep, fsdp; nothing on one rank); router in fp32 (paper recipe).
+    model = load_parallel(resume_from or args.student, d, args.dtype, args.activation_checkpointing,
+                          router_fp32=True, expert_backend=args.expert_backend)
     model.train()
     cfg = model.config
     opt = make_optimizer(model, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zeda  # noqa: E402
-from zeda.parallel import expert_traffic, init_distributed, parallelize, shutdown  # noqa: E402
+from zeda.parallel import Dist, expert_traffic, init_distributed, load_parallel, shutdown  # noqa: E402
 
 MESHES = {"ep": dict(ep=2), "tp": dict(tp=2), "fsdp": dict(fsdp=True), "ep-fsdp": dict(ep=2, fsdp=True),
           "ep-tp": dict(ep=2, tp=2)}
@@ -29,25 +29,19 @@ def local_numel(model) -> int:
 
 
 def gradient_difference(reference, sharded, d) -> float:
-    """Largest |single-process grad - sharded grad| over all parameters, the sharded one made whole: DTensor
-    gradients gathered (FSDP2's are means over dp), expert shards compared with their slice, replicated
-    gradients summed over the ranks that saw different data."""
+    """Largest |single-process grad - sharded grad| over all parameters, after the training scripts' own reduction
+    (Dist.average_gradients: means over dp, tp's partial head gradients summed). Times dp, every gradient is then
+    the whole batch's sum: DTensors (tp, fsdp) are gathered, expert shards compared with their slice."""
+    d.average_gradients(sharded)
     ref = {n: p.grad for n, p in reference.named_parameters()}
     worst = 0.0
     for name, p in sharded.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        if hasattr(g, "full_tensor"):
-            g = g.full_tensor() * (d.dp if d.dims.fsdp else 1)
-        elif getattr(p, "expert_shard", False):
-            n = g.shape[0]
-            lo = (d.rank % d.dims.ep) * n
-            ref_g = ref[name][lo:lo + n]
-            worst = max(worst, float((g - ref_g).abs().max()))
-            continue
-        elif d.dp > 1:
-            g = g.clone()
-            torch.distributed.all_reduce(g)
+        g = (g.full_tensor() if hasattr(g, "full_tensor") else g) * d.dp
         r = ref[name] if ref[name] is not None else torch.zeros_like(g)
+        if getattr(p, "expert_shard", False):
+            lo = (d.rank % d.dims.ep) * g.shape[0]
+            r = r[lo:lo + g.shape[0]]
         worst = max(worst, float((g - r).abs().max()))
     return worst
 
@@ -55,7 +49,8 @@ def gradient_difference(reference, sharded, d) -> float:
 def check(checkpoint: Path, mesh: str, **overrides) -> dict:
     d = init_distributed("cpu", **MESHES[mesh])
     reference = zeda.load_model(checkpoint, **overrides)
-    sharded = parallelize(zeda.load_model(checkpoint, **overrides), d)
+    sharded = load_parallel(checkpoint, d, **overrides)  # split as it loads, as the training scripts do
+    bytes_whole = load_parallel(checkpoint, Dist(), **overrides).bytes_read  # what one process reads
     cfg = reference.config
     ids = torch.randint(4, cfg.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))  # same on all ranks
     attn = torch.ones_like(ids)
@@ -77,7 +72,10 @@ def check(checkpoint: Path, mesh: str, **overrides) -> dict:
     return {"checkpoint": checkpoint.name, "mesh": mesh, "masked": bool(overrides), "rank": d.rank,
             "max_abs_diff": float((got - expected).abs().max()), "max_grad_diff": grad_diff, "real_slots": real_slots,
             **expert_traffic(sharded), "row_bytes": cfg.hidden_size * 4,
-            "params_here": local_numel(sharded), "params_full": local_numel(reference)}
+            "params_here": local_numel(sharded), "params_full": local_numel(reference),
+            "bytes_read": sharded.bytes_read, "bytes_whole": bytes_whole,
+            "expert_bytes": sum(p.numel() * p.element_size() for n, p in reference.named_parameters()
+                                if ".mlp.experts." in n)}
 
 
 def main():

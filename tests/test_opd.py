@@ -185,16 +185,16 @@ def basic_run(assets, tmp_path_factory):
     files_before = folder_bytes(assets / "teacher")
     tensors_before = {k: v.clone() for k, v in zeda.load_model(assets / "teacher").state_dict().items()}
     loaded = []
-    real_load = zeda.load_model
+    real_load = train_opd.load_parallel
 
-    def spy(path, *a, **kw):
+    def spy(path, *a, **kw):  # records the models the script loads (the real loader does the work)
         model = real_load(path, *a, **kw)
         loaded.append((Path(path), model))
         return model
 
     handlers_before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     mp = pytest.MonkeyPatch()
-    mp.setattr(zeda, "load_model", spy)
+    mp.setattr(train_opd, "load_parallel", spy)
     try:
         code, metrics = run(assets, out)
     finally:

@@ -73,66 +73,93 @@ def shard_metadata(path: Path) -> dict | None:
         raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
 
 
-def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
-    """Fill `model` from a checkpoint folder, shard by shard, checking every key and shape."""
+def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
+    """Fill `model` from a checkpoint folder, tensor by tensor, checking every key and shape; returns the bytes read.
+
+    Routed experts may be split over expert-parallel ranks (zeda.parallel.load_parallel): a GroupedExperts that
+    holds experts [expert_offset, expert_offset + n) of num_experts reads only those, so a rank never holds
+    another rank's experts, not even for a moment (per-expert keys are skipped unread; fused ones are sliced)."""
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters()) | {k: b for k, b in model.named_buffers()}
     filled: set[str] = set()
     experts_seen: dict[str, set[int]] = {}
+    bytes_read = 0
+
+    def check_shape(shape, expected, where: str, key: str):
+        if tuple(shape) != tuple(expected):
+            raise CheckpointError(f"{where}: tensor '{key}' has shape {tuple(shape)}, expected {tuple(expected)}")
 
     def put(name: str, tensor: torch.Tensor, where: str, key: str, index: int | None = None):
         """Copy `tensor` (checkpoint key `key`) into our parameter `name` (row `index` of a 3D expert tensor)."""
-        if name not in params:
-            raise CheckpointError(f"{where}: unexpected tensor '{key}' for a {cfg.model_type} model")
+        nonlocal bytes_read
         target = params[name] if index is None else params[name][index]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{where}: tensor '{key}' has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-            )
+        check_shape(tensor.shape, target.shape, where, key)
         with torch.no_grad():
             target.copy_(tensor)
+        bytes_read += tensor.numel() * tensor.element_size()
+
+    def expert_range(prefix: str, where: str, key: str) -> tuple[int, int, int]:
+        """(first expert held here, experts held here, experts in the model) of the GroupedExperts at prefix."""
+        if f"{prefix}.gate_proj" not in params:
+            raise CheckpointError(f"{where}: unexpected tensor '{key}' for a {cfg.model_type} model")
+        experts = model.get_submodule(prefix)
+        return experts.expert_offset, experts.gate_proj.shape[0], experts.num_experts
 
     for path in shard_files(folder):
-        for key, tensor in read_shard(path).items():
-            where = path.name
-            layer = LAYER_KEY.match(key)
-            if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
-                continue  # GLM's MTP layer
-            if key.endswith("rotary_emb.inv_freq"):
-                continue
-            if m := EXPERT_KEY.match(key):
-                prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-                name = f"{prefix}.{proj}"
-                if name in params and e >= params[name].shape[0]:
-                    raise CheckpointError(f"{where}: '{key}': expert {e} >= num_experts {params[name].shape[0]}")
-                put(name, tensor, where, key, e)
-                experts_seen.setdefault(name, set()).add(e)
-                continue
-            if m := FUSED_KEY.match(key):
-                prefix, proj = m.group(1), m.group(2)
-                if proj == "gate_up_proj":  # [N, 2I, H]: gate rows first, then up (HF's chunk(2) order)
-                    gate, up = tensor.chunk(2, dim=1)
-                    put(f"{prefix}.gate_proj", gate, where, key)
-                    put(f"{prefix}.up_proj", up, where, key)
-                    filled.update({f"{prefix}.gate_proj", f"{prefix}.up_proj"})
-                else:
-                    put(f"{prefix}.down_proj", tensor, where, key)
-                    filled.add(f"{prefix}.down_proj")
-                continue
-            put(key, tensor, where, key)
-            filled.add(key)
+        where = path.name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    layer = LAYER_KEY.match(key)
+                    if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
+                        continue  # GLM's MTP layer
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if m := EXPERT_KEY.match(key):  # one expert's 2D weight: row e of our 3D tensor
+                        prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+                        lo, n, total = expert_range(prefix, where, key)
+                        if e >= total:
+                            raise CheckpointError(f"{where}: '{key}': expert {e} >= num_experts {total}")
+                        experts_seen.setdefault(f"{prefix}.{proj}", set()).add(e)
+                        check_shape(f.get_slice(key).get_shape(), params[f"{prefix}.{proj}"].shape[1:], where, key)
+                        if lo <= e < lo + n:  # another rank's expert is never read
+                            put(f"{prefix}.{proj}", f.get_tensor(key), where, key, e - lo)
+                        continue
+                    if m := FUSED_KEY.match(key):  # transformers 5.x's fused names: all experts in one tensor
+                        prefix, proj = m.group(1), m.group(2)
+                        lo, n, total = expert_range(prefix, where, key)
+                        sl = f.get_slice(key)
+                        if sl.get_shape()[0] != total:
+                            raise CheckpointError(f"{where}: '{key}' holds {sl.get_shape()[0]} experts, expected {total}")
+                        tensor = sl[lo:lo + n]  # only the experts held here
+                        if proj == "gate_up_proj":  # [N, 2I, H]: gate rows first, then up (HF's chunk(2) order)
+                            gate, up = tensor.chunk(2, dim=1)
+                            put(f"{prefix}.gate_proj", gate, where, key)
+                            put(f"{prefix}.up_proj", up, where, key)
+                            filled.update({f"{prefix}.gate_proj", f"{prefix}.up_proj"})
+                        else:
+                            put(f"{prefix}.down_proj", tensor, where, key)
+                            filled.add(f"{prefix}.down_proj")
+                        continue
+                    if key not in params:
+                        raise CheckpointError(f"{where}: unexpected tensor '{key}' for a {cfg.model_type} model")
+                    put(key, f.get_tensor(key), where, key)
+                    filled.add(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
     for name, seen in experts_seen.items():
-        n = params[name].shape[0]
-        if len(seen) == n:
+        total = model.get_submodule(name.rpartition(".")[0]).num_experts
+        if len(seen) == total:
             filled.add(name)
         else:
-            missing = sorted(set(range(n)) - seen)[:5]
+            missing = sorted(set(range(total)) - seen)[:5]
             raise CheckpointError(f"{folder}: '{name}' is missing experts {missing}")
     if cfg.tie_word_embeddings:
         filled.add("lm_head.weight")
     missing = [k for k in params if k not in filled and not k.endswith("e_score_correction_bias")]
     if missing:
         raise CheckpointError(f"{folder}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return bytes_read
 
 
 def hf_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:

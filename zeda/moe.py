@@ -189,7 +189,8 @@ class GroupedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # [N, H, I]
-        self.num_experts = num_experts  # N of the model; expert parallelism leaves N/ep of them here
+        self.num_experts = num_experts  # N of the model; expert parallelism leaves N/ep of them here:
+        self.expert_offset = 0  # experts [expert_offset, expert_offset + N/ep) (zeda.parallel sets it)
         self.backend = "loop"
         self.dispatcher = None  # LocalDispatcher; zeda.parallel.apply_expert_parallel sets an all-to-all one
 

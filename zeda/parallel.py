@@ -15,9 +15,10 @@ Under torchrun the world of W processes is laid out as a 2D DeviceMesh (dp, tp),
 
 NCCL on GPU, gloo on CPU; without torchrun there is one process and every helper here is a no-op. Every flag
 combination is checked against the world size and the model before any work starts (ParallelDims).
-With --fsdp and --ep, FSDP2 shards everything but the experts, which
-ep already splits. Generation under ep decodes in lockstep
-(Dist.ep_all_done): a rank whose rows are finished keeps joining the all-to-alls until its whole group is done.
+With --fsdp and --ep, FSDP2 shards everything but the experts, which ep already splits.
+load_parallel builds the model on the meta device and splits its experts before reading any weight, so a rank
+reads only its own experts. Generation under ep decodes in lockstep (Dist.ep_all_done): a rank whose rows are
+finished keeps joining the all-to-alls until its whole group is done.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ import torch
 import torch.distributed as dist
 
 from zeda.moe import LocalDispatcher
+
+
+# Parameters (by name) that tp leaves replicated but each rank applies to its own heads only: Qwen3's q/k norms.
+TP_PARTIAL_GRAD = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 class MeshError(ValueError):
@@ -59,8 +64,6 @@ class ParallelDims:
         if ep > 1 and tp > 1 and ep % tp:
             raise MeshError(f"--ep {ep} must be a multiple of --tp {tp}: an expert-parallel group is made of whole "
                             f"tensor-parallel groups")
-        if ep > 1 and tp > 1 and fsdp:
-            raise MeshError("--fsdp with both --ep and --tp is not supported yet")
         return cls(dp, tp, ep, fsdp)
 
     def check_model(self, cfg, where: str = "model") -> None:
@@ -128,10 +131,17 @@ class Dist:
         return out
 
     def average_gradients(self, model: torch.nn.Module) -> None:
-        """Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss: average every
-        replicated gradient over dp. An expert shard's gradient already holds its ep group's tokens (the
-        all-to-all carried them back), so it is summed over the replicas of that shard and divided by dp.
-        FSDP2 reduces its own parameters in backward; they are skipped here."""
+        """After backward. Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss:
+        average every replicated gradient over dp. An expert shard's gradient already holds its ep group's
+        tokens (the all-to-all carried them back), so it is summed over the replicas of that shard and divided by
+        dp. FSDP2 reduces its own parameters in backward; they are skipped here. Under tp, Qwen3's per-head q/k
+        RMSNorm weights (replicated, but each rank applies them to its own heads only) hold a partial gradient:
+        it is summed over tp. (A hook on the parameter would not do: FSDP2 and to_empty replace Parameters.)"""
+        for name, p in model.named_parameters():
+            if p.grad is None or not name.endswith(TP_PARTIAL_GRAD) or self.dims.tp == 1:
+                continue
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2 -> this rank's shard
+            dist.all_reduce(grad, group=self.mesh["tp"].get_group())
         if self.dp == 1:
             return
         for p in model.parameters():
@@ -310,28 +320,37 @@ def _all_to_all(x, out_splits: list[int], in_splits: list[int], group):
 
 
 def apply_expert_parallel(model, d: Dist) -> None:
-    """Keep this rank's N/ep experts of every MoE layer (a view of the loaded weights is cloned, the rest is
-    freed) and route through the all-to-all dispatcher. Parameters are marked `expert_shard` so gradient
-    averaging and checkpoint gathering know them."""
+    """Keep this rank's N/ep experts of every MoE layer and route through the all-to-all dispatcher. On a meta
+    model (load_parallel) nothing is allocated yet, and load_weights later reads only these experts; on a loaded
+    one their rows are cloned and the rest freed. Parameters are marked `expert_shard` so gradient averaging and
+    checkpoint gathering know them. A model whose experts are split already is left as it is."""
     ep = d.dims.ep
     if ep == 1:
         return
     ep_rank = d.rank % ep
     for block in model.model.layers:
-        if not block.is_moe:
+        if not block.is_moe or block.mlp.experts.dispatcher is not None:
             continue
         experts = block.mlp.experts
         n_local = experts.num_experts // ep
-        lo = ep_rank * n_local
+        experts.expert_offset = lo = ep_rank * n_local
         for name in ("gate_proj", "up_proj", "down_proj"):
             full = getattr(experts, name)
             shard = torch.nn.Parameter(full.data[lo:lo + n_local].clone(), requires_grad=full.requires_grad)
-            shard.expert_shard = True
             setattr(experts, name, shard)
         experts.dispatcher = AllToAllDispatcher(d.ep_group, ep)
         if d.dims.tp > 1:
             experts.dispatcher = TokenSplitDispatcher(experts.dispatcher, d.mesh["tp"].get_group(), d.dims.tp,
                                                       d.tp_rank)
+    mark_expert_shards(model)
+
+
+def mark_expert_shards(model) -> None:
+    """Tag the parameters of split experts (`p.expert_shard`); again after to_empty, which makes new Parameters."""
+    for block in model.model.layers:
+        if block.is_moe and block.mlp.experts.dispatcher is not None:
+            for p in block.mlp.experts.parameters():
+                p.expert_shard = True
 
 
 def expert_traffic(model) -> dict:
@@ -376,14 +395,11 @@ def apply_tensor_parallel(model, d: Dist) -> None:
         elif block.mlp.shared_experts is not None:
             plan.update(mlp_plan("mlp.shared_experts"))
         parallelize_module(block, tp_mesh, plan)
-        # Replicated weights that each rank applies to its own heads only get a partial gradient: sum it over
-        # tp. Qwen3: the per-head q/k RMSNorm weights. GLM: the shared rotary key, a slice of kv_a_proj's output.
+        # Replicated weights that each rank applies to its own heads only get a partial gradient, summed over tp:
+        # GLM's shared rotary key (a slice of kv_a_proj's output) here; Qwen3's per-head q/k RMSNorm weights in
+        # Dist.average_gradients (TP_PARTIAL_GRAD).
         if model.config.is_mla:
             block.self_attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_summed(model.config, tp_group))
-        else:
-            for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
-                if norm.weight.requires_grad:  # not for a frozen teacher
-                    norm.weight.register_hook(lambda g, group=tp_group: _all_reduce_sum(g, group))
     model.tensor_parallel = d.dims.tp  # generation sizes its KV cache by the local head count
 
 
@@ -443,14 +459,44 @@ def apply_activation_checkpointing(model) -> None:
 
 
 def parallelize(model, d: Dist, activation_checkpointing: bool = False):
-    """The whole recipe, in torchtitan's order: check shapes, tp, ep, activation checkpointing, fsdp."""
+    """The whole recipe on a model: check shapes, ep, tp, activation checkpointing, fsdp (last, as torchtitan).
+    ep and tp touch different modules (routed experts / attention, dense MLPs, shared expert), so their order
+    is free; ep goes first so that load_parallel can split the experts before any weight is read."""
     d.dims.check_model(model.config)
-    apply_tensor_parallel(model, d)
     apply_expert_parallel(model, d)
+    apply_tensor_parallel(model, d)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     apply_fsdp(model, d)
     return model
+
+
+def load_parallel(path, d: Dist, dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
+                  router_fp32: bool = False, expert_backend: str | None = None, trainable: bool = True, **overrides):
+    """A checkpoint folder's model, split over the mesh as it loads: built on the meta device, its experts split
+    (ep) before anything is allocated, then each rank reads only its own experts, the bulk of an MoE (~95% of
+    Qwen3-30B-A3B). The dense part (attention, embeddings, dense MLPs) is read whole, one tensor at a time, and
+    tp and FSDP2 then keep their part of it. router_fp32: the router weights in fp32 whatever dtype (the
+    paper's training recipe). trainable=False: a frozen model (the OPD teacher). One process: zeda.load_model."""
+    from zeda import empty_model, materialize
+    from zeda.checkpoint import load_weights
+    from zeda.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config(path, **overrides)
+    d.dims.check_model(cfg, where=str(path))
+    model = empty_model(cfg, dtype)
+    if router_fp32:
+        for block in model.model.layers:
+            if block.is_moe:
+                block.mlp.gate.float()
+    apply_expert_parallel(model, d)
+    materialize(model, d.device)
+    mark_expert_shards(model)
+    model.bytes_read = load_weights(model, path)  # what this rank read: the test checks it is only its share
+    model.requires_grad_(trainable)
+    if expert_backend is not None:
+        model.set_expert_backend(expert_backend)
+    return parallelize(model, d, activation_checkpointing).eval()
 
 
 # ----------------------------------------------------------------------------- whole tensors again
