@@ -36,7 +36,7 @@ from zeda import tasks
 from zeda.config import ModelConfig
 from zeda.data import write_jsonl_atomic
 from zeda.evaluation import evaluate_model, load_for_inference, write_json_atomic
-from zeda.generation import SamplingParams
+from zeda.generation import SamplingParams, add_sampling_args
 
 ROOT = Path(__file__).resolve().parent
 TEACHERS = {"qwen3_moe": ROOT / "assets" / "qwen3_moe_teacher",
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--sft-epochs", type=int, default=2, help="SFT epochs over the rollouts")
     p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT peak lr (cosine, 10%% warmup)")
     p.add_argument("--sft-batch-size", type=int, default=32, help="SFT global batch (sequences per step)")
+    add_sampling_args(p, prefix="rollout-")  # how the teacher samples the SFT rollouts (the paper's settings)
     p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
     p.add_argument("--opd-lr", type=float, default=1e-4, help="OPD constant lr")
     p.add_argument("--max-new-tokens", type=int, default=160, help="answer limit for rollouts, OPD and eval")
@@ -129,8 +130,9 @@ def main(argv=None) -> int:
         print(f"\n[rollouts] {teacher} answers {len(items)} train prompts -> {rollouts}")
         model, tokenizer = load_for_inference(teacher)
         with torch.no_grad():
-            stats = rollout(model, tokenizer, prompts_sft, rollouts, SamplingParams(temperature=1.0,
-                            max_new_tokens=args.max_new_tokens), batch_size=args.batch_size, seed=args.seed)
+            params = SamplingParams(temperature=args.rollout_temperature, top_p=args.rollout_top_p,
+                                    top_k=args.rollout_top_k, max_new_tokens=args.max_new_tokens)
+            stats = rollout(model, tokenizer, prompts_sft, rollouts, params, batch_size=args.batch_size, seed=args.seed)
         print(f"[rollouts] {stats}")
         seconds["rollouts"] = time.time() - t
     if "sft" in stages:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import zeda
 from zeda.data import append_jsonl, iter_jsonl, prompt_messages
-from zeda.generation import SamplingParams, generate
+from zeda.generation import SamplingParams, add_sampling_args, generate
 from zeda.training import encode_chats
 
 
@@ -91,9 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL ({'messages': ...} or {'prompt': ...})")
     p.add_argument("--out", type=Path, required=True, help="rollouts JSONL to write (appended to when resuming)")
     p.add_argument("--samples-per-prompt", type=int, default=1, help="answers sampled per prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    add_sampling_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -33,6 +33,7 @@ import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
 from zeda.losses import group_aux_loss, response_cross_entropy
+from zeda.generation import add_sampling_args
 from zeda.parallel import Dist, clip_grad_norm, load_parallel
 from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, latest_checkpoint,
                            resume_training, lr_at, make_optimizer, run_training, save_training_checkpoint)
@@ -108,7 +109,8 @@ def train(args, d: Dist, stop: dict) -> dict:
             from zeda.generation import SamplingParams
 
             teacher = zeda.load_model(args.teacher)
-            params = SamplingParams(temperature=args.rollout_temperature, max_new_tokens=args.max_new_tokens)
+            params = SamplingParams(temperature=args.rollout_temperature, top_p=args.rollout_top_p,
+                                    top_k=args.rollout_top_k, max_new_tokens=args.max_new_tokens)
             with torch.no_grad():
                 stats = rollout(teacher, AutoTokenizer.from_pretrained(args.teacher), args.prompts, rollouts, params,
                                 seed=args.seed)
@@ -233,7 +235,7 @@ def parse_args(argv=None):
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
     p.add_argument("--seed", type=int, default=0, help="data order and rollout sampling seed")
     p.add_argument("--max-new-tokens", type=int, default=256, help="rollout answer limit (--teacher mode)")
-    p.add_argument("--rollout-temperature", type=float, default=1.0, help="rollout sampling temperature")
+    add_sampling_args(p, prefix="rollout-")  # --rollout-temperature/-top-p/-top-k (--teacher mode)
     args = p.parse_args(argv)
     if (args.rollouts is None) == (args.teacher is None or args.prompts is None):
         p.error("give --rollouts FILE, or --teacher DIR with --prompts FILE")

@@ -38,6 +38,21 @@ from zeda.flops import LayerStats, attended_keys, expert_counts, layer_stats, ro
 from zeda.model import CausalLM, KVCache
 
 
+# How a teacher samples its answers for SFT: the paper's sampling settings (ZEDA.md §6), which are also Qwen3's
+# recommended thinking-mode ones. At temperature 1 a small teacher's answers are markedly less accurate than its
+# greedy ones, and SFT teaches the student those mistakes.
+ROLLOUT_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+
+
+def add_sampling_args(parser, prefix: str = "") -> None:
+    """--{prefix}temperature, --{prefix}top-p, --{prefix}top-k with the rollout defaults above."""
+    t, p, k = ROLLOUT_SAMPLING.values()
+    parser.add_argument(f"--{prefix}temperature", type=float, default=t, help=f"sampling temperature (0 = greedy; "
+                        f"default {t}, the paper's)")
+    parser.add_argument(f"--{prefix}top-p", type=float, default=p, help=f"nucleus sampling mass (1 = off; default {p})")
+    parser.add_argument(f"--{prefix}top-k", type=int, default=k, help=f"top-k sampling (0 = off; default {k})")
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy argmax
