@@ -32,8 +32,8 @@ from tqdm import tqdm
 import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
-from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.generation import add_sampling_args
+from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist, clip_grad_norm, load_parallel
 from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, latest_checkpoint,
                            resume_training, lr_at, make_optimizer, run_training, save_training_checkpoint)
