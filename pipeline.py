@@ -36,7 +36,7 @@ from zeda import tasks
 from zeda.config import ModelConfig
 from zeda.data import write_jsonl_atomic
 from zeda.evaluation import evaluate_model, load_for_inference, write_json_atomic
-from zeda.generation import SamplingParams, add_sampling_args
+from zeda.generation import SamplingParams, add_sampling_args, sampling_from_args
 
 ROOT = Path(__file__).resolve().parent
 TEACHERS = {"qwen3_moe": ROOT / "assets" / "qwen3_moe_teacher",
@@ -132,8 +132,7 @@ def main(argv=None) -> int:
         print(f"\n[rollouts] {teacher} answers {len(items)} train prompts -> {rollouts}")
         model, tokenizer = load_for_inference(teacher)
         with torch.no_grad():
-            params = SamplingParams(temperature=args.rollout_temperature, top_p=args.rollout_top_p,
-                                    top_k=args.rollout_top_k, max_new_tokens=args.max_new_tokens)
+            params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-")
             stats = rollout(model, tokenizer, prompts_sft, rollouts, params, batch_size=args.batch_size, seed=args.seed)
         print(f"[rollouts] {stats}")
         seconds["rollouts"] = time.time() - t

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import zeda
 from zeda.data import append_jsonl, iter_jsonl, prompt_messages
-from zeda.generation import SamplingParams, add_sampling_args, generate
+from zeda.generation import SamplingParams, add_sampling_args, generate, sampling_from_args
 from zeda.training import encode_chats
 
 
@@ -101,8 +101,7 @@ def main(argv=None) -> int:
 
         model = zeda.load_model(args.teacher)
         tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_new_tokens=args.max_new_tokens)
+        params = sampling_from_args(args, args.max_new_tokens)
         with torch.no_grad():
             stats = rollout(model, tokenizer, args.prompts, args.out, params, args.samples_per_prompt,
                             args.batch_size, args.seed)

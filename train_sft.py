@@ -32,7 +32,7 @@ from tqdm import tqdm
 import zeda
 from zeda.data import iter_jsonl, prompt_messages, response_of
 from zeda.flops import expert_counts
-from zeda.generation import add_sampling_args
+from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.losses import group_aux_loss, response_cross_entropy
 from zeda.parallel import Dist, clip_grad_norm, load_parallel
 from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, latest_checkpoint,
@@ -106,11 +106,9 @@ def train(args, d: Dist, stop: dict) -> dict:
         rollouts = out / "rollouts.jsonl"
         if d.is_main:
             from rollout import rollout
-            from zeda.generation import SamplingParams
 
             teacher = zeda.load_model(args.teacher)
-            params = SamplingParams(temperature=args.rollout_temperature, top_p=args.rollout_top_p,
-                                    top_k=args.rollout_top_k, max_new_tokens=args.max_new_tokens)
+            params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-")
             with torch.no_grad():
                 stats = rollout(teacher, AutoTokenizer.from_pretrained(args.teacher), args.prompts, rollouts, params,
                                 seed=args.seed)

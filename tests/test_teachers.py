@@ -59,10 +59,10 @@ def test_teacher_uses_its_experts(folder):
 
 
 # The bar of the embedded-default issue. On the full test split (README) the shipped qwen3_moe teacher measures
-# 90.7% average (code 85%) after three sittings; the glm4_moe_lite one is far below (11.9% after 2355 steps): more training is
-# the open work (python -m zeda.teacher --init-from ...). strict: once it passes, this test fails until the marker
-# is removed.
-GLM_BELOW_THE_BAR = pytest.mark.xfail(strict=True, reason="shipped GLM teacher below the 85% bar; more training is open")
+# 90.7% average (code 85%) after three sittings; the glm4_moe_lite one is far below (11.9% after 2355 steps):
+# more training is the open work (python -m zeda.teacher --init-from ...). strict: once it passes, this test
+# fails until the marker is removed.
+GLM_BELOW_THE_BAR = pytest.mark.xfail(strict=True, reason="shipped GLM teacher below the 85% bar; training is open")
 
 
 @pytest.mark.parametrize("folder", [TEACHERS[0], pytest.param(TEACHERS[1], marks=GLM_BELOW_THE_BAR)],

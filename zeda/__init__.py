@@ -14,7 +14,8 @@ from zeda.checkpoint import CheckpointError, load_weights, save_checkpoint
 from zeda.config import ConfigError, ModelConfig
 from zeda.model import CausalLM, KVCache
 
-__all__ = ["load_model", "empty_model", "materialize", "save_checkpoint", "CausalLM", "KVCache", "ModelConfig", "ConfigError", "CheckpointError"]
+__all__ = ["load_model", "empty_model", "materialize", "save_checkpoint", "CausalLM", "KVCache", "ModelConfig",
+           "ConfigError", "CheckpointError"]
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

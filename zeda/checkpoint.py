@@ -130,7 +130,8 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
                         lo, n, total = expert_range(prefix, where, key)
                         sl = f.get_slice(key)
                         if sl.get_shape()[0] != total:
-                            raise CheckpointError(f"{where}: '{key}' holds {sl.get_shape()[0]} experts, expected {total}")
+                            raise CheckpointError(f"{where}: '{key}' holds {sl.get_shape()[0]} experts, "
+                                                  f"expected {total}")
                         tensor = sl[lo:lo + n]  # only the experts held here
                         if proj == "gate_up_proj":  # [N, 2I, H]: gate rows first, then up (HF's chunk(2) order)
                             gate, up = tensor.chunk(2, dim=1)

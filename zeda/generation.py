@@ -53,6 +53,13 @@ def add_sampling_args(parser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}top-k", type=int, default=k, help=f"top-k sampling (0 = off; default {k})")
 
 
+def sampling_from_args(args, max_new_tokens: int, prefix: str = "") -> "SamplingParams":
+    """The SamplingParams of the flags add_sampling_args(parser, prefix) added."""
+    attr = prefix.replace("-", "_")
+    return SamplingParams(temperature=getattr(args, f"{attr}temperature"), top_p=getattr(args, f"{attr}top_p"),
+                          top_k=getattr(args, f"{attr}top_k"), max_new_tokens=max_new_tokens)
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy argmax

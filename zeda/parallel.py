@@ -137,11 +137,11 @@ class Dist:
         dp. FSDP2 reduces its own parameters in backward; they are skipped here. Under tp, Qwen3's per-head q/k
         RMSNorm weights (replicated, but each rank applies them to its own heads only) hold a partial gradient:
         it is summed over tp. (A hook on the parameter would not do: FSDP2 and to_empty replace Parameters.)"""
-        for name, p in model.named_parameters():
-            if p.grad is None or not name.endswith(TP_PARTIAL_GRAD) or self.dims.tp == 1:
-                continue
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2 -> this rank's shard
-            dist.all_reduce(grad, group=self.mesh["tp"].get_group())
+        if self.dims.tp > 1:
+            for name, p in model.named_parameters():
+                if p.grad is not None and name.endswith(TP_PARTIAL_GRAD):
+                    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
+                    dist.all_reduce(grad, group=self.mesh["tp"].get_group())
         if self.dp == 1:
             return
         for p in model.parameters():
@@ -323,13 +323,13 @@ def apply_expert_parallel(model, d: Dist) -> None:
     """Keep this rank's N/ep experts of every MoE layer and route through the all-to-all dispatcher. On a meta
     model (load_parallel) nothing is allocated yet, and load_weights later reads only these experts; on a loaded
     one their rows are cloned and the rest freed. Parameters are marked `expert_shard` so gradient averaging and
-    checkpoint gathering know them. A model whose experts are split already is left as it is."""
+    checkpoint gathering know them."""
     ep = d.dims.ep
     if ep == 1:
         return
     ep_rank = d.rank % ep
     for block in model.model.layers:
-        if not block.is_moe or block.mlp.experts.dispatcher is not None:
+        if not block.is_moe:
             continue
         experts = block.mlp.experts
         n_local = experts.num_experts // ep
@@ -458,25 +458,13 @@ def apply_activation_checkpointing(model) -> None:
         layers[i] = checkpoint_wrapper(block)
 
 
-def parallelize(model, d: Dist, activation_checkpointing: bool = False):
-    """The whole recipe on a model: check shapes, ep, tp, activation checkpointing, fsdp (last, as torchtitan).
-    ep and tp touch different modules (routed experts / attention, dense MLPs, shared expert), so their order
-    is free; ep goes first so that load_parallel can split the experts before any weight is read."""
-    d.dims.check_model(model.config)
-    apply_expert_parallel(model, d)
-    apply_tensor_parallel(model, d)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    apply_fsdp(model, d)
-    return model
-
-
 def load_parallel(path, d: Dist, dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False,
                   router_fp32: bool = False, expert_backend: str | None = None, trainable: bool = True, **overrides):
-    """A checkpoint folder's model, split over the mesh as it loads: built on the meta device, its experts split
-    (ep) before anything is allocated, then each rank reads only its own experts, the bulk of an MoE (~95% of
-    Qwen3-30B-A3B). The dense part (attention, embeddings, dense MLPs) is read whole, one tensor at a time, and
-    tp and FSDP2 then keep their part of it. router_fp32: the router weights in fp32 whatever dtype (the
+    """A checkpoint folder's model, split over the mesh as it loads, in torchtitan's order with ep first: built on
+    the meta device, its experts split (ep) before anything is allocated, so each rank reads only its own experts,
+    the bulk of an MoE (~95% of Qwen3-30B-A3B). The dense part (attention, embeddings, dense MLPs) is read whole,
+    one tensor at a time; then tp, activation checkpointing and FSDP2 (last) keep their part of it. ep and tp
+    touch different modules, so their order is free. router_fp32: the router weights in fp32 whatever dtype (the
     paper's training recipe). trainable=False: a frozen model (the OPD teacher). One process: zeda.load_model."""
     from zeda import empty_model, materialize
     from zeda.checkpoint import load_weights
@@ -496,7 +484,11 @@ def load_parallel(path, d: Dist, dtype: torch.dtype = torch.float32, activation_
     model.requires_grad_(trainable)
     if expert_backend is not None:
         model.set_expert_backend(expert_backend)
-    return parallelize(model, d, activation_checkpointing).eval()
+    apply_tensor_parallel(model, d)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, d)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- whole tensors again
