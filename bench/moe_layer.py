@@ -4,8 +4,8 @@
     python -m bench.moe_layer --device cuda --dtype bfloat16   # GPU: full Qwen3/GLM shapes, prefill and decode
     python -m bench.moe_layer --device cuda --shapes qwen --tokens 4096 --backends triton,grouped_mm --json out.json
 
-Backends: loop and grouped_mm through zeda.moe.routed_experts_forward (a fallback here when zeda.moe is
-missing), triton through zeda.kernels.triton_moe (CUDA only: the interpreter is far too slow to time).
+Backends: loop and grouped_mm through zeda.moe.routed_experts_forward, triton through zeda.kernels.triton_moe
+(CUDA only: the interpreter is far too slow to time).
 The routing of each row has exactly the requested share of its slots on zero experts (ids >= N) overall,
 random distinct real experts otherwise, so the real FLOPs fall linearly with the share; a kernel that really
 skips zero slots should speed up accordingly ("speedup" column, vs the same backend at 0%).
@@ -51,44 +51,14 @@ CPU_TOKENS = (256, 1, 16)
 # ------------------------------------------------------------------------------------------ backends
 
 
-def _grouped_mm_fallback(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj):
-    """Only used when zeda.moe is missing: drop zero slots, sort by expert, torch._grouped_mm, combine."""
-    T, K = ids_TK.shape
-    N = gate_proj.shape[0]
-    flat = ids_TK.flatten()
-    slot_M = (flat < N).nonzero().squeeze(1)  # host sync: M sizes the buffers
-    expert_M, order = flat[slot_M].sort(stable=True)
-    slot_M = slot_M[order]
-    offs = torch.bincount(expert_M, minlength=N).cumsum(0).to(torch.int32)  # [N]
-    x_MH = x_TH[slot_M // K]  # [M, H]
-    h_MI = F.silu(torch._grouped_mm(x_MH, gate_proj.transpose(1, 2), offs=offs)) * \
-        torch._grouped_mm(x_MH, up_proj.transpose(1, 2), offs=offs)  # [M, I]
-    o_MH = torch._grouped_mm(h_MI, down_proj.transpose(1, 2), offs=offs)  # [M, H]
-    o_SH = o_MH.new_zeros(T * K, x_TH.shape[1]).index_copy(0, slot_M, o_MH)
-    return (o_SH.view(T, K, -1) * weights_TK.unsqueeze(-1)).sum(1).to(x_TH.dtype)
-
-
-def _loop_fallback(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj):
-    """Only used when zeda.moe is missing: one SwiGLU per expert over its slots."""
-    y_TH = torch.zeros_like(x_TH, dtype=torch.float32)
-    for e, (g, u, d) in enumerate(zip(gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0))):
-        tok, k = (ids_TK == e).nonzero(as_tuple=True)  # host sync
-        if tok.numel():
-            o = F.linear(F.silu(F.linear(x_TH[tok], g)) * F.linear(x_TH[tok], u), d)
-            y_TH = y_TH.index_add(0, tok, o.float() * weights_TK[tok, k, None])
-    return y_TH.to(x_TH.dtype)
-
-
 def get_backend(name: str):
     """fn(x_TH, weights_TK, ids_TK, gate, up, down) -> y_TH for one backend name, and where it comes from."""
     if name == "triton":
         from zeda.kernels import triton_moe
 
         return triton_moe, "zeda.kernels.triton_moe"
-    try:
-        from zeda.moe import routed_experts_forward
-    except ImportError:
-        return {"loop": _loop_fallback, "grouped_mm": _grouped_mm_fallback}[name], "bench fallback"
+    from zeda.moe import routed_experts_forward
+
     return (lambda *args: routed_experts_forward(*args, backend=name)), "zeda.moe.routed_experts_forward"
 
 
