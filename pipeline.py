@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     p.add_argument("--sft-epochs", type=int, default=4, help="SFT epochs over the rollouts")
     p.add_argument("--sft-lr", type=float, default=5e-4, help="SFT peak lr (cosine, 10%% warmup)")
     p.add_argument("--sft-batch-size", type=int, default=32, help="SFT global batch (sequences per step)")
+    # Off by default: the paper trains on every rollout. On the held-out slice, dropping the teacher's wrong
+    # answers (10.4% of them) gave 87.0% after SFT against 86.2% (900 items; within about one standard error).
+    p.add_argument("--sft-drop-incorrect", action="store_true",
+                   help="SFT only on rollouts the task verifier marks correct (train_sft.py --drop-incorrect)")
     add_sampling_args(p, prefix="rollout-")  # how the teacher samples the SFT rollouts (the paper's settings)
     p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
     p.add_argument("--opd-lr", type=float, default=1e-4, help="OPD constant lr")
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
         run(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
              "--epochs", str(args.sft_epochs), "--global-batch-size", str(args.sft_batch_size),
              "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)),
-             "--lr", str(args.sft_lr), "--seed", str(args.seed)], train_sft.main)
+             "--lr", str(args.sft_lr), "--seed", str(args.seed)] + ["--drop-incorrect"] * args.sft_drop_incorrect,
+            train_sft.main)
         seconds["sft"] = time.time() - t
     if "opd" in stages:
         t = time.time()

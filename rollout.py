@@ -4,10 +4,11 @@
 
 Prompts: JSONL in the authors' format (`{"messages": [...]}`) or with a plain `{"prompt": "..."}`. Output:
 the same messages with the teacher's answer appended as the last assistant message (the authors' rollout
-format, which train_sft.py --rollouts reads), plus `id` ("<prompt line>:<sample>") and `finished` (False when
-the answer hit --max-new-tokens). Batched, with a progress bar. Resumable: a rerun skips the ids already in
-the output file and appends the rest, so an interrupted run never duplicates a line (a torn last line is
-repaired before appending).
+format, which train_sft.py --rollouts reads), plus `id` ("<prompt line>:<sample>"), `finished` (False when
+the answer hit --max-new-tokens) and, when the prompt record carries a reference answer, `correct` (checked as
+evaluate.py checks a benchmark line; train_sft.py --drop-incorrect then trains on right answers only).
+Batched, with a progress bar. Resumable: a rerun skips the ids already in the output file and appends the rest,
+so an interrupted run never duplicates a line (a torn last line is repaired before appending).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 import zeda
 from zeda.data import append_jsonl, iter_jsonl, prompt_messages
+from zeda.evaluation import record_item
 from zeda.generation import SamplingParams, add_sampling_args, generate, sampling_from_args
 from zeda.training import encode_chats
 
@@ -46,13 +48,16 @@ def done_ids(path: Path) -> set[str]:
 def rollout(model, tokenizer, prompts_path: Path, out_path: Path, params: SamplingParams, samples_per_prompt: int = 1,
             batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
     """Sample `samples_per_prompt` answers per prompt into out_path (appending, resumable). Returns counts."""
-    records = [(lineno, prompt_messages(rec, prompts_path, lineno)) for lineno, rec in iter_jsonl(prompts_path)]
+    records = []  # (line, messages, checkable item or None)
+    for lineno, rec in iter_jsonl(prompts_path):
+        msgs = prompt_messages(rec, prompts_path, lineno)
+        records.append((lineno, msgs, record_item(rec, msgs, f"{prompts_path}:{lineno}")))
     if not records:
         raise ValueError(f"{prompts_path}: no prompts")
     already = done_ids(out_path)
-    todo = [(f"{lineno}:{s}", msgs) for lineno, msgs in records for s in range(samples_per_prompt)
+    todo = [(f"{lineno}:{s}", msgs, item) for lineno, msgs, item in records for s in range(samples_per_prompt)
             if f"{lineno}:{s}" not in already]
-    encoded = encode_chats(tokenizer, [m for _, m in todo])
+    encoded = encode_chats(tokenizer, [m for _, m, _ in todo])
     eos = sorted({tokenizer.eos_token_id, *model.config.eos_token_id} - {None})
     limit = model.config.max_position_embeddings - params.max_new_tokens
     too_long = [i for i, e in enumerate(encoded) if len(e.ids) > limit]
@@ -62,7 +67,8 @@ def rollout(model, tokenizer, prompts_path: Path, out_path: Path, params: Sampli
                          f"context ({model.config.max_position_embeddings} - {params.max_new_tokens} new tokens); "
                          f"{len(too_long)} prompt(s) too long")
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))  # similar lengths batch together
-    stats = {"written": 0, "skipped_existing": len(already), "truncated": 0, "new_tokens": 0}
+    stats = {"written": 0, "skipped_existing": len(already), "truncated": 0, "checked": 0, "correct": 0,
+             "new_tokens": 0}
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="rollouts", unit="answer", disable=not progress)
     for start in range(0, len(order), batch_size):
@@ -72,9 +78,13 @@ def rollout(model, tokenizer, prompts_path: Path, out_path: Path, params: Sampli
         lines = []
         for i, tokens, finished in zip(batch, gen.tokens, gen.finished):
             text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-            rid, msgs = todo[i]
-            lines.append({"id": rid, "messages": msgs + [{"role": "assistant", "content": text}],
-                          "finished": finished})
+            rid, msgs, item = todo[i]
+            line = {"id": rid, "messages": msgs + [{"role": "assistant", "content": text}], "finished": finished}
+            if item is not None:
+                line["correct"] = item.is_correct(text)
+                stats["checked"] += 1
+                stats["correct"] += line["correct"]
+            lines.append(line)
             stats["truncated"] += not finished
         append_jsonl(out_path, lines)  # one fsync per batch: a crash loses at most this batch
         stats["written"] += len(lines)
@@ -110,6 +120,9 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {stats['written']} rollouts to {args.out} ({stats['skipped_existing']} already there, "
           f"{stats['truncated']} hit --max-new-tokens, {stats['new_tokens']} tokens, {stats['seconds']} s)")
+    if stats["checked"]:
+        print(f"{stats['correct']} of the {stats['checked']} answers with a reference are correct "
+              f"({stats['correct'] / stats['checked']:.1%})")
     return 0
 
 

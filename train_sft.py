@@ -10,10 +10,11 @@ reduced over the data-parallel ranks. Defaults follow the paper: AdamW betas (0.
 lr 2e-5 cosine to 0 with 10% warmup, grad clip 1.0, global batch 128 sequences, router in fp32.
 Global batches are cut from a seeded shuffle of the data; inside one, sequences are sorted by length and split
 into micro-batches (length bucketing: little padding), which ranks take in turn; gradient accumulation covers
-the rest. Checkpoints (HF layout + optimizer and trainer state, written atomically) go to OUT/step-N every
---save-every steps and OUT/final at the end; --resume continues from the newest with the same data order.
-OUT/metrics.jsonl gets one line per step. SIGTERM or Ctrl-C stops after the current step with a checkpoint; a
-non-finite loss stops the run naming the step, before anything is saved.
+the rest. --drop-incorrect skips rollouts that rollout.py marked `"correct": false` (the teacher's wrong answers
+to prompts with a reference; not in the paper's recipe). Checkpoints (HF layout + optimizer and trainer state,
+written atomically) go to OUT/step-N every --save-every steps and OUT/final at the end; --resume continues from
+the newest with the same data order. OUT/metrics.jsonl gets one line per step. SIGTERM or Ctrl-C stops after
+the current step with a checkpoint; a non-finite loss stops the run naming the step, before anything is saved.
 """
 
 from __future__ import annotations
@@ -40,25 +41,39 @@ from zeda.training import (add_training_args, check_fresh_out, collate, encode_c
 
 # ----------------------------------------------------------------------------- data
 
-def load_rollouts(path: Path, tokenizer, vocab_size: int, max_seq_len: int, truncate: bool):
-    """Rollout JSONL -> encoded examples. Returns (examples, counts of dropped/truncated/too-long)."""
+def load_rollouts(path: Path, tokenizer, vocab_size: int, max_seq_len: int, truncate: bool,
+                  drop_incorrect: bool = False):
+    """Rollout JSONL -> encoded examples. Returns (examples, counts of dropped/truncated/too-long).
+    drop_incorrect skips lines marked `"correct": false` (rollout.py marks answers to prompts with a reference)."""
     prompts, responses, lines = [], [], []
+    marked = incorrect = 0
     for lineno, rec in iter_jsonl(path):
         response = response_of(rec, path, lineno)
         if response is None:
             raise ValueError(f"{path}:{lineno}: no assistant message at the end (a rollout needs the teacher's answer)")
+        if "correct" in rec:
+            marked += 1
+            if not isinstance(rec["correct"], bool):
+                raise ValueError(f"{path}:{lineno}: 'correct' must be true or false, not {rec['correct']!r}")
+        if drop_incorrect and rec.get("correct") is False:
+            incorrect += 1
+            continue
         prompts.append(prompt_messages(rec, path, lineno))
         responses.append(response)
         lines.append(lineno)
+    if drop_incorrect and not marked:
+        raise ValueError(f"{path}: --drop-incorrect, but no line has a 'correct' field (rollout.py writes one when "
+                         f"the prompt record has a reference answer)")
     if not prompts:
-        raise ValueError(f"{path}: empty dataset (no rollouts)")
+        raise ValueError(f"{path}: empty dataset (no rollouts" + (", or none correct)" if incorrect else ")"))
     examples = encode_chats(tokenizer, prompts, responses)
     biggest = max(max(e.ids) for e in examples)
     if biggest >= vocab_size:
         bad = next(line for line, e in zip(lines, examples) if max(e.ids) == biggest)
         raise ValueError(f"{path}:{bad}: token id {biggest} >= the model's vocab_size {vocab_size}: the rollouts' "
                          f"tokenizer does not fit the student")
-    kept, counts = [], {"rollouts": len(examples), "truncated": 0, "dropped_too_long": 0}
+    kept, counts = [], {"rollouts": len(examples) + incorrect, "dropped_incorrect": incorrect, "truncated": 0,
+                        "dropped_too_long": 0}
     for e in examples:
         if len(e.ids) > max_seq_len:
             if truncate and e.num_prompt < max_seq_len:
@@ -116,7 +131,7 @@ def train(args, d: Dist, stop: dict) -> dict:
             del teacher
         d.barrier()
     examples, data_counts = load_rollouts(rollouts, tokenizer, student_cfg.vocab_size, args.max_seq_len,
-                                          args.truncate)
+                                          args.truncate, args.drop_incorrect)
     G, micro = args.global_batch_size, args.micro_batch_size
     if G % (micro * d.dp):
         raise ValueError(f"--global-batch-size {G} must be a multiple of --micro-batch-size {micro} x {d.dp} ranks")
@@ -231,6 +246,8 @@ def parse_args(argv=None):
     add_training_args(p)
     p.add_argument("--max-seq-len", type=int, default=4096, help="longer rollouts are dropped (or --truncate)")
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
+    p.add_argument("--drop-incorrect", action="store_true",
+                   help="skip rollouts marked \"correct\": false (answers checked against the prompt's reference)")
     p.add_argument("--seed", type=int, default=0, help="data order and rollout sampling seed")
     p.add_argument("--max-new-tokens", type=int, default=256, help="rollout answer limit (--teacher mode)")
     add_sampling_args(p, prefix="rollout-")  # --rollout-temperature/-top-p/-top-k (--teacher mode)

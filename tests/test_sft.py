@@ -280,7 +280,7 @@ def test_over_long_rollouts_are_dropped_or_truncated(data, tmp_path, truncate):
     assert 0 < n_long < len(full) - 4
 
     kept, counts = train_sft.load_rollouts(path, tokenizer, 10**6, limit, truncate)
-    assert counts == {"rollouts": 12, "truncated": n_long if truncate else 0,
+    assert counts == {"rollouts": 12, "dropped_incorrect": 0, "truncated": n_long if truncate else 0,
                       "dropped_too_long": 0 if truncate else n_long}
     assert all(len(e.ids) <= limit for e in kept)
     if truncate:  # cut at the end, the prompt intact
@@ -400,3 +400,80 @@ def test_rollout_resume_writes_no_duplicates(data, tmp_path, monkeypatch):
     with torch.no_grad():
         stats = rollout.rollout(teacher, tokenizer, prompts, out, params, samples, batch_size=2, progress=False)
     assert stats["written"] == 0 and out.read_text() == text
+
+
+# ----------------------------------------------------------------------------------------------
+# rollout.py marks answers to prompts with a reference; train_sft.py --drop-incorrect skips the wrong ones
+
+
+def test_rollout_marks_each_answer_against_its_prompts_reference(data, tmp_path, monkeypatch):
+    """The teacher's answers are replaced (generation is not what is tested here) by each task's worked reference
+    solution, with the final answer spoiled on every other task: the marks must follow exactly that."""
+    teacher = zeda.load_model(data / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(data / "teacher")
+    items = tasks.mixture("train", 2, seed=3)
+    wrong = {t.prompt for t in items[1::2]}
+    answers = {t.prompt: (t.response.rsplit(tasks.ANSWER_PREFIX, 1)[0] + f"{tasks.ANSWER_PREFIX} 12345678"
+                          if t.prompt in wrong else t.response) for t in items}
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [tasks.to_prompt_record(t) for t in items] + [{"prompt": "Hi."}])
+    real_generate = rollout.generate
+
+    def reference_answers(model, prompt_ids, *args, **kwargs):
+        gen = real_generate(model, prompt_ids, *args, **kwargs)
+        for row, ids in enumerate(prompt_ids):
+            text = tokenizer.decode(ids)
+            reply = next((a for q, a in answers.items() if q in text), "hello")
+            gen.tokens[row] = tokenizer.encode(reply, add_special_tokens=False)
+        return gen
+
+    monkeypatch.setattr(rollout, "generate", reference_answers)
+    out = tmp_path / "rollouts.jsonl"
+    with torch.no_grad():
+        stats = rollout.rollout(teacher, tokenizer, prompts, out, SamplingParams(max_new_tokens=4), progress=False)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    by_prompt = {r["messages"][0]["content"]: r for r in records}
+    assert by_prompt["Hi."].keys() == {"id", "messages", "finished"}  # no reference: no mark
+    for t in items:
+        r = by_prompt[t.prompt]
+        assert r["messages"][-1]["content"] == answers[t.prompt]
+        assert r["correct"] is (t.prompt not in wrong)
+    assert stats["checked"] == len(items) and stats["correct"] == len(items) - len(wrong) > 0
+
+
+def rollouts_with_marks(data, tmp_path, marks) -> Path:
+    items = tasks.mixture("train", 4, seed=1)
+    records = []
+    for t, mark in zip(items, marks):
+        record = tasks.to_rollout_record(t, t.response)
+        if mark is not None:
+            record["correct"] = mark
+        records.append(record)
+    return write_jsonl(tmp_path / "marked.jsonl", records)
+
+
+def test_drop_incorrect_skips_exactly_the_lines_marked_false(data, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(data / "student")
+    marks = [True, False, None, False, True, True, False, True, None, True, True, False]
+    path = rollouts_with_marks(data, tmp_path, marks)
+    every, counts = train_sft.load_rollouts(path, tokenizer, 10**6, 10**6, False)
+    assert len(every) == 12 and counts["dropped_incorrect"] == 0  # without the flag the marks change nothing
+    kept, counts = train_sft.load_rollouts(path, tokenizer, 10**6, 10**6, False, drop_incorrect=True)
+    assert counts["rollouts"] == 12 and counts["dropped_incorrect"] == marks.count(False)
+    assert [e.ids for e in kept] == [e.ids for e, m in zip(every, marks) if m is not False]
+
+    out = tmp_path / "out"
+    assert train_sft.main(["--student", str(data / "student"), "--rollouts", str(path), "--out", str(out), *FAST,
+                           "--max-steps", "1", "--drop-incorrect"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dropped_incorrect"] == 4 and summary["examples_used"] == 8
+
+
+def test_drop_incorrect_refuses_rollouts_without_marks_or_with_a_bad_one(data, tmp_path, capsys):
+    unmarked = rollouts_with_marks(data, tmp_path, [None] * 12)
+    err = refused(capsys, train_sft.main(["--student", str(data / "student"), "--rollouts", str(unmarked), "--out",
+                                          str(tmp_path / "o1"), *FAST, "--drop-incorrect"]))
+    assert str(unmarked) in err and "no line has a 'correct' field" in err
+    bad = rollouts_with_marks(data, tmp_path, [True, "yes"] + [True] * 10)
+    err = refused(capsys, train_sft.main(["--student", str(data / "student"), "--rollouts", str(bad), "--out",
+                                          str(tmp_path / "o2"), *FAST]))
+    assert f"{bad}:2" in err and "'correct' must be true or false" in err

@@ -160,27 +160,34 @@ def suite_items(families: Sequence[str], n: int, task_seed: int = 0) -> list[Ite
     return items
 
 
-def benchmark_items(path: str | os.PathLike) -> list[Item]:
-    """Items of a benchmark JSONL in the authors' format (ZEDA.md §7): messages + a reference answer.
+def record_item(record: dict, messages: list[dict], where: str) -> Item | None:
+    """The checkable item of one prompt record (authors' format), or None when it has no reference answer.
 
     A record whose "family" is a zeda task family is checked with tasks.verify (the instruction-following
     family checks constraints, not one string); any other record with data.score_answer."""
+    reference = reference_answer(record)
+    if reference is None:
+        return None
+    task = None
+    if record.get("family") in tasks.FAMILIES:
+        user = [m for m in messages if m["role"] == "user"][-1]  # the task prompt, after any system turn
+        task = tasks.task_from_record({"family": record["family"], "messages": [user], "answer": reference})
+        try:  # an "if" prompt the verifier cannot parse fails here, not after an hour of generation
+            tasks.verify(task, f"{tasks.ANSWER_PREFIX} {reference}")
+        except ValueError as e:
+            raise EvaluationError(f"{where}: {e}") from None
+    return Item(BENCHMARK, where, messages, reference, task)
+
+
+def benchmark_items(path: str | os.PathLike) -> list[Item]:
+    """Items of a benchmark JSONL in the authors' format (ZEDA.md §7): messages + a reference answer."""
     items = []
     for lineno, record in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        messages = prompt_messages(record, path, lineno)
-        reference = reference_answer(record)
-        if reference is None:
-            raise EvaluationError(f"{where}: no reference answer (expected one of {', '.join(REFERENCE_FIELDS)})")
-        task = None
-        if record.get("family") in tasks.FAMILIES:
-            user = [m for m in messages if m["role"] == "user"][-1]  # the task prompt, after any system turn
-            task = tasks.task_from_record({"family": record["family"], "messages": [user], "answer": reference})
-            try:  # an "if" prompt the verifier cannot parse fails here, not after an hour of generation
-                tasks.verify(task, f"{tasks.ANSWER_PREFIX} {reference}")
-            except ValueError as e:
-                raise EvaluationError(f"{where}: {e}") from None
-        items.append(Item(BENCHMARK, where, messages, reference, task))
+        item = record_item(record, prompt_messages(record, path, lineno), f"{path}:{lineno}")
+        if item is None:
+            raise EvaluationError(f"{path}:{lineno}: no reference answer (expected one of "
+                                  f"{', '.join(REFERENCE_FIELDS)})")
+        items.append(item)
     if not items:
         raise EvaluationError(f"{path}: the benchmark has no records")
     return items
