@@ -4,9 +4,9 @@
     python evaluate.py --model runs/student --tasks math,code --n 100 --batch-size 64
     python evaluate.py --model runs/student --benchmark bench.jsonl --temperature 0.6 --top-p 0.95 --top-k 20
 
-Runs the test split of the task suite (zeda/tasks.py; greedy, 300 items per family by default) and/or a local
-benchmark JSONL ({"messages": [...], "answer": "..."} per line), with the model's own tokenizer and chat
-template, and prints a summary table. --out writes the report as JSON (atomically); its top-level fields:
+Runs the test split of the task suite (zeda/tasks.py; greedy, 300 items per family by default; --split heldout
+for the held-out slice of the train split) and/or a local benchmark JSONL ({"messages": [...], "answer": "..."}
+per line), with the model's own tokenizer and chat template, and prints a summary table. --out writes the report as JSON (atomically); its top-level fields:
 
     accuracy                  {family or "benchmark": correct / total, ..., "average": mean over them}
     counts                    {group: {correct, total, finished, tokens_generated, zero_expert_ratio_generated}}
@@ -15,7 +15,7 @@ template, and prints a summary table. --out writes the report as JSON (atomicall
     expert_flops              {dynamic, static};  expert_flops_reduction = 1 - dynamic / static
     forward_flops             {dynamic, static};  forward_flops_reduction (attention, dense layers, head included)
     tokens_generated, prompt_tokens, tokens_processed, generation_seconds, tokens_per_second
-    model, architecture, device, dtype, expert_backend, families, n_per_family, task_seed, benchmark,
+    model, architecture, device, dtype, expert_backend, families, n_per_family, task_seed, split, benchmark,
     sampling {temperature, top_p, top_k, max_new_tokens, seed}, batch_size,
     samples                   {group: [{where, prompt, output, reference, correct}, ...]} (first 3 per group)
 
@@ -29,10 +29,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zeda.evaluation import (EXPERT_BACKENDS, EvaluationError, check_families, evaluate_model, load_for_inference,
-                             summary_table, write_json_atomic)
+from zeda.evaluation import (EVAL_SPLITS, EXPERT_BACKENDS, EvaluationError, check_families, evaluate_model,
+                             load_for_inference, summary_table, write_json_atomic)
 from zeda.generation import SamplingParams
-from zeda.tasks import FAMILIES
+from zeda.tasks import FAMILIES, HELDOUT_MAX
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer (default 256)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (batch b uses seed + b; default 0)")
+    p.add_argument("--split", default="test", choices=EVAL_SPLITS,
+                   help="test (default), or heldout: the held-out slice of the train split that the pipeline's "
+                        "settings are chosen on (tasks.heldout)")
     p.add_argument("--task-seed", type=int, default=0,
                    help="seed that draws the test items (default 0: every model sees the same items)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -71,13 +74,15 @@ def main(argv=None) -> int:
             families = check_families([f.strip() for f in args.tasks.split(",") if f.strip()])
         if families and args.n < 1:
             raise EvaluationError(f"--n must be >= 1, got {args.n}")
+        if families and args.split == "heldout" and args.n > HELDOUT_MAX:
+            raise EvaluationError(f"--n {args.n}: the held-out slice has {HELDOUT_MAX} items per family")
         if not families and not args.benchmark:
             raise EvaluationError("nothing to evaluate: --tasks is empty and no --benchmark given")
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens)
         model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.expert_backend)
         report = evaluate_model(model, tokenizer, families, args.n, sampling, args.batch_size, args.seed,
-                                args.benchmark, task_seed=args.task_seed, progress=not args.no_progress)
+                                args.benchmark, task_seed=args.task_seed, split=args.split, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError, data.py errors
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -123,6 +123,16 @@ def test_correct_answers_are_counted(monkeypatch, loaded):
     assert all(s["correct"] and "Answer:" in s["output"] for s in rep["samples"]["math"])
 
 
+def test_heldout_split_items():
+    """--split heldout: the same families, drawn from the train split's held-out slice, and named so."""
+    test, held = suite_items(tasks.FAMILIES, 3), suite_items(tasks.FAMILIES, 3, split="heldout")
+    assert [it.group for it in held] == [it.group for it in test]
+    assert all(tasks.split_of(it.group, it.messages[0]["content"]) == "train" for it in held)
+    assert held[0].where == "math heldout item 0"
+    with pytest.raises(EvaluationError, match="unknown split 'val'"):
+        suite_items(tasks.FAMILIES, 3, split="val")
+
+
 def test_scoring_of_known_outputs():
     for item in suite_items(tasks.FAMILIES, 4):
         assert item.is_correct(item.task.response), item.where
@@ -211,6 +221,7 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path, tiny, capsys):
     (llama / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
     cases = [(["--model", str(tiny), "--tasks", "math,poetry"], "unknown task family 'poetry'"),
              (["--model", str(tiny), "--n", "0"], "--n must be >= 1"),
+             (["--model", str(tiny), "--split", "heldout", "--n", "1001"], "the held-out slice has 1000 items"),
              (["--model", str(llama)], "model_type 'llama' is not supported"),
              (["--model", str(tiny), "--benchmark", str(tmp_path / "missing.jsonl")], "no such JSONL file")]
     for argv, message in cases:

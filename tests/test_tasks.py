@@ -170,3 +170,18 @@ def test_bad_arguments():
         generate("poetry", "train", 1)
     with pytest.raises(ValueError, match="split"):
         generate("math", "validation", 1)
+
+
+def test_heldout_slice_is_train_split_and_left_out_of_training_prompts():
+    """The slice the pipeline's settings are chosen on: train-split items (never test), fixed per task seed, and
+    mixture(exclude=...) really leaves them out (a mixture drawn with the slice's own seed is then empty)."""
+    held = tasks.heldout("code", 50)
+    assert held == tasks.heldout("code", 50) and held != tasks.heldout("code", 50, task_seed=1)
+    assert all(tasks.split_of("code", t.prompt) == "train" for t in held)
+    prompts = tasks.heldout_prompts()
+    assert {t.prompt for t in held} <= prompts
+    assert len(prompts) >= tasks.HELDOUT_MAX * len(FAMILIES) - 10  # distinct prompts per family (families may share)
+    assert tasks.mixture("train", 20, seed=tasks.HELDOUT_SEED, exclude=prompts) == []
+    assert len(tasks.mixture("train", 20, seed=tasks.HELDOUT_SEED)) == 60
+    with pytest.raises(ValueError, match="held-out slice has"):
+        tasks.heldout("math", tasks.HELDOUT_MAX + 1)

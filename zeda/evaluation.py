@@ -150,13 +150,21 @@ def check_families(families: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(families))
 
 
-def suite_items(families: Sequence[str], n: int, task_seed: int = 0) -> list[Item]:
-    """n test-split items per family, the same list in every process for a task seed."""
+EVAL_SPLITS = ("test", "heldout")
+
+
+def suite_items(families: Sequence[str], n: int, task_seed: int = 0, split: str = "test") -> list[Item]:
+    """n items per family of the test split (or of the held-out slice of the train split, tasks.heldout), the
+    same list in every process for a task seed."""
+    if split not in EVAL_SPLITS:
+        raise EvaluationError(f"unknown split {split!r}; choose from {', '.join(EVAL_SPLITS)}")
     items = []
     for family in families:
-        for i, task in enumerate(tasks.generate(family, "test", n, seed=task_seed)):
+        drawn = (tasks.generate(family, "test", n, seed=task_seed) if split == "test"
+                 else tasks.heldout(family, n, task_seed))
+        for i, task in enumerate(drawn):
             record = tasks.to_prompt_record(task)
-            items.append(Item(family, f"{family} test item {i}", record["messages"], task.answer, task))
+            items.append(Item(family, f"{family} {split} item {i}", record["messages"], task.answer, task))
     return items
 
 
@@ -252,18 +260,19 @@ def _ratio(zero: int, real: int) -> float:
 
 def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, sampling: SamplingParams,
                    batch_size: int, seed: int | None, benchmark: str | os.PathLike | None = None, *,
-                   task_seed: int = 0, samples_per_group: int = 3, progress: bool = True) -> dict:
+                   task_seed: int = 0, split: str = "test", samples_per_group: int = 3,
+                   progress: bool = True) -> dict:
     """Evaluate in-process; returns the report dict that evaluate.py writes as JSON (see its docstring).
 
-    families: task families of the test split, n items each (drawn with task_seed, fixed by default so every
-    model sees the same items); benchmark: a JSONL file evaluated as one more group. seed: the sampling seed
+    families: task families of the test split (or of split="heldout", the held-out slice of the train split), n
+    items each (drawn with task_seed, fixed by default so every model sees the same items); benchmark: a JSONL file evaluated as one more group. seed: the sampling seed
     (irrelevant for greedy). Raises EvaluationError for bad input before generating anything."""
     families = check_families(families)
     if families and (not isinstance(n, int) or n < 1):
         raise EvaluationError(f"n must be a positive integer, got {n!r}")
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
-    items = suite_items(families, n, task_seed) + (benchmark_items(benchmark) if benchmark is not None else [])
+    items = suite_items(families, n, task_seed, split) + (benchmark_items(benchmark) if benchmark is not None else [])
     if not items:
         raise EvaluationError("nothing to evaluate: no task families and no benchmark")
     cfg = model.config
@@ -311,6 +320,7 @@ def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, 
         "families": list(families),
         "n_per_family": n if families else 0,
         "task_seed": task_seed,
+        "split": split if families else None,
         "benchmark": None if benchmark is None else str(benchmark),
         "sampling": {**dataclasses.asdict(sampling), "seed": seed},
         "batch_size": batch_size,

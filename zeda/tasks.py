@@ -21,6 +21,10 @@ character is printable ASCII or newline (the vocabulary of zeda/tokenizer.py).
 Splits: an item belongs to "test" iff a SHA-256 of its family and prompt falls in a fixed 20% bucket.
 `generate` draws items from a seeded `random.Random` and keeps only those of the requested split, so
 train and test can never share a prompt, and the result is the same in every process (no salted hash()).
+
+The held-out slice (`heldout`): items of the *train* split drawn with their own seed, which the pipeline
+removes from its SFT and OPD prompts. Settings of the pipeline are chosen on it, so the test split is never
+used to choose anything (`python pipeline.py --eval-split heldout`, `evaluate.py --split heldout`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ MAX_PROMPT_CHARS = 100
 MAX_RESPONSE_CHARS = 120
 TEST_PERCENT = 20  # share of the prompt space (by hash) that is held out as "test"
 ANSWER_PREFIX = "Answer:"
+HELDOUT_SEED = 777  # draws the held-out slice of the train split (see heldout)
+HELDOUT_MAX = 1000  # per family: the pipeline keeps this many held-out items out of its training prompts
 
 
 @dataclass(frozen=True)
@@ -532,9 +538,25 @@ def verify(task: Task, output: str) -> bool:
     raise ValueError(f"unknown task family {task.family!r}")
 
 
-def mixture(split: str, n_per_family: int, seed: int = 0, families: tuple[str, ...] = FAMILIES) -> list[Task]:
-    """n_per_family tasks of each family, shuffled together deterministically."""
-    tasks = [task for family in families for task in generate(family, split, n_per_family, seed)]
+def heldout(family: str, n: int, task_seed: int = 0) -> list[Task]:
+    """n items of the held-out slice: train-split items drawn with HELDOUT_SEED (+ task_seed). Training data
+    that is to be judged on them must leave them out (mixture(..., exclude=heldout_prompts()))."""
+    if n > HELDOUT_MAX:
+        raise ValueError(f"the held-out slice has {HELDOUT_MAX} items per family, {n} asked for")
+    return generate(family, "train", n, seed=HELDOUT_SEED + task_seed)
+
+
+def heldout_prompts(families: tuple[str, ...] = FAMILIES) -> set[str]:
+    """Every prompt of the held-out slice (HELDOUT_MAX per family, task_seed 0)."""
+    return {t.prompt for family in families for t in heldout(family, HELDOUT_MAX)}
+
+
+def mixture(split: str, n_per_family: int, seed: int = 0, families: tuple[str, ...] = FAMILIES,
+            exclude: set[str] = frozenset()) -> list[Task]:
+    """n_per_family tasks of each family, shuffled together deterministically; prompts in `exclude` (such as
+    the held-out slice) are left out, so a family can come out a few items short."""
+    tasks = [task for family in families for task in generate(family, split, n_per_family, seed)
+             if task.prompt not in exclude]
     random.Random(f"zeda.tasks:mixture:{split}:{seed}").shuffle(tasks)
     return tasks
 
