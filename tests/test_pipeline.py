@@ -46,3 +46,20 @@ def test_pipeline_refuses_a_missing_teacher_and_unknown_stages(tmp_path, capsys)
     assert "no teacher at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         pipeline.main(["--stages", "convert,bogus", "--out", str(tmp_path / "o")])
+
+
+def test_pipeline_leaves_the_heldout_slice_out_of_its_prompts(tiny_teacher, tmp_path, monkeypatch):
+    """--eval-split heldout is only honest if no training prompt is a held-out one: make two prompts the pipeline
+    would draw held-out, and they must be gone from both prompt files."""
+    from zeda import tasks
+    from zeda.data import read_jsonl
+
+    drawn = tasks.mixture("train", 6, seed=1)  # what the SFT prompts are drawn from with --seed 0
+    held = {drawn[0].prompt, drawn[1].prompt}
+    monkeypatch.setattr(tasks, "heldout_prompts", lambda families=tasks.FAMILIES: held)
+    out = tmp_path / "run"
+    assert pipeline.main(["--teacher", str(tiny_teacher), "--out", str(out), "--stages", "convert,rollouts",
+                          "--sft-prompts", "6", "--opd-prompts", "6", "--max-new-tokens", "4"]) == 0
+    sft = {r["messages"][0]["content"] for r in read_jsonl(out / "prompts_sft.jsonl")}
+    opd = {r["messages"][0]["content"] for r in read_jsonl(out / "prompts_opd.jsonl")}
+    assert len(sft) == len(drawn) - 2 and not (sft | opd) & held
