@@ -6,7 +6,8 @@
 
 Runs the test split of the task suite (zeda/tasks.py; greedy, 300 items per family by default; --split heldout
 for the held-out slice of the train split) and/or a local benchmark JSONL ({"messages": [...], "answer": "..."}
-per line), with the model's own tokenizer and chat template, and prints a summary table. --out writes the report as JSON (atomically); its top-level fields:
+per line), with the model's own tokenizer and chat template, and prints a summary table. --out writes the report
+as JSON (atomically); its top-level fields:
 
     accuracy                  {family or "benchmark": correct / total, ..., "average": mean over them}
     counts                    {group: {correct, total, finished, tokens_generated, zero_expert_ratio_generated}}
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
                                   max_new_tokens=args.max_new_tokens)
         model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.expert_backend)
         report = evaluate_model(model, tokenizer, families, args.n, sampling, args.batch_size, args.seed,
-                                args.benchmark, task_seed=args.task_seed, split=args.split, progress=not args.no_progress)
+                                args.benchmark, task_seed=args.task_seed, split=args.split,
+                                progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError, data.py errors
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ Stages, each a script a user can also run alone (the commands are printed):
   rollouts  rollout.py: the teacher answers the SFT prompts (train split of the task suite)
   sft       train_sft.py: stage 1, CE on the teacher's answers + Group Auxiliary Loss (§4)
   opd       train_opd.py: stage 2, on-policy distillation from the frozen teacher (§5)
-  eval      evaluate.py on the test split: teacher / converted / after SFT / after SFT+OPD
+  eval      evaluate.py on the test split (or --eval-split heldout): teacher / converted / after SFT / after SFT+OPD
 It ends with one table -- per-family and average accuracy, zero-expert ratio, expert-FLOP and whole-forward
 FLOP reduction, measured tokens/s -- and writes the same numbers to OUT/results.json.
 
@@ -86,16 +86,17 @@ def main(argv=None) -> int:
     p.add_argument("--eval-split", default="test", choices=EVAL_SPLITS,
                    help="test, or heldout: the held-out slice of the train split (left out of every training prompt "
                         "set) that the defaults below were chosen on")
-    # The SFT and OPD settings below were chosen on a held-out slice of the train split (300 items per family, left
-    # out of every training prompt set; never the test split), on the shipped qwen3_moe teacher (88.7% there; README
-    # "Stage 1"): the paper's shape -- one epoch over many rollouts -- at a lower lr. 1 epoch over 6000 prompts per family at lr 2e-4: 88.1% after SFT; 4 epochs
-    # over 1500 at 5e-4 (the previous default): 86.1%; 4 x 1500 at 2e-4: 87.1%; 1 x 6000 at 5e-4: 86.7%.
     p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight, SFT and OPD (paper: 0.1)")
     # w = 2.0 (the paper's) targets a 50% zero share, but the cross-entropy pulls the share a little below it (49.6%
     # on the held-out slice, so 49.6% of expert FLOPs saved); w = 2.2 lands at 52.0% at the same held-out accuracy
     # (87.1% after SFT against 87.2%).
     p.add_argument("--w", type=float, default=2.2, help="GA zero-group weight, SFT and OPD: targets a zero share of "
                    "wZ/(N+wZ) (paper: 2.0, 50%% at Z = N/2)")
+    # The SFT and OPD settings below were chosen on a held-out slice of the train split (300 items per family, left
+    # out of every training prompt set; never the test split), on the shipped qwen3_moe teacher (88.7% there;
+    # README "Stage 1"): the paper's shape -- one epoch over many rollouts -- at a lower lr. 1 epoch over 6000
+    # prompts per family at lr 2e-4: 88.1% after SFT; 4 epochs over 1500 at 5e-4 (the previous default): 86.1%;
+    # 4 x 1500 at 2e-4: 87.1%; 1 x 6000 at 5e-4: 86.7%.
     p.add_argument("--sft-prompts", type=int, default=6000, help="SFT prompts per family (train split)")
     p.add_argument("--sft-epochs", type=int, default=1, help="SFT epochs over the rollouts (paper: 1)")
     p.add_argument("--sft-lr", type=float, default=2e-4, help="SFT peak lr (cosine, 10%% warmup)")

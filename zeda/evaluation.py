@@ -265,8 +265,9 @@ def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, 
     """Evaluate in-process; returns the report dict that evaluate.py writes as JSON (see its docstring).
 
     families: task families of the test split (or of split="heldout", the held-out slice of the train split), n
-    items each (drawn with task_seed, fixed by default so every model sees the same items); benchmark: a JSONL file evaluated as one more group. seed: the sampling seed
-    (irrelevant for greedy). Raises EvaluationError for bad input before generating anything."""
+    items each (drawn with task_seed, fixed by default so every model sees the same items); benchmark: a JSONL file
+    evaluated as one more group. seed: the sampling seed (irrelevant for greedy). Raises EvaluationError for bad
+    input before generating anything."""
     families = check_families(families)
     if families and (not isinstance(n, int) or n < 1):
         raise EvaluationError(f"n must be a positive integer, got {n!r}")
