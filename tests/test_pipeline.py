@@ -46,6 +46,10 @@ def test_pipeline_refuses_a_missing_teacher_and_unknown_stages(tmp_path, capsys)
     assert "no teacher at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         pipeline.main(["--stages", "convert,bogus", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        pipeline.main(["--eval-split", "heldout", "--n", "1001", "--out", str(tmp_path / "o")])
+    assert "held-out slice has 1000 items" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_pipeline_leaves_the_heldout_slice_out_of_its_prompts(tiny_teacher, tmp_path, monkeypatch):
