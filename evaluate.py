@@ -33,7 +33,7 @@ import sys
 from zeda.evaluation import (EVAL_SPLITS, EXPERT_BACKENDS, EvaluationError, check_families, evaluate_model,
                              load_for_inference, summary_table, write_json_atomic)
 from zeda.generation import SamplingParams
-from zeda.tasks import FAMILIES, HELDOUT_MAX
+from zeda.tasks import FAMILIES, check_heldout_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,8 +75,8 @@ def main(argv=None) -> int:
             families = check_families([f.strip() for f in args.tasks.split(",") if f.strip()])
         if families and args.n < 1:
             raise EvaluationError(f"--n must be >= 1, got {args.n}")
-        if families and args.split == "heldout" and args.n > HELDOUT_MAX:
-            raise EvaluationError(f"--n {args.n}: the held-out slice has {HELDOUT_MAX} items per family")
+        if families and args.split == "heldout":
+            check_heldout_size(args.n)
         if not families and not args.benchmark:
             raise EvaluationError("nothing to evaluate: --tasks is empty and no --benchmark given")
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

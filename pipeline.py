@@ -122,8 +122,11 @@ def main(argv=None) -> int:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {','.join(STAGES)}")
-    if args.eval_split == "heldout" and args.n > tasks.HELDOUT_MAX:  # checked now, not after the training stages
-        p.error(f"--n {args.n}: the held-out slice has {tasks.HELDOUT_MAX} items per family")
+    if args.eval_split == "heldout":  # checked now, not after the training stages
+        try:
+            tasks.check_heldout_size(args.n)
+        except ValueError as e:
+            p.error(f"--n: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher = args.teacher or TEACHERS[args.arch]

@@ -538,16 +538,23 @@ def verify(task: Task, output: str) -> bool:
     raise ValueError(f"unknown task family {task.family!r}")
 
 
-def heldout(family: str, n: int, task_seed: int = 0) -> list[Task]:
-    """n items of the held-out slice: train-split items drawn with HELDOUT_SEED (+ task_seed). Training data
-    that is to be judged on them must leave them out (mixture(..., exclude=heldout_prompts()))."""
+def check_heldout_size(n: int) -> None:
+    """ValueError unless n items per family fit in the held-out slice (the CLIs call this before any work)."""
     if n > HELDOUT_MAX:
         raise ValueError(f"the held-out slice has {HELDOUT_MAX} items per family, {n} asked for")
-    return generate(family, "train", n, seed=HELDOUT_SEED + task_seed)
+
+
+def heldout(family: str, n: int, task_seed: int = 0) -> list[Task]:
+    """n items of the held-out slice: a pool of HELDOUT_MAX train-split items per family drawn with HELDOUT_SEED,
+    its first n (task_seed 0) or a seeded sample of n. Every task_seed stays inside the pool, and the pool is what
+    training prompts leave out (mixture(..., exclude=heldout_prompts()))."""
+    check_heldout_size(n)
+    pool = generate(family, "train", HELDOUT_MAX, seed=HELDOUT_SEED)
+    return pool[:n] if task_seed == 0 else random.Random(f"zeda.tasks:heldout:{family}:{task_seed}").sample(pool, n)
 
 
 def heldout_prompts(families: tuple[str, ...] = FAMILIES) -> set[str]:
-    """Every prompt of the held-out slice (HELDOUT_MAX per family, task_seed 0)."""
+    """Every prompt of the held-out slice's pools."""
     return {t.prompt for family in families for t in heldout(family, HELDOUT_MAX)}
 
 
