@@ -226,6 +226,7 @@ class Outcome:
     finished: bool  # stopped at EOS (False: cut at max_new_tokens)
     real_slots: int  # over the generated tokens, summed over MoE layers
     zero_slots: int
+    tokens: list[int]  # the generated ids, EOS included when produced
 
 
 def run_batches(model: CausalLM, tokenizer, items: list[Item], prompts: list[list[int]], sampling: SamplingParams,
@@ -246,7 +247,7 @@ def run_batches(model: CausalLM, tokenizer, items: list[Item], prompts: list[lis
         for row, i in enumerate(batch):
             text = tokenizer.decode(gen.tokens[row], skip_special_tokens=True)
             outcomes[i] = Outcome(text, items[i].is_correct(text), len(gen.tokens[row]), gen.finished[row],
-                                  sum(gen.real_slots[row]), sum(gen.zero_slots[row]))
+                                  sum(gen.real_slots[row]), sum(gen.zero_slots[row]), gen.tokens[row])
         if on_batch is not None:
             on_batch(gen)
         new_tokens, seconds = new_tokens + gen.new_tokens, seconds + gen.seconds
