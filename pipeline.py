@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     add_sampling_args(p, prefix="rollout-")  # how the teacher samples the SFT rollouts (the paper's settings)
     # From that SFT model (88.1%), 60 OPD steps: lr 3e-5 88.3%, 1e-5 88.1% (300 steps: 87.9%), 1e-4 87.2% (alpha 0:
     # 87.3%, so not the GA term), exact reverse KL at 3e-5 87.6%. Above ~3e-5 the policy-gradient noise costs more
-    # than the tiny reverse KL left to remove (~0.001 nats per token) gains.
+    # than the small reverse KL left to remove (~0.005 nats per token) gains; README "Stage 2" has what limits OPD.
     p.add_argument("--opd-prompts", type=int, default=1000, help="OPD prompts per family (train split)")
     p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
     p.add_argument("--opd-lr", type=float, default=3e-5, help="OPD constant lr")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from zeda.evaluation import EvaluationError, Item, encode_items, run_batches
+from zeda.evaluation import EvaluationError, Item, accuracy_by_group, encode_items, run_batches
 from zeda.generation import SamplingParams
 from zeda.model import CausalLM
 
@@ -108,17 +108,11 @@ def compare_models(reference: CausalLM, model: CausalLM, tokenizer, items: list[
             kl=kl, bucket=bucket_of(p_ref_own), reference_answer=r.output, model_answer=m.output))
     divergences.sort(key=lambda d: -d.kl)
 
-    def accuracy(outcomes) -> dict:
-        groups = list(dict.fromkeys(item.group for item in items))
-        acc = {g: sum(o.correct for i, o in zip(items, outcomes) if i.group == g)
-               / sum(i.group == g for i in items) for g in groups}
-        return {**acc, "average": sum(acc.values()) / len(groups)}
-
     buckets = {name: {"reference_right": sum(d.reference_right for d in divergences if d.bucket == name),
                       "model_right": sum(not d.reference_right for d in divergences if d.bucket == name)}
                for name, _, _ in BUCKETS}
     return {
-        "accuracy": {"reference": accuracy(ref_out), "model": accuracy(model_out)},
+        "accuracy": {"reference": accuracy_by_group(items, ref_out), "model": accuracy_by_group(items, model_out)},
         "items": len(items),
         "discordant": len(divergences),
         "reference_right": sum(d.reference_right for d in divergences),

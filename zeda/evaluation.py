@@ -255,6 +255,17 @@ def run_batches(model: CausalLM, tokenizer, items: list[Item], prompts: list[lis
     return outcomes
 
 
+def accuracy_by_group(items: list[Item], outcomes: list[Outcome]) -> dict[str, float]:
+    """{group: correct / total, ..., "average": the mean over groups}, groups in the order items first name them."""
+    groups = list(dict.fromkeys(item.group for item in items))
+    correct, total = dict.fromkeys(groups, 0), dict.fromkeys(groups, 0)
+    for item, out in zip(items, outcomes):
+        correct[item.group] += out.correct
+        total[item.group] += 1
+    accuracy = {g: correct[g] / total[g] for g in groups}
+    return {**accuracy, "average": sum(accuracy.values()) / len(groups)}
+
+
 def _ratio(zero: int, real: int) -> float:
     return zero / (zero + real) if zero + real else 0.0
 
@@ -306,8 +317,7 @@ def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, 
         samples[group] = [{"where": item.where, "prompt": item.messages[-1]["content"], "output": out.output,
                            "reference": item.reference, "correct": out.correct}
                           for item, out in mine[:samples_per_group]]
-    accuracy = {group: counts[group]["correct"] / counts[group]["total"] for group in groups}
-    accuracy["average"] = sum(accuracy.values()) / len(groups)
+    accuracy = accuracy_by_group(items, outcomes)
 
     flops = flop_report(cfg, totals["stats"], totals["keys"])
     zero_gen, real_gen = sum(o.zero_slots for o in outcomes), sum(o.real_slots for o in outcomes)
