@@ -51,6 +51,8 @@ def main(argv=None) -> int:
             raise EvaluationError("nothing to compare: --tasks is empty")
         if args.n < 1:
             raise EvaluationError(f"--n must be >= 1, got {args.n}")
+        if args.batch_size < 1:
+            raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.split == "heldout":
             check_heldout_size(args.n)
         items = suite_items(families, args.n, args.task_seed, args.split)

@@ -105,6 +105,8 @@ def test_cli_writes_json_and_refuses_bad_input(tmp_path, capsys):
     assert "poetry" in capsys.readouterr().err
     assert compare.main(["--reference", str(TEACHER), "--model", str(TEACHER), "--n", "5000"]) == 2
     assert "held-out" in capsys.readouterr().err
+    assert compare.main(["--reference", str(TEACHER), "--model", str(TEACHER), "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
 
 
 def test_different_vocabularies_are_refused(models, tmp_path):
