@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from zeda.config import ModelConfig
+from zeda.errors import CheckpointError  # noqa: F401  (re-exported)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -29,8 +30,6 @@ FUSED_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint we cannot read; the message names the file and the key."""
 
 
 def shard_files(folder: str | Path) -> list[Path]:

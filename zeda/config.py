@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zeda.errors import ConfigError  # noqa: F401  (re-exported)
+
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "glm4_moe_lite")
 # Keys that name the real routed-expert count N, in the order we look for them.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -25,8 +27,6 @@ DYNAMIC_ARCHITECTURES = {
 }
 
 
-class ConfigError(ValueError):
-    """A config.json we cannot use; the message names the file and the field."""
 
 
 @dataclass

@@ -42,6 +42,7 @@ from zeda.generation import Generation, SamplingParams, generate
 from zeda.model import CausalLM
 from zeda.parallel import pick_device
 from zeda.training import encode_chat
+from zeda.errors import EvaluationError  # noqa: F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -50,8 +51,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BENCHMARK = "benchmark"  # the accuracy key of a --benchmark file
 
 
-class EvaluationError(ValueError):
-    """Bad input to an evaluation or a serving session; the message names the file, line or item."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,14 +30,13 @@ import torch
 import torch.distributed as dist
 
 from zeda.moe import LocalDispatcher
+from zeda.errors import MeshError  # noqa: F401  (re-exported)
 
 
 # Parameters (by name) that tp leaves replicated but each rank applies to its own heads only: Qwen3's q/k norms.
 TP_PARTIAL_GRAD = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
-class MeshError(ValueError):
-    """A --dp/--tp/--ep combination that cannot work for this world size or model."""
 
 
 @dataclass(frozen=True)
