@@ -20,8 +20,9 @@ import argparse
 import sys
 
 from zeda.divergence import compare_models, divergence_table
-from zeda.evaluation import (EVAL_SPLITS, EvaluationError, check_families, load_for_inference, suite_items,
-                             write_json_atomic)
+from zeda.errors import EvaluationError, ZedaError
+from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_atomic
+from zeda.loading import load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
 
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         model, _ = load_for_inference(args.model, args.device, args.dtype)
         report = compare_models(reference, model, tokenizer, items, args.max_new_tokens, args.batch_size,
                                 progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError
+    except (ZedaError, OSError) as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     report = {"reference": args.reference, "model": args.model, "split": args.split, "n_per_family": args.n,

@@ -1,4 +1,4 @@
-"""Evaluate a static or converted checkpoint: accuracy, zero-expert ratio, FLOPs and speed (ZEDA.md §6).
+"""Evaluate a static or converted checkpoint: accuracy, zero-expert ratio, FLOPs and speed (docs/method.md §6).
 
     python evaluate.py --model assets/qwen3_moe_teacher --out runs/teacher_eval.json
     python evaluate.py --model runs/student --tasks math,code --n 100 --batch-size 64
@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zeda.evaluation import (EVAL_SPLITS, EXPERT_BACKENDS, EvaluationError, check_families, evaluate_model,
-                             load_for_inference, summary_table, write_json_atomic)
+from zeda.errors import EvaluationError, ZedaError
+from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_atomic
 from zeda.generation import SamplingParams
+from zeda.loading import EXPERT_BACKENDS, load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
 
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
         report = evaluate_model(model, tokenizer, families, args.n, sampling, args.batch_size, args.seed,
                                 args.benchmark, task_seed=args.task_seed, split=args.split,
                                 progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError, data.py errors
+    except (ZedaError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     report["model"] = args.model

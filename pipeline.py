@@ -4,14 +4,15 @@
     python pipeline.py --arch glm4_moe_lite     # the GLM-4.7-Flash-style teacher
     python pipeline.py --stages convert,eval    # just convert and compare before any training
 
-Stages, each a script a user can also run alone (the commands are printed):
-  convert   convert.py: static teacher -> dynamic student with Z = N/2 zero experts (ZEDA.md §1)
+Stages, each a script a user can also run alone (each runs as its own process; the commands are printed):
+  convert   convert.py: static teacher -> dynamic student with Z = N/2 zero experts (docs/method.md §1)
   rollouts  rollout.py: the teacher answers the SFT prompts (train split of the task suite)
   sft       train_sft.py: stage 1, CE on the teacher's answers + Group Auxiliary Loss (§4)
   opd       train_opd.py: stage 2, on-policy distillation from the frozen teacher (§5)
   eval      evaluate.py on the test split (or --eval-split heldout): teacher / converted / after SFT / after SFT+OPD
 It ends with one table -- per-family and average accuracy, zero-expert ratio, expert-FLOP and whole-forward
-FLOP reduction, measured tokens/s -- and writes the same numbers to OUT/results.json.
+FLOP reduction, measured tokens/s -- and writes the same numbers to OUT/results.json. A stage that fails or
+is stopped (Ctrl-C, SIGTERM) stops the pipeline with its exit code; what it saved stays, for --resume by hand.
 
 The defaults are sized for a 2-core CPU (about 10 minutes); they are not the paper's recipe (a 30B model,
 60k prompts, lr 2e-5 / 5e-6): our ~2M-parameter teachers were trained at lr 3e-3 and need a larger lr to move.
@@ -21,22 +22,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import convert
-import train_opd
-import train_sft
-from rollout import rollout
 from zeda import tasks
 from zeda.config import ModelConfig
 from zeda.data import write_jsonl_atomic
-from zeda.evaluation import EVAL_SPLITS, evaluate_model, load_for_inference, write_json_atomic
-from zeda.generation import SamplingParams, add_sampling_args, sampling_from_args
+from zeda.evaluation import EVAL_SPLITS, evaluate_model, write_json_atomic
+from zeda.generation import SamplingParams, add_sampling_args
+from zeda.loading import load_for_inference
 
 ROOT = Path(__file__).resolve().parent
 TEACHERS = {"qwen3_moe": ROOT / "assets" / "qwen3_moe_teacher",
@@ -67,12 +67,19 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cmd: list[str], main) -> None:
-    """Run a stage's script in-process (so the pipeline is one process), printing the equivalent command."""
+class StageFailed(Exception):
+    def __init__(self, script: str, code: int):
+        super().__init__(f"stage `{script}` exited with code {code}")
+        self.script, self.code = script, code
+
+
+def run(cmd: list[str], threads: int | None) -> None:
+    """Run a stage's script as its own process, exactly as a user would, printing the command."""
     print(f"\n$ python {' '.join(cmd)}", flush=True)
-    code = main(cmd[1:])
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    code = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env).returncode
     if code:
-        raise SystemExit(f"pipeline.py: stage `{cmd[0]}` failed with exit code {code}")
+        raise StageFailed(cmd[0], code)
 
 
 def main(argv=None) -> int:
@@ -87,29 +94,18 @@ def main(argv=None) -> int:
                    help="test, or heldout: the held-out slice of the train split (left out of every training prompt "
                         "set) that the defaults below were chosen on")
     p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight, SFT and OPD (paper: 0.1)")
-    # w = 2.0 (the paper's) targets a 50% zero share, but the cross-entropy pulls the share a little below it (49.6%
-    # on the held-out slice, so 49.6% of expert FLOPs saved); w = 2.2 lands at 52.0% at the same held-out accuracy
-    # (87.1% after SFT against 87.2%).
+    # w 2.2 rather than the paper's 2.0, and the SFT / OPD settings below, were chosen on the held-out slice of the
+    # train split, never on the test split: docs/experiments.md.
     p.add_argument("--w", type=float, default=2.2, help="GA zero-group weight, SFT and OPD: targets a zero share of "
                    "wZ/(N+wZ) (paper: 2.0, 50%% at Z = N/2)")
-    # The SFT and OPD settings below were chosen on a held-out slice of the train split (300 items per family, left
-    # out of every training prompt set; never the test split), on the shipped qwen3_moe teacher (88.7% there;
-    # README "Stage 1"): the paper's shape -- one epoch over many rollouts -- at a lower lr. 1 epoch over 6000
-    # prompts per family at lr 2e-4: 88.1% after SFT; 4 epochs over 1500 at 5e-4 (the previous default): 86.1%;
-    # 4 x 1500 at 2e-4: 87.1%; 1 x 6000 at 5e-4: 86.7%.
     p.add_argument("--sft-prompts", type=int, default=6000, help="SFT prompts per family (train split)")
     p.add_argument("--sft-epochs", type=int, default=1, help="SFT epochs over the rollouts (paper: 1)")
     p.add_argument("--sft-lr", type=float, default=2e-4, help="SFT peak lr (cosine, 10%% warmup)")
     p.add_argument("--sft-batch-size", type=int, default=32, help="SFT global batch (sequences per step)")
-    # Off by default: the paper trains on every rollout. On the held-out slice, dropping the teacher's wrong
-    # answers (10.4% of them) gave 87.0% after SFT against 86.2% with the previous SFT settings (within about one
-    # standard error).
+    # Off by default: the paper trains on every rollout.
     p.add_argument("--sft-drop-incorrect", action="store_true",
                    help="SFT only on rollouts the task verifier marks correct (train_sft.py --drop-incorrect)")
     add_sampling_args(p, prefix="rollout-")  # how the teacher samples the SFT rollouts (the paper's settings)
-    # From that SFT model (88.1%), 60 OPD steps: lr 3e-5 88.3%, 1e-5 88.1% (300 steps: 87.9%), 1e-4 87.2% (alpha 0:
-    # 87.3%, so not the GA term), exact reverse KL at 3e-5 87.6%. Above ~3e-5 the policy-gradient noise costs more
-    # than the small reverse KL left to remove (~0.005 nats per token) gains; README "Stage 2" has what limits OPD.
     p.add_argument("--opd-prompts", type=int, default=1000, help="OPD prompts per family (train split)")
     p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
     p.add_argument("--opd-lr", type=float, default=3e-5, help="OPD constant lr")
@@ -117,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--seed", type=int, default=0, help="seed for every stage")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the rollouts, SFT and OPD of an interrupted run in --out instead of starting over")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -139,14 +137,36 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n_real = ModelConfig.from_hf_config(teacher).num_experts
     zero = args.zero_experts or n_real // 2
+    student = out / "converted"
+    if args.resume and "convert" in stages and (student / "config.json").exists():
+        stages.remove("convert")  # the conversion finished (it is all or nothing): keep it
+    seconds = {}
+    try:
+        rows = run_stages(stages, args, teacher, zero, seconds)
+    except StageFailed as e:
+        stopped = e.code in (130, 143)
+        print(f"pipeline.py: {e}; {'what it saved is kept' if stopped else 'stopping'}. Continue with the same "
+              f"command and --resume", file=sys.stderr)
+        return e.code
+    results = {"arch": args.arch, "teacher": str(teacher), "real_experts": n_real, "zero_experts": zero,
+               "n_per_family": args.n, "eval_split": args.eval_split, "stages": rows,
+               "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
+               "seconds": round(time.time() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()}}
+    out_json = out / "results.json"
+    write_json_atomic(out_json, results)
+    print(f"\nresults written to {out_json} ({results['seconds']} s)")
+    return 0
+
+
+def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict) -> dict:
+    """Run the chosen stages in order; returns the evaluation rows."""
+    out = args.out
     student, sft_out, opd_out = out / "converted", out / "sft", out / "opd"
     prompts_sft, prompts_opd, rollouts = out / "prompts_sft.jsonl", out / "prompts_opd.jsonl", out / "rollouts.jsonl"
-    seconds = {}
-
     if "convert" in stages:
         t = time.time()
         run(["convert.py", "--input-dir", str(teacher), "--output-dir", str(student), "--num-zero-experts", str(zero),
-             "--seed", str(args.seed), "--overwrite"], convert.main)
+             "--seed", str(args.seed), "--overwrite"], args.threads)
         seconds["convert"] = time.time() - t
     if "rollouts" in stages:
         t = time.time()
@@ -156,31 +176,31 @@ def main(argv=None) -> int:
         write_jsonl_atomic(prompts_sft, [tasks.to_prompt_record(x) for x in items])
         opd_items = tasks.mixture("train", args.opd_prompts, seed=args.seed + 2, exclude=heldout)
         write_jsonl_atomic(prompts_opd, [tasks.to_prompt_record(x) for x in opd_items])
-        rollouts.unlink(missing_ok=True)
-        print(f"\n[rollouts] {teacher} answers {len(items)} train prompts -> {rollouts}")
-        model, tokenizer = load_for_inference(teacher)
-        with torch.no_grad():
-            params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-")
-            stats = rollout(model, tokenizer, prompts_sft, rollouts, params, batch_size=args.batch_size, seed=args.seed)
-        print(f"[rollouts] {stats}")
+        if not args.resume:
+            rollouts.unlink(missing_ok=True)  # rollout.py appends to what is there (that is its resume)
+        run(["rollout.py", "--teacher", str(teacher), "--prompts", str(prompts_sft), "--out", str(rollouts),
+             "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
+             "--seed", str(args.seed), "--temperature", str(args.rollout_temperature),
+             "--top-p", str(args.rollout_top_p), "--top-k", str(args.rollout_top_k)], args.threads)
         seconds["rollouts"] = time.time() - t
     if "sft" in stages:
         t = time.time()
-        shutil.rmtree(sft_out, ignore_errors=True)  # the pipeline's own earlier SFT run: a fresh one replaces it
+        if not args.resume:
+            shutil.rmtree(sft_out, ignore_errors=True)  # the pipeline's own earlier SFT run: a fresh one replaces it
         run(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
              "--epochs", str(args.sft_epochs), "--global-batch-size", str(args.sft_batch_size),
              "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)),
              "--lr", str(args.sft_lr), "--alpha", str(args.alpha), "--w", str(args.w), "--seed", str(args.seed)]
-            + ["--drop-incorrect"] * args.sft_drop_incorrect,
-            train_sft.main)
+            + ["--drop-incorrect"] * args.sft_drop_incorrect + ["--resume"] * args.resume, args.threads)
         seconds["sft"] = time.time() - t
     if "opd" in stages:
         t = time.time()
-        shutil.rmtree(opd_out, ignore_errors=True)
+        if not args.resume:
+            shutil.rmtree(opd_out, ignore_errors=True)
         run(["train_opd.py", "--student", str(sft_out / "final"), "--teacher", str(teacher), "--prompts",
              str(prompts_opd), "--out", str(opd_out), "--max-steps", str(args.opd_steps), "--lr", str(args.opd_lr),
              "--max-new-tokens", str(args.max_new_tokens), "--alpha", str(args.alpha), "--w", str(args.w),
-             "--seed", str(args.seed)], train_opd.main)
+             "--seed", str(args.seed)] + ["--resume"] * args.resume, args.threads)
         seconds["opd"] = time.time() - t
     rows = {}
     if "eval" in stages:
@@ -192,14 +212,7 @@ def main(argv=None) -> int:
                 rows[name] = evaluate_folder(folder, args)
         seconds["eval"] = time.time() - t
         print("\n" + table(rows))
-    results = {"arch": args.arch, "teacher": str(teacher), "real_experts": n_real, "zero_experts": zero,
-               "n_per_family": args.n, "eval_split": args.eval_split, "stages": rows,
-               "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
-               "seconds": round(time.time() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()}}
-    out_json = out / "results.json"
-    write_json_atomic(out_json, results)
-    print(f"\nresults written to {out_json} ({results['seconds']} s)")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Chat with a static or converted checkpoint, token by token, and see what each answer cost (ZEDA.md §6).
+"""Chat with a static or converted checkpoint, token by token, and see what each answer cost (docs/method.md §6).
 
     python serve.py                                        # the shipped teacher, interactive (one prompt a line)
     python serve.py --prompt "Compute 358+67-149."
@@ -18,10 +18,11 @@ import itertools
 import sys
 from pathlib import Path
 
-from zeda.evaluation import (EXPERT_BACKENDS, EvaluationError, Item, encode_items, load_for_inference, pad_id,
-                             stop_ids)
+from zeda.errors import EvaluationError, ZedaError
+from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flops import flop_report
 from zeda.generation import Generation, SamplingParams, generate
+from zeda.loading import EXPERT_BACKENDS, load_for_inference
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3_moe_teacher"
 MAKE_TEACHER = "python -m zeda.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher"
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens)
         model, tokenizer = load_for_inference(model_dir, args.device, args.dtype, args.expert_backend)
-    except (ValueError, FileNotFoundError) as e:  # EvaluationError, ConfigError, CheckpointError, bad sampling
+    except (ZedaError, OSError) as e:
         return error(str(e))
     seed = args.seed
 

@@ -1,4 +1,4 @@
-"""Stage 2 of ZEDA: on-policy distillation of the SFT student from the frozen static teacher (ZEDA.md §5).
+"""Stage 2 of ZEDA: on-policy distillation of the SFT student from the frozen static teacher (docs/method.md §5).
 
     python train_opd.py --student runs/sft/final --teacher assets/qwen3_moe_teacher --prompts p.jsonl --out runs/opd
     torchrun --nproc_per_node=2 train_opd.py --student ... --teacher ... --prompts ... --out runs/opd
@@ -10,7 +10,8 @@ Each step:
   3. per-token advantage A_t = log p_teacher(y_t) - log p_student(y_t), detached, no discount -- a one-sample
      estimate of the negative reverse KL at each position;
   4. one optimizer step on the PPO-clipped policy-gradient loss (clip 0.2) over the response tokens, with the
-     sampler's log-probs as the old policy, plus the Group Auxiliary Loss.
+     old policy's log-probs recomputed by a training-mode forward (not the sampler's), each answer's mean over
+     its tokens then the mean over answers (--loss-aggregation), plus the Group Auxiliary Loss.
 `--loss full-reverse-kl` replaces 3-4 by the exact KL(p_student || p_teacher) over the vocabulary on the
 sampled sequences (needs the teacher's full logits; for comparison). EOS-terminated and truncated answers are
 both trained on; truncations are counted. Defaults follow the paper: 16 prompts x 2 samples per step, constant
@@ -23,38 +24,36 @@ a non-finite loss stops the run naming the step.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import zeda
-from zeda.data import iter_jsonl, prompt_messages
-from zeda.flops import routing_stats
+from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages
+from zeda.distributed import Dist
+from zeda.errors import DataError, UsageError
+from zeda.flops import expert_counts
 from zeda.generation import SamplingParams, generate, token_logprobs
-from zeda.losses import full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
-from zeda.parallel import Dist, clip_grad_norm, load_parallel
-from zeda.training import (add_training_args, check_fresh_out, collate, encode_chats, Example, latest_checkpoint,
-                           resume_training, make_optimizer, run_training, save_training_checkpoint)
+from zeda.loading import load_model, load_tokenizer
+from zeda.losses import AGGREGATIONS, full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
+from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
 
 
 def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> list[Example]:
     """Prompts JSONL -> chat-templated prompt ids; a prompt that leaves no room to answer is an error."""
     lines, messages = [], []
-    for lineno, rec in iter_jsonl(path):
+    for lineno, rec in iter_records(path):
         lines.append(lineno)
         messages.append(prompt_messages(rec, path, lineno))
     if not messages:
-        raise ValueError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts")
     examples = encode_chats(tokenizer, messages)
     for lineno, e in zip(lines, examples):
         if len(e.ids) > max_prompt_len:
-            raise ValueError(f"{path}:{lineno}: prompt of {len(e.ids)} tokens leaves no room for --max-new-tokens "
+            raise DataError(f"{path}:{lineno}: prompt of {len(e.ids)} tokens leaves no room for --max-new-tokens "
                              f"(context limit {max_prompt_len} for the prompt)")
     return examples
 
@@ -69,12 +68,6 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return picked if len(picked) == per_step else (picked + order)[:per_step]
 
 
-def sequences_from(prompts: list[Example], gen) -> tuple[list[Example], list[list[float]]]:
-    """prompt + sampled answer as training examples (num_prompt marks where the answer starts)."""
-    examples = [Example(p.ids + toks, len(p.ids)) for p, toks in zip(prompts, gen.tokens)]
-    return examples, gen.logprobs
-
-
 def align(values: list[list[float]], examples: list[Example], shape) -> torch.Tensor:
     """Per-answer-token values -> [B, T-1] aligned with collate's loss mask (target t+1 at column t)."""
     out = torch.zeros(shape)
@@ -83,90 +76,79 @@ def align(values: list[list[float]], examples: list[Example], shape) -> torch.Te
     return out
 
 
-def opd_step(student, teacher, examples, old_logp_values, args, d: Dist, pad_id: int, global_tokens: float):
-    """Forward/backward of one rollout batch on this rank. Returns loss terms and routing for metrics."""
-    cfg = student.config
-    ids, attn, mask = collate(examples, pad_id)
-    ids, attn, mask = ids.to(d.device), attn.to(d.device), mask.to(d.device)
+def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist, pad_id: int,
+             global_count: float) -> dict:
+    """Forward and backward of one rollout batch on this rank (docs/method.md §5, steps 2-4).
+
+    The old policy's log-probs are recomputed by a no-grad forward of the student in training mode, as the
+    authors do, not taken from the sampler: the KV-cache decode rounds differently (in bf16 by up to ~0.15 nats
+    a token), and that error would enter both the advantage and the PPO ratio. The student's log-probs are
+    taken at the sampling temperature (logits / T: the policy that sampled), the teacher's at 1. The sampler's
+    log-probs are kept only to report how far they were from the recomputed ones (sampler_logp_gap).
+    global_count: the response tokens (--loss-aggregation token) or sequences (sequence) over all ranks."""
+    cfg, T = student.config, args.temperature
+    ids, attn, mask = (t.to(d.device) for t in collate(examples, pad_id))
     mask_f = mask.float()
-    norm = global_tokens / d.dp  # x world: the mean over ranks of each rank's loss is the global mean
+    norm = global_count / d.dp  # x world: the mean over ranks of each rank's loss is the global mean
     routing = []
     if args.loss == "full-reverse-kl":
         with torch.no_grad():
             teacher_logits = teacher(ids[:, :-1], attention_mask=attn[:, :-1])
-        student_logits = student(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing)
-        policy = full_reverse_kl(student_logits, teacher_logits, mask_f, normalizer=norm)
+        student_logits = student(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing) / T
+        policy = full_reverse_kl(student_logits, teacher_logits, mask_f, norm, args.loss_aggregation)
         routed_mask = attn[:, :-1]  # the tokens the student's forward routed
         with torch.no_grad():
             targets = ids[:, 1:, None]
-            s_logp = student_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
+            old_logp = student_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
             t_logp = teacher_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
     else:
         with torch.no_grad():
             t_logp = token_logprobs(teacher, ids, attn)  # [B, T-1], only the sampled tokens' log-probs
-        new_logp = token_logprobs(student, ids, attn, routing=routing)
-        s_logp = align(old_logp_values, examples, mask.shape).to(d.device)  # the sampler's (behaviour) log-probs
-        advantages = reverse_kl_advantage(t_logp, s_logp)
-        policy = ppo_clip_loss(new_logp, s_logp, advantages, mask_f, args.clip, normalizer=norm)
+            old_logp = token_logprobs(student, ids, attn, temperature=T)  # the behaviour policy, recomputed
+        new_logp = token_logprobs(student, ids, attn, temperature=T, routing=routing)
+        advantages = reverse_kl_advantage(t_logp, old_logp)
+        policy = ppo_clip_loss(new_logp, old_logp, advantages, mask_f, args.clip, norm, args.loss_aggregation)
         routed_mask = attn  # token_logprobs runs the whole sequence
     valid = routed_mask.reshape(-1).bool()
     ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring, args.alpha, args.w,
-                        d.all_reduce if d.dp > 1 else None)
+                        d.all_reduce if d.dp > 1 else None, counts=args.ga_counts)
     (policy + ga).backward()
-    reverse_kl_sum = float(((s_logp - t_logp) * mask_f).sum())  # host sync: metrics
-    stats = routing_stats(routing, cfg.num_experts, routed_mask)
-    return float(policy.detach()), float(ga.detach()), reverse_kl_sum, stats
+    gap = torch.zeros((), device=d.device)
+    if sampler_logp is not None:  # how far the sampler's log-probs were from the recomputed ones (a metric only)
+        gap = ((align(sampler_logp, examples, mask.shape).to(d.device) - old_logp).abs() * mask_f).sum()
+    sums = torch.stack([policy.detach().double(), ga.detach().double(),
+                        ((old_logp - t_logp) * mask_f).sum().double(),  # reverse KL estimate, summed over tokens
+                        gap.double()])
+    counts_LE = expert_counts(routing, valid, cfg.num_router_outputs)
+    return {"sums": sums, "counts_LE": counts_LE}
 
 
 def train(args, d: Dist, stop: dict) -> dict:
-    from transformers import AutoTokenizer
-
-    out: Path = args.out
     cfg = zeda.ModelConfig.from_hf_config(args.student)
     if cfg.num_zero_experts == 0:
-        raise ValueError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums)")
+        raise UsageError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums)")
     teacher_cfg = zeda.ModelConfig.from_hf_config(args.teacher)
     if teacher_cfg.vocab_size != cfg.vocab_size:
-        raise ValueError(f"{args.teacher}: vocab_size {teacher_cfg.vocab_size} differs from the student's "
+        raise UsageError(f"{args.teacher}: vocab_size {teacher_cfg.vocab_size} differs from the student's "
                          f"{cfg.vocab_size}: teacher and student must share the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(args.student)
+    tokenizer = load_tokenizer(args.student)
     pad_id = tokenizer.pad_token_id or 0
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
     prompts = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens)
     if args.prompts_per_step % d.dp:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.dp} ranks")
-
-    check_fresh_out(out, args.resume)
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None:
-        d.print(f"--resume: no checkpoint in {out} yet; starting from step 0")
-    # Both split over the mesh as they load; the student's router in fp32 (paper recipe); the frozen teacher is
-    # split the same way.
-    student = load_parallel(resume_from or args.student, d, args.dtype, args.activation_checkpointing,
-                            router_fp32=True, expert_backend=args.expert_backend)
-    teacher = load_parallel(args.teacher, d, args.dtype, expert_backend=args.expert_backend, trainable=False)
-    opt = make_optimizer(student, args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-    start_step = 0
-    if resume_from is not None:
-        start_step = resume_training(opt, student, resume_from, d)
-        d.print(f"resuming from {resume_from} at step {start_step}")
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.dp} ranks")
+    trainer = Trainer("opd", args, d, stop, init_from=args.student, total_steps=args.max_steps)
+    student = trainer.load_student()
+    # The frozen teacher, split over the mesh the same way, on the same device.
+    teacher = load_model(args.teacher, dtype=args.dtype, dist=d, expert_backend=args.expert_backend, trainable=False)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     per_rank = args.prompts_per_step // d.dp
 
-    def state(step):
-        return {"step": step, "total_steps": args.max_steps, "seed": args.seed, "mesh": d.dims.describe(),
-                "args": {k: str(v) for k, v in vars(args).items()}}
-
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="opd",
-               unit="step", disable=not d.is_main)
-    last = {}
-    for step in bar:
+    def step_fn(step: int) -> dict:
         picked = step_prompts(len(prompts), step, args.prompts_per_step, args.seed)
         mine = [prompts[i] for i in picked[d.dp_rank * per_rank:(d.dp_rank + 1) * per_rank] for _ in
                 range(args.samples_per_prompt)]
-        # 1. sample from the current student (eval mode: no dropout exists, but keep the habit)
+        # 1. sample from the current student
         t0 = time.time()
         student.eval()
         # One seed per sample, from its place in the global batch: the samples do not depend on the rank layout,
@@ -176,52 +158,25 @@ def train(args, d: Dist, stop: dict) -> dict:
         gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id, seed=seeds,
                        all_done=d.ep_all_done if d.dims.ep > 1 else None)  # ep ranks decode in lockstep
         t_sample = time.time() - t0
-        examples, old_logp = sequences_from(mine, gen)
-        local_tokens = sum(len(t) for t in gen.tokens)
-        global_tokens = float(d.all_reduce(torch.tensor(float(local_tokens))))
-        # 2-4. score under teacher and student, one optimizer step
+        examples = [Example(p.ids + toks, len(p.ids)) for p, toks in zip(mine, gen.tokens)]
+        n = d.all_reduce(torch.tensor([float(sum(len(t) for t in gen.tokens)), float(len(gen.tokens)),
+                                       float(sum(not f for f in gen.finished))], dtype=torch.float64))
+        tokens, sequences, truncated = n.tolist()
+        # 2-4. score under teacher and student, backward (the harness steps the optimizer)
         t1 = time.time()
         student.train()
-        opt.zero_grad(set_to_none=True)
-        policy, ga, rkl_sum, stats = opd_step(student, teacher, examples, old_logp, args, d, pad_id, global_tokens)
-        d.average_gradients(student)
-        sums = d.all_reduce(torch.tensor([policy, ga, rkl_sum, float(sum(not f for f in gen.finished)),
-                                          float(len(gen.finished))], dtype=torch.float64))
-        policy_val, ga_val = float(sums[0]) / d.dp, float(sums[1]) / d.dp
-        if not math.isfinite(policy_val + ga_val):
-            raise FloatingPointError(f"non-finite loss at step {step} (policy {policy_val}, ga {ga_val}); stopping "
-                                     f"without saving. Last good checkpoint: {latest_checkpoint(out)}")
-        grad_norm = clip_grad_norm(student, args.grad_clip, d)
-        opt.step()
-        t_train = time.time() - t1
-        # routing over every real token of this step's training forward (prompts and answers), as evaluate counts
-        real = d.all_reduce(torch.tensor([s.real_slots for s in stats], dtype=torch.float64))
-        zero = d.all_reduce(torch.tensor([s.zero_slots for s in stats], dtype=torch.float64))
-        last = {"step": step + 1, "lr": args.lr, "loss": policy_val + ga_val, "policy_loss": policy_val, "ga": ga_val,
-                "reverse_kl": float(sums[2]) / max(1.0, global_tokens), "grad_norm": float(grad_norm),
-                "zero_ratio": float(zero.sum() / (real + zero).sum().clamp(min=1)),
-                "zero_ratio_per_layer": (zero / (real + zero).clamp(min=1)).tolist(),
-                "mean_response_length": global_tokens / float(sums[4]), "truncation_rate": float(sums[3] / sums[4]),
-                "sample_tokens_per_s": global_tokens / max(t_sample, 1e-9),
-                "train_tokens_per_s": global_tokens / max(t_train, 1e-9)}
-        if d.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(last) + "\n")
-        bar.set_postfix(rkl=f"{last['reverse_kl']:.3f}", zero=f"{last['zero_ratio']:.2f}")
-        done = step + 1
-        if stop["signal"] is not None or (args.save_every and done % args.save_every == 0 and done < args.max_steps):
-            path = save_training_checkpoint(student, opt, out / f"step-{done}", args.student, state(done), d)
-            d.print(f"\nsaved {path}")
-        if stop["signal"] is not None:
-            d.print(f"stopped by {stop['signal']} after step {done}; resume with --resume")
-            return {"stopped": stop["signal"], **last}
-    bar.close()
-    final = out / "final"
-    save_training_checkpoint(student, opt, final, args.student, state(args.max_steps), d)
-    summary = {"final": str(final), "steps": args.max_steps, **last}
-    if d.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        out = opd_step(student, teacher, examples, gen.logprobs, args, d, pad_id,
+                       sequences if args.loss_aggregation == "sequence" else tokens)
+        sums = d.all_reduce(out["sums"])
+        policy, ga = float(sums[0]) / d.dp, float(sums[1]) / d.dp
+        return {"loss": policy + ga, "policy_loss": policy, "ga": ga, "reverse_kl": float(sums[2]) / max(1.0, tokens),
+                "sampler_logp_gap": float(sums[3]) / max(1.0, tokens),
+                **zero_share_metrics(out["counts_LE"], cfg.num_experts, d),
+                "mean_response_length": tokens / sequences, "truncation_rate": truncated / sequences,
+                "sample_tokens_per_s": tokens / max(t_sample, 1e-9),
+                "train_tokens_per_s": tokens / max(time.time() - t1, 1e-9)}
+
+    return trainer.run(step_fn, lambda step: args.lr, postfix=("reverse_kl", "zero_ratio"))
 
 
 def parse_args(argv=None):
@@ -238,6 +193,9 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="ppo", choices=["ppo", "full-reverse-kl"],
                    help="ppo: sampled-token reverse-KL advantage, PPO-clipped; full-reverse-kl: exact KL over V")
     p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip")
+    p.add_argument("--loss-aggregation", default="sequence", choices=AGGREGATIONS,
+                   help="sequence: each answer's mean over its tokens, then the mean over answers (the authors'); "
+                        "token: the mean over all answer tokens")
     p.add_argument("--lr", type=float, default=5e-6, help="constant learning rate (paper: 5e-6 Qwen, 1e-6 GLM)")
     add_training_args(p)
     p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")

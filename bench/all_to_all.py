@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from zeda.distributed import init_distributed, shutdown
 from zeda.evaluation import write_json_atomic
+from zeda.expert_parallel import AllToAllDispatcher
 from zeda.moe import routed_experts_forward
-from zeda.parallel import AllToAllDispatcher, init_distributed, shutdown
 
 
 def routes(T: int, K: int, N: int, Z: int, zero_share: float, g: torch.Generator):

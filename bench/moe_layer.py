@@ -1,4 +1,4 @@
-"""Time one MoE layer's routed experts at 0/25/50/75% zero-expert share (PEERS.md lesson 11, ZEDA.md §6).
+"""Time one MoE layer's routed experts at 0/25/50/75% zero-expert share (docs/method.md §6; the shapes and regimes users ask peers to report).
 
     python -m bench.moe_layer                                  # CPU defaults: H, I / 8, T in 256, 1, 16 (< 3 min)
     python -m bench.moe_layer --device cuda --dtype bfloat16   # GPU: full Qwen3/GLM shapes, prefill and decode
@@ -10,7 +10,7 @@ The routing of each row has exactly the requested share of its slots on zero exp
 random distinct real experts otherwise, so the real FLOPs fall linearly with the share; a kernel that really
 skips zero slots should speed up accordingly ("speedup" column, vs the same backend at 0%).
 
-Counted per real slot (ZEDA.md §6): FLOPs 2*3*H*I forward, x3 for forward+backward (TFLOP/s on real FLOPs).
+Counted per real slot (docs/method.md §6): FLOPs 2*3*H*I forward, x3 for forward+backward (TFLOP/s on real FLOPs).
 Bytes (a minimum-traffic model, GB/s): expert weights of the experts that got >= 1 real slot, plus x read
 and y written; forward+backward counts the weights 3x (read, read, gradient write) and the activations 2x
 (plus dy, dx). Intermediate [M, I] buffers are not counted. The GLM shared expert is timed as one dense

@@ -4,7 +4,7 @@ single-process model's, and the all-to-all volume against the count of real slot
     torchrun --nproc_per_node=2 tests/dist_worker.py OUT.json CHECKPOINT [CHECKPOINT ...]
 
 For every checkpoint and every mesh (ep=2, tp=2, fsdp over dp=2), each rank builds the single-process reference
-itself from the checkpoint, then a second copy that zeda.parallel shards. Ranks that hold different data (dp)
+itself from the checkpoint, then a second copy that zeda.loading.load_model shards. Ranks that hold different data (dp)
 take different halves of the batch. The converted checkpoints are also run with the zero experts masked
 (zero share 0), to see the all-to-all volume drop once zero experts are used. Rank 0 writes the results.
 """
@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zeda  # noqa: E402
-from zeda.parallel import Dist, expert_traffic, init_distributed, load_parallel, shutdown  # noqa: E402
+from zeda.distributed import Dist, init_distributed, shutdown  # noqa: E402
+from zeda.expert_parallel import expert_traffic  # noqa: E402
+from zeda.loading import load_model  # noqa: E402
 
 MESHES = {"ep": dict(ep=2), "tp": dict(tp=2), "fsdp": dict(fsdp=True), "ep-fsdp": dict(ep=2, fsdp=True),
           "ep-tp": dict(ep=2, tp=2)}
@@ -49,8 +51,8 @@ def gradient_difference(reference, sharded, d) -> float:
 def check(checkpoint: Path, mesh: str, **overrides) -> dict:
     d = init_distributed("cpu", **MESHES[mesh])
     reference = zeda.load_model(checkpoint, **overrides)
-    sharded = load_parallel(checkpoint, d, **overrides)  # split as it loads, as the training scripts do
-    bytes_whole = load_parallel(checkpoint, Dist(), **overrides).bytes_read  # what one process reads
+    sharded = load_model(checkpoint, dist=d, **overrides)  # split as it loads, as the training scripts do
+    bytes_whole = load_model(checkpoint, dist=Dist(), **overrides).bytes_read  # what one process reads
     cfg = reference.config
     ids = torch.randint(4, cfg.vocab_size, (4, 12), generator=torch.Generator().manual_seed(0))  # same on all ranks
     attn = torch.ones_like(ids)

@@ -196,3 +196,31 @@ def test_score_answer(prediction, reference, expected):
 def test_score_answer_accepts_reference_responses():
     for task in tasks.mixture("test", 20, seed=4):
         assert data.score_answer(task.response, task.answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet: the same records, read through `datasets`
+
+
+def test_parquet_records_read_like_jsonl(tmp_path):
+    import datasets
+
+    records = [{"messages": [{"role": "user", "content": "Compute 2+3."}, {"role": "assistant", "content": "5"}]},
+               {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}]
+    path = tmp_path / "rollouts.parquet"
+    datasets.Dataset.from_list(records).to_parquet(str(path))
+    (tmp_path / "rollouts.jsonl").write_text("".join(data._line(r) for r in records))
+    from_parquet = list(data.iter_records(path))
+    assert from_parquet == list(data.iter_records(tmp_path / "rollouts.jsonl"))
+    assert [n for n, _ in from_parquet] == [1, 2]  # row numbers, for errors
+    assert data.response_of(from_parquet[0][1]) == "5"
+    assert data.prompt_messages(from_parquet[1][1]) == records[1]["messages"]
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(data.DataError, match="broken.parquet: cannot read as Parquet"):
+        list(data.iter_records(path))
+    with pytest.raises(FileNotFoundError, match="missing.parquet: no such file"):
+        list(data.iter_records(tmp_path / "missing.parquet"))

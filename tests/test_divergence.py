@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import compare
 from zeda.divergence import BUCKETS, bucket_of, compare_models, divergence_table, first_difference
-from zeda.evaluation import EvaluationError, encode_items, load_for_inference, suite_items
+from zeda.evaluation import EvaluationError, encode_items, suite_items
+from zeda.loading import load_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "assets" / "qwen3_moe_teacher"

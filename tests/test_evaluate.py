@@ -15,11 +15,12 @@ import pytest
 
 import evaluate
 from zeda import evaluation, tasks
-from zeda.evaluation import EvaluationError, benchmark_items, evaluate_model, load_for_inference, suite_items
+from zeda.evaluation import EvaluationError, benchmark_items, evaluate_model, suite_items
+from zeda.loading import load_for_inference
 from zeda.generation import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
-from zeda.training import encode_chat
+from zeda.data import encode_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses on a shared 2-core machine

@@ -1,4 +1,4 @@
-"""FLOP accounting equals a hand count (ZEDA.md §6), and routing statistics exclude padding.
+"""FLOP accounting equals a hand count (docs/method.md §6), and routing statistics exclude padding.
 
 The hand count here is independent of zeda/flops.py: it walks the model's own modules and counts
 2 x (weight elements) per token for every Linear a token passes through, plus the attention scores.

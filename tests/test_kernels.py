@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before anything imports
 triton). The interpreter pays per program, so shapes are tiny and odd; a few tests force 16-wide tiles so that
-experts span several M-tiles and tiles end mid-expert (the tile-straddling bug, PEERS.md lesson 14).
+experts span several M-tiles and tiles end mid-expert (the classic tile-straddling bug of grouped GEMMs).
 
 Shape letters: T tokens, K top-k, N real experts, Z zero experts (ids N .. N+Z-1), H hidden, I intermediate.
 """
@@ -79,7 +79,7 @@ def make_case(T, K, N, Z, H, I, zero_share=0.5, seed=0, dtype=torch.float32, **r
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=gen)
     logits = torch.randn(T, K, generator=gen)
-    weights = logits.softmax(-1)  # fp32, zero slots keep their share (ZEDA.md §2)
+    weights = logits.softmax(-1)  # fp32, zero slots keep their share (docs/method.md §2)
     ids = make_routing(T, K, N, Z, zero_share, gen, **routing)
     gate = torch.randn(N, I, H, generator=gen) / H**0.5
     up = torch.randn(N, I, H, generator=gen) / H**0.5

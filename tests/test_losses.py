@@ -1,4 +1,4 @@
-"""zeda/losses.py against hand computations (ZEDA.md §3 Group Auxiliary Loss, §4 SFT cross-entropy, §5 OPD).
+"""zeda/losses.py against hand computations (docs/method.md §3 Group Auxiliary Loss, §4 SFT cross-entropy, §5 OPD).
 
 Group Auxiliary Loss: the value on hand-written routing tables (softmax and sigmoid scoring, padding masked,
 summed over layers) recomputed with plain Python; its minimum sits at the zero share w Z / (N + w Z); the
@@ -15,9 +15,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zeda.losses import (full_reverse_kl, group_aux_loss, group_shares, ppo_clip_loss, response_cross_entropy,
+from zeda.losses import (aggregate, full_reverse_kl, group_aux_loss, group_shares, ppo_clip_loss, response_cross_entropy,
                          reverse_kl_advantage)
-from zeda.moe import RouterOutput
+from zeda.config import ModelConfig
+from zeda.moe import Router, RouterOutput
+from zeda.tiny import tiny_hf_config
+
+
+def ga_counted(*args, **kwargs):
+    """group_aux_loss with f counted on the routed ids: the tables below give those ids by hand, independent of
+    their logits, to test the formula itself."""
+    return group_aux_loss(*args, counts="routing", **kwargs)
 
 # ----------------------------------------------------------------------------------------------
 # Group Auxiliary Loss: hand computation
@@ -77,13 +85,13 @@ def hand_ga(layers, n, z, valid, scoring, alpha=0.1, w=2.0):
 def test_group_aux_loss_matches_hand_computation(scoring):
     all_valid = [True, True, True]
     for layers in [(LAYER_A,), (LAYER_B,), (LAYER_A, LAYER_B)]:  # the two-layer case is the sum of the others
-        got = group_aux_loss(routing_of(*layers), N, Z, scoring=scoring)
+        got = ga_counted(routing_of(*layers), N, Z, scoring=scoring)
         assert got.item() == pytest.approx(hand_ga(layers, N, Z, all_valid, scoring), rel=1e-6)
-    both = group_aux_loss(routing_of(LAYER_A, LAYER_B), N, Z, scoring=scoring).item()
-    one = [group_aux_loss(routing_of(layer), N, Z, scoring=scoring).item() for layer in (LAYER_A, LAYER_B)]
+    both = ga_counted(routing_of(LAYER_A, LAYER_B), N, Z, scoring=scoring).item()
+    one = [ga_counted(routing_of(layer), N, Z, scoring=scoring).item() for layer in (LAYER_A, LAYER_B)]
     assert both == pytest.approx(sum(one), rel=1e-6)
     # Other alpha and w.
-    got = group_aux_loss(routing_of(LAYER_A, LAYER_B), N, Z, scoring=scoring, alpha=0.7, w=0.5)
+    got = ga_counted(routing_of(LAYER_A, LAYER_B), N, Z, scoring=scoring, alpha=0.7, w=0.5)
     assert got.item() == pytest.approx(hand_ga((LAYER_A, LAYER_B), N, Z, all_valid, scoring, 0.7, 0.5), rel=1e-6)
 
 
@@ -92,20 +100,20 @@ def test_group_aux_loss_ignores_padding_tokens(scoring):
     valid = [True, False, True]
     valid_T = torch.tensor(valid)
     layers = (LAYER_A, LAYER_B)
-    got = group_aux_loss(routing_of(*layers), N, Z, valid_T, scoring=scoring)
+    got = ga_counted(routing_of(*layers), N, Z, valid_T, scoring=scoring)
     assert got.item() == pytest.approx(hand_ga(layers, N, Z, valid, scoring), rel=1e-6)
     assert got.item() != pytest.approx(hand_ga(layers, N, Z, [True] * 3, scoring), rel=1e-3)
     # Whatever a padding token's logits and ids are, the loss is the same.
     junk = [(logits[:1] + [[9.0, -9.0, 3.0, 0.0, -4.0, 7.0]] + logits[2:], ids[:1] + [[5, 4]] + ids[2:])
             for logits, ids in layers]
-    assert group_aux_loss(routing_of(*junk), N, Z, valid_T, scoring=scoring).item() == pytest.approx(got.item(),
+    assert ga_counted(routing_of(*junk), N, Z, valid_T, scoring=scoring).item() == pytest.approx(got.item(),
                                                                                                      rel=1e-6)
 
 
 def test_group_shares_are_sums():
     """(real slots, zero slots, P mass on E, P mass on Z, tokens) per layer, padding excluded."""
     valid = [True, False, True]
-    (real, zero, p_real, p_zero, tokens), = group_shares(routing_of(LAYER_A), N, torch.tensor(valid), "softmax")
+    (real, zero, p_real, p_zero, tokens), = group_shares(routing_of(LAYER_A), N, torch.tensor(valid), "softmax", "routing")
     assert (int(real), int(zero), tokens) == (3, 1, 2)
     probs = [hand_probs(LAYER_A[0][t], "softmax") for t in (0, 2)]
     assert p_zero.item() == pytest.approx(sum(sum(p[N:]) for p in probs), rel=1e-6)
@@ -138,7 +146,7 @@ def test_group_aux_loss_minimum_is_at_the_target_zero_share(n, z, w):
         f_z = int((routing[0].ids_TK >= n).sum()) / (T * K)
         p_z = routing[0].logits_TE.softmax(-1)[:, n:].sum(-1).mean().item()
         assert f_z == pytest.approx(s) and p_z == pytest.approx(s, abs=1e-6)
-        grid.append((group_aux_loss(routing, n, z, w=w).item(), s))
+        grid.append((ga_counted(routing, n, z, w=w).item(), s))
     best = min(grid)[1]
     target = w * z / (n + w * z)
     assert abs(best - target) <= step + 1e-9, (best, target)
@@ -154,7 +162,7 @@ def test_group_aux_loss_gradient_pushes_zero_share_toward_target(scoring, zero_s
     logits_TE = torch.randn(T, n + z, requires_grad=True)
     zero_slots = round(zero_share * T * K)
     ids_TK = torch.tensor([n + (j % z) if j < zero_slots else j % n for j in range(T * K)]).view(T, K)
-    loss = group_aux_loss([RouterOutput(torch.ones(T, K), ids_TK, logits_TE)], n, z, scoring=scoring)
+    loss = ga_counted([RouterOutput(torch.ones(T, K), ids_TK, logits_TE)], n, z, scoring=scoring)
     loss.backward()
     zero_grad = logits_TE.grad[:, n:].sum().item()
     above = zero_share > 2 * z / (n + 2 * z)
@@ -175,7 +183,7 @@ def test_group_aux_loss_gradient_flows_through_logits_only(scoring):
     routing = routing_of(LAYER_A, LAYER_B, requires_grad=True)
     for r in routing:
         r.weights_TK.requires_grad_(True)
-    loss = group_aux_loss(routing, N, Z, scoring=scoring)
+    loss = ga_counted(routing, N, Z, scoring=scoring)
     grads = torch.autograd.grad(loss, [t for r in routing for t in (r.weights_TK, r.logits_TE)], allow_unused=True)
     assert grads[0] is None and grads[2] is None  # the combine weights do not enter the loss
     assert all(g.abs().sum() > 0 for g in (grads[1], grads[3]))
@@ -228,18 +236,18 @@ def test_group_aux_loss_all_reduce_averages_to_the_union_loss(scoring):
 
     # Each rank's own contributions (what it would hand to all_reduce), from its own routing only.
     log_a, log_b = [], []
-    group_aux_loss(routing_of(*rank_a), N, Z, valid_a, scoring, all_reduce=recording_all_reduce(log_a))
-    group_aux_loss(routing_of(*rank_b), N, Z, valid_b, scoring, all_reduce=recording_all_reduce(log_b))
+    ga_counted(routing_of(*rank_a), N, Z, valid_a, scoring, all_reduce=recording_all_reduce(log_a))
+    ga_counted(routing_of(*rank_b), N, Z, valid_b, scoring, all_reduce=recording_all_reduce(log_b))
     assert len(log_a) == len(log_b) == 1 + 2 * 2  # world size, then counts and tokens per layer
 
     routing_a, routing_b = routing_of(*rank_a, requires_grad=True), routing_of(*rank_b, requires_grad=True)
-    loss_a = group_aux_loss(routing_a, N, Z, valid_a, scoring, all_reduce=two_rank_all_reduce(log_b))
-    loss_b = group_aux_loss(routing_b, N, Z, valid_b, scoring, all_reduce=two_rank_all_reduce(log_a))
+    loss_a = ga_counted(routing_a, N, Z, valid_a, scoring, all_reduce=two_rank_all_reduce(log_b))
+    loss_b = ga_counted(routing_b, N, Z, valid_b, scoring, all_reduce=two_rank_all_reduce(log_a))
 
     union_layers = [(la[0] + lb[0], la[1] + lb[1]) for la, lb in zip(rank_a, rank_b)]
     valid_u = torch.cat([valid_a, valid_b])
     routing_u = routing_of(*union_layers, requires_grad=True)
-    loss_u = group_aux_loss(routing_u, N, Z, valid_u, scoring)
+    loss_u = ga_counted(routing_u, N, Z, valid_u, scoring)
     assert loss_u.item() == pytest.approx(hand_ga(union_layers, N, Z, valid_u.tolist(), scoring), rel=1e-6)
     assert ((loss_a + loss_b) / 2).item() == pytest.approx(loss_u.item(), rel=1e-6)
     assert loss_a.item() != pytest.approx(loss_b.item(), rel=1e-3)  # the ranks really do see different data
@@ -318,9 +326,9 @@ def test_ppo_clip_loss_matches_hand_computation_with_clipping():
         return -min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
 
     expected = sum(hand(r, a) for r, a, m, _ in cases if m) / 6
-    loss = ppo_clip_loss(new, old, adv, mask, clip=eps)
+    loss = ppo_clip_loss(new, old, adv, mask, clip=eps, aggregation="token")
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert ppo_clip_loss(new, old, adv, mask, clip=eps, normalizer=3.0).item() == pytest.approx(expected * 6 / 3,
+    assert ppo_clip_loss(new, old, adv, mask, clip=eps, normalizer=3.0, aggregation="token").item() == pytest.approx(expected * 6 / 3,
                                                                                                 rel=1e-5)
     loss.backward()
     for i, (r, a, m, clipped) in enumerate(cases):
@@ -350,25 +358,26 @@ def test_full_reverse_kl_matches_torch_distributions():
     kl = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=s),
                                            torch.distributions.Categorical(logits=t))  # KL(student || teacher)
     expected = (kl * mask).sum() / mask.sum()
-    torch.testing.assert_close(full_reverse_kl(s, t, mask), expected)
+    torch.testing.assert_close(full_reverse_kl(s, t, mask, aggregation="token"), expected)
     # Explicit sum for one position.
     ps, pt = s[0, 0].softmax(-1), t[0, 0].softmax(-1)
     one = sum(ps[v] * (ps[v].log() - pt[v].log()) for v in range(13))
-    torch.testing.assert_close(full_reverse_kl(s[:1, :1], t[:1, :1], torch.ones(1, 1)), one)
-    assert full_reverse_kl(s, t, mask, normalizer=2.0).item() == pytest.approx((kl * mask).sum().item() / 2,
-                                                                               rel=1e-5)
+    torch.testing.assert_close(full_reverse_kl(s[:1, :1], t[:1, :1], torch.ones(1, 1), aggregation="token"), one)
+    assert full_reverse_kl(s, t, mask, normalizer=2.0, aggregation="token").item() == pytest.approx(
+        (kl * mask).sum().item() / 2, rel=1e-5)
     # It is the reverse KL, not the forward one.
     forward = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=t),
                                                 torch.distributions.Categorical(logits=s))
-    assert full_reverse_kl(s, t, mask).item() != pytest.approx(((forward * mask).sum() / mask.sum()).item(),
-                                                               rel=1e-3)
+    assert full_reverse_kl(s, t, mask, aggregation="token").item() != pytest.approx(
+        ((forward * mask).sum() / mask.sum()).item(), rel=1e-3)
 
 
 def test_full_reverse_kl_zero_when_equal():
     torch.manual_seed(4)
     s = torch.randn(3, 4, 9)
-    assert full_reverse_kl(s, s.clone(), torch.ones(3, 4)).abs().item() < 1e-6
-    assert full_reverse_kl(s, s + 5.0, torch.ones(3, 4)).abs().item() < 1e-5  # a constant shift is the same p
+    assert full_reverse_kl(s, s.clone(), torch.ones(3, 4), aggregation="token").abs().item() < 1e-6
+    # a constant shift is the same p
+    assert full_reverse_kl(s, s + 5.0, torch.ones(3, 4), aggregation="token").abs().item() < 1e-5
 
 
 @settings(max_examples=40, deadline=None)
@@ -378,4 +387,65 @@ def test_full_reverse_kl_is_non_negative(seed, scale):
     s = torch.randn(2, 3, 7, generator=g) * scale
     t = torch.randn(2, 3, 7, generator=g) * scale
     mask = (torch.rand(2, 3, generator=g) > 0.3).float()
-    assert full_reverse_kl(s, t, mask).item() >= -1e-6
+    assert full_reverse_kl(s, t, mask, aggregation="token").item() >= -1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Group Auxiliary Loss: which slots f counts (the authors': a fresh top-K of the normalised scores)
+
+
+def router_of(model_type: str, bias_on_zero: float = 0.0, seed: int = 0) -> Router:
+    hf = tiny_hf_config(model_type).to_dict()
+    n = next(hf[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if hf.get(k))
+    hf["zce_nums"], hf["zce_types"] = [n // 2], ["zero"]
+    cfg = ModelConfig.from_hf_config(hf)
+    torch.manual_seed(seed)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    if cfg.router_scoring == "sigmoid":
+        router.e_score_correction_bias[cfg.num_experts:] = bias_on_zero
+    return router
+
+
+def test_scores_count_equals_routing_for_softmax_routers():
+    router = router_of("qwen3_moe")
+    x = torch.randn(40, router.weight.shape[1])
+    r = router(x)
+    assert torch.equal(group_aux_loss([r], router.num_experts, router.weight.shape[0] - router.num_experts),
+                       ga_counted([r], router.num_experts, router.weight.shape[0] - router.num_experts))
+
+
+def test_glm_scores_count_leaves_out_the_correction_bias():
+    """A bias that pushes selection onto the zero experts: the routing uses many zero slots, while f (the authors'
+    count) is taken on the unbiased normalised sigmoid scores, computed here by hand."""
+    router = router_of("glm4_moe_lite", bias_on_zero=5.0)
+    n = router.num_experts
+    z = router.weight.shape[0] - n
+    x = torch.randn(40, router.weight.shape[1])
+    r = router(x)
+    routed_zero = float((r.ids_TK >= n).float().mean())
+    fresh = (r.logits_TE.sigmoid() / r.logits_TE.sigmoid().sum(-1, keepdim=True)).topk(r.ids_TK.shape[1]).indices
+    scores_zero = float((fresh >= n).float().mean())
+    assert routed_zero > scores_zero + 0.2  # the bias really changed the routing
+    (real_s, zero_s, *_), = group_shares([r], n, None, "sigmoid", "scores")
+    (real_r, zero_r, *_), = group_shares([r], n, None, "sigmoid", "routing")
+    assert float(zero_s) / float(real_s + zero_s) == pytest.approx(scores_zero)
+    assert float(zero_r) / float(real_r + zero_r) == pytest.approx(routed_zero)
+    # and the loss itself is the formula on the scores' f
+    f_z = scores_zero
+    probs = r.logits_TE.sigmoid() / r.logits_TE.sigmoid().sum(-1, keepdim=True)
+    p_z, p_e = float(probs[:, n:].sum(-1).mean()), float(probs[:, :n].sum(-1).mean())
+    expected = 0.1 * (n + 2 * z) * ((1 - f_z) * p_e / n + f_z * p_z / (2 * z))
+    assert group_aux_loss([r], n, z, scoring="sigmoid").item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sequence_aggregation_is_the_mean_of_each_answers_mean():
+    """The authors' OPD aggregation: [1, 2, 3] and [10] -> (2 + 10) / 2 = 6, where the token mean is 16 / 4 = 4;
+    a row without answer tokens counts for nothing."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    assert aggregate(per_token, mask, "sequence").item() == pytest.approx(6.0)
+    assert aggregate(per_token, mask, "token").item() == pytest.approx(4.0)
+    assert aggregate(per_token, mask, "sequence", normalizer=4.0).item() == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(per_token, mask, "batch")

@@ -111,7 +111,7 @@ def test_load_errors_name_file_and_key(tmp_path):
     shard.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match=f"{shard.name}: cannot read"):
         zeda.load_model(folder)
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(ConfigError, match="nope: no such model folder"):
         zeda.load_model(tmp_path / "nope")
 
 

@@ -1,4 +1,4 @@
-"""Router and experts with zero experts: the invariants of ZEDA.md §2, as property tests.
+"""Router and experts with zero experts: the invariants of docs/method.md §2, as property tests.
 
 - zero experts contribute exactly zero (against a dense computation where they are real experts with
   all-zero weights);

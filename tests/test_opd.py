@@ -1,4 +1,4 @@
-"""train_opd.py (ZEDA.md §5): stage 2, on-policy distillation of the converted student from the frozen teacher.
+"""train_opd.py (docs/method.md §5): stage 2, on-policy distillation of the converted student from the frozen teacher.
 
 On a tiny random qwen3_moe teacher (the char-level tokenizer, vocab 104) and its conversion with Z = 4 zero
 experts: opd_step's per-token advantage is log p_teacher - log p_student of the sampled tokens and its loss is
@@ -23,10 +23,10 @@ import torch
 import zeda
 from zeda import tasks
 from zeda.generation import token_logprobs
-from zeda.parallel import Dist
+from zeda.distributed import Dist
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
-from zeda.training import Example, collate
+from zeda.data import Example, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # train_opd.py and convert.py live in the repository root
@@ -38,7 +38,7 @@ import train_opd  # noqa: E402
 VOCAB, Z = 104, 4
 TINY = ["--max-steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "12",
         "--lr", "1e-3", "--device", "cpu"]
-FIELDS = {"step", "lr", "loss", "policy_loss", "ga", "reverse_kl", "zero_ratio", "zero_ratio_per_layer",
+FIELDS = {"step", "lr", "loss", "policy_loss", "ga", "reverse_kl", "sampler_logp_gap", "zero_ratio", "zero_ratio_per_layer",
           "mean_response_length", "truncation_rate", "sample_tokens_per_s", "train_tokens_per_s"}
 
 
@@ -86,16 +86,36 @@ def single_logprobs(model, e: Example) -> list[float]:
     return lp[e.num_prompt - 1:].tolist()
 
 
-def opd_args(assets, loss="ppo"):
+def opd_args(assets, loss="ppo", *extra):
     return train_opd.parse_args(["--student", str(assets / "student"), "--teacher", str(assets / "teacher"),
-                                 "--prompts", "p", "--out", "o", "--loss", loss])
+                                 "--prompts", "p", "--out", "o", "--loss", loss, *extra])
 
 
 # ----------------------------------------------------------------------------------------------
 # opd_step on a hand-built batch
 
 
-def test_opd_step_advantage_is_teacher_minus_student_logprob(assets, monkeypatch):
+def spy_on_ppo(monkeypatch) -> dict:
+    """Record what opd_step hands ppo_clip_loss (the real loss still runs)."""
+    seen, real_ppo = {}, train_opd.ppo_clip_loss
+
+    def spy(new_logp, old_logp, advantages, mask, clip, normalizer=None, aggregation="token"):
+        seen.update(new=new_logp.detach().clone(), old=old_logp.clone(), adv=advantages.clone(), mask=mask.clone(),
+                    clip=clip, normalizer=normalizer, aggregation=aggregation)
+        return real_ppo(new_logp, old_logp, advantages, mask, clip, normalizer, aggregation)
+
+    monkeypatch.setattr(train_opd, "ppo_clip_loss", spy)
+    return seen
+
+
+def step(student, teacher, examples, sampler_logp, args, count):
+    out = train_opd.opd_step(student, teacher, examples, sampler_logp, args, Dist(), 0, float(count))
+    policy, ga, rkl_sum, gap_sum = out["sums"].tolist()
+    return policy, ga, rkl_sum, gap_sum, out["counts_LE"]
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_opd_step_advantage_is_teacher_minus_student_logprob(assets, monkeypatch, aggregation):
     student, teacher = zeda.load_model(assets / "student"), zeda.load_model(assets / "teacher")
     teacher.requires_grad_(False)
     examples = hand_batch()
@@ -103,18 +123,10 @@ def test_opd_step_advantage_is_teacher_minus_student_logprob(assets, monkeypatch
     teach = [single_logprobs(teacher, e) for e in examples]
     n_answer = sum(len(e.ids) - e.num_prompt for e in examples)
     assert [len(v) for v in old] == [len(e.ids) - e.num_prompt for e in examples]
-
-    seen = {}
-    real_ppo = train_opd.ppo_clip_loss
-
-    def spy(new_logp, old_logp, advantages, mask, clip, normalizer=None):
-        seen.update(new=new_logp.detach().clone(), old=old_logp.clone(), adv=advantages.clone(), mask=mask.clone(),
-                    clip=clip, normalizer=normalizer)
-        return real_ppo(new_logp, old_logp, advantages, mask, clip, normalizer=normalizer)
-
-    monkeypatch.setattr(train_opd, "ppo_clip_loss", spy)
-    args = opd_args(assets)
-    policy, ga, rkl_sum, stats = train_opd.opd_step(student, teacher, examples, old, args, Dist(), 0, float(n_answer))
+    seen = spy_on_ppo(monkeypatch)
+    args = opd_args(assets, "ppo", "--loss-aggregation", aggregation)
+    count = len(examples) if aggregation == "sequence" else n_answer
+    policy, ga, rkl_sum, gap_sum, counts = step(student, teacher, examples, old, args, count)
 
     # the advantage at each answer token is log p_teacher - log p_student of that token, and nothing elsewhere
     _, _, mask = collate(examples, 0)
@@ -123,52 +135,100 @@ def test_opd_step_advantage_is_teacher_minus_student_logprob(assets, monkeypatch
         cols = slice(e.num_prompt - 1, len(e.ids) - 1)
         expected = torch.tensor(teach[b]) - torch.tensor(old[b])
         torch.testing.assert_close(seen["adv"][b, cols], expected, atol=1e-5, rtol=0)
-        assert torch.equal(seen["old"][b, cols], torch.tensor(old[b]))  # the sampler's values, as given
+        torch.testing.assert_close(seen["old"][b, cols], torch.tensor(old[b]), atol=1e-5, rtol=0)
         torch.testing.assert_close(seen["new"][b, cols], torch.tensor(old[b]), atol=1e-5, rtol=0)
-    assert seen["clip"] == 0.2 and seen["normalizer"] == n_answer
-    # the loss it returns is ppo_clip_loss on those tensors; ratio 1 here, so it is -mean(A)
-    expected_loss = real_ppo(seen["new"], seen["old"], seen["adv"], seen["mask"], 0.2, normalizer=n_answer)
-    assert policy == pytest.approx(float(expected_loss), abs=1e-6)
-    all_adv = torch.cat([torch.tensor(t) - torch.tensor(o) for t, o in zip(teach, old)])
-    assert policy == pytest.approx(-float(all_adv.sum()) / n_answer, abs=1e-5)
-    assert rkl_sum == pytest.approx(-float(all_adv.sum()), abs=1e-4)  # the metric: sum of log p_s - log p_t
-    assert ga > 0 and len(stats) == student.config.num_moe_layers
-
-    # behaviour log-probs away from the current policy (ratios 0.61 and 1.65): the clip is applied, and the loss
-    # is -min(r A, clip(r) A) with A = log p_teacher - old, computed here by hand per sequence
-    shifted = [[v + (0.5 if i % 2 else -0.5) for i, v in enumerate(o)] for o in old]
-    policy2, _, _, _ = train_opd.opd_step(student, teacher, examples, shifted, args, Dist(), 0, float(n_answer))
-    terms = []
-    for o, t, n in zip(shifted, teach, old):
-        o, t, n = torch.tensor(o, dtype=torch.float64), torch.tensor(t, dtype=torch.float64), torch.tensor(n)
-        ratio, adv = torch.exp(n - o), t - o
-        terms.append(-torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv))
-    assert policy2 == pytest.approx(float(torch.cat(terms).sum()) / n_answer, abs=1e-5)
-    assert abs(policy2 - policy) > 1e-2
-    # backward went into the student only
-    assert all(p.grad is None for p in teacher.parameters())
+    assert seen["clip"] == 0.2 and seen["normalizer"] == count and seen["aggregation"] == aggregation
+    # ratio 1 (one step per rollout batch): the loss is -mean(A), per sequence then over sequences, or per token
+    adv = [torch.tensor(t) - torch.tensor(o) for t, o in zip(teach, old)]
+    if aggregation == "sequence":
+        expected_policy = -sum(float(a.mean()) for a in adv) / len(adv)
+    else:
+        expected_policy = -float(torch.cat(adv).sum()) / n_answer
+    assert policy == pytest.approx(expected_policy, abs=1e-5)
+    assert rkl_sum == pytest.approx(-float(torch.cat(adv).sum()), abs=1e-4)  # the metric: sum of log p_s - log p_t
+    assert gap_sum == pytest.approx(0.0, abs=1e-4)  # the sampler's values were exact here
+    assert ga > 0 and counts.shape[0] == student.config.num_moe_layers
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
-def test_opd_step_full_reverse_kl_is_exact_kl(assets):
+def test_sequence_and_token_aggregation_weigh_answers_differently(assets, monkeypatch):
+    """With answers of different lengths the two aggregations give different gradients (the authors' is per
+    sequence); fails if opd_step ignores --loss-aggregation."""
     student, teacher = zeda.load_model(assets / "student"), zeda.load_model(assets / "teacher")
     teacher.requires_grad_(False)
     examples = hand_batch()
     n_answer = sum(len(e.ids) - e.num_prompt for e in examples)
-    policy, ga, rkl_sum, _ = train_opd.opd_step(student, teacher, examples, None, opd_args(assets, "full-reverse-kl"),
-                                                Dist(), 0, float(n_answer))
+    grads = {}
+    for aggregation, count in (("sequence", len(examples)), ("token", n_answer)):
+        student.zero_grad(set_to_none=True)
+        step(student, teacher, examples, [[0.0] * (len(e.ids) - e.num_prompt) for e in examples],
+             opd_args(assets, "ppo", "--loss-aggregation", aggregation, "--alpha", "0"), count)
+        grads[aggregation] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    assert not torch.allclose(grads["sequence"], grads["token"], rtol=1e-3, atol=1e-7)
+
+
+def test_old_logprobs_are_recomputed_not_the_samplers(assets, monkeypatch):
+    """The behaviour policy's log-probs come from a training-mode forward: wrong sampler log-probs (as a bf16
+    KV-cache decode gives) change neither the advantage nor the loss; they only show in sampler_logp_gap."""
+    student, teacher = zeda.load_model(assets / "student"), zeda.load_model(assets / "teacher")
+    teacher.requires_grad_(False)
+    examples = hand_batch()
+    n_answer = sum(len(e.ids) - e.num_prompt for e in examples)
+    exact = [single_logprobs(student, e) for e in examples]
+    off = [[v - 0.15 for v in row] for row in exact]
+    args = opd_args(assets)
+    seen = spy_on_ppo(monkeypatch)
+    a = step(student, teacher, examples, exact, args, len(examples))
+    adv_exact = seen["adv"].clone()
+    b = step(student, teacher, examples, off, args, len(examples))
+    torch.testing.assert_close(seen["adv"], adv_exact)
+    assert a[0] == pytest.approx(b[0], abs=1e-7)  # the same policy loss
+    assert b[3] == pytest.approx(0.15 * n_answer, rel=1e-4)  # the gap is reported
+
+
+def test_old_logprobs_use_the_sampling_temperature(assets, monkeypatch):
+    """At --temperature T the student's log-probs are those of the policy that sampled, log_softmax(logits / T):
+    the old code took the sampler's (at T) for the ratio but the training forward's at 1."""
+    student, teacher = zeda.load_model(assets / "student"), zeda.load_model(assets / "teacher")
+    teacher.requires_grad_(False)
+    examples = hand_batch()
+    seen = spy_on_ppo(monkeypatch)
+    step(student, teacher, examples, None, opd_args(assets, "ppo", "--temperature", "0.5"), len(examples))
+    for b, e in enumerate(examples):
+        with torch.no_grad():
+            at_t = token_logprobs(student, torch.tensor([e.ids]), temperature=0.5)[0, e.num_prompt - 1:]
+            teacher_at_1 = token_logprobs(teacher, torch.tensor([e.ids]))[0, e.num_prompt - 1:]
+        cols = slice(e.num_prompt - 1, len(e.ids) - 1)
+        torch.testing.assert_close(seen["old"][b, cols], at_t, atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen["new"][b, cols], at_t, atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen["adv"][b, cols], teacher_at_1 - at_t, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token"])
+def test_opd_step_full_reverse_kl_is_exact_kl(assets, aggregation):
+    student, teacher = zeda.load_model(assets / "student"), zeda.load_model(assets / "teacher")
+    teacher.requires_grad_(False)
+    examples = hand_batch()
+    n_answer = sum(len(e.ids) - e.num_prompt for e in examples)
+    count = len(examples) if aggregation == "sequence" else n_answer
+    policy, ga, rkl_sum, _, _ = step(student, teacher, examples, None,
+                                     opd_args(assets, "full-reverse-kl", "--loss-aggregation", aggregation), count)
     # direct: each sequence alone (no padding), KL(p_s || p_t) over the vocabulary at every answer position
-    kl_total, rkl_direct = 0.0, 0.0
+    kl_per_seq, rkl_direct = [], 0.0
     with torch.no_grad():
         for e in examples:
             ids = torch.tensor([e.ids])
             log_s = student(ids).double().log_softmax(-1)[0, e.num_prompt - 1:-1]
             log_t = teacher(ids).double().log_softmax(-1)[0, e.num_prompt - 1:-1]
-            kl_total += float((log_s.exp() * (log_s - log_t)).sum())
+            kl_per_seq.append((log_s.exp() * (log_s - log_t)).sum(-1))
             targets = ids[0, e.num_prompt:, None]
             rkl_direct += float((log_s.gather(-1, targets) - log_t.gather(-1, targets)).sum())
-    assert kl_total > 0
-    assert policy == pytest.approx(kl_total / n_answer, rel=1e-4, abs=1e-7)
+    if aggregation == "sequence":
+        expected = sum(float(k.mean()) for k in kl_per_seq) / len(kl_per_seq)
+    else:
+        expected = float(torch.cat(kl_per_seq).sum()) / n_answer
+    assert expected > 0
+    assert policy == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert rkl_sum == pytest.approx(rkl_direct, abs=1e-4)
     assert ga > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
@@ -185,7 +245,7 @@ def basic_run(assets, tmp_path_factory):
     files_before = folder_bytes(assets / "teacher")
     tensors_before = {k: v.clone() for k, v in zeda.load_model(assets / "teacher").state_dict().items()}
     loaded = []
-    real_load = train_opd.load_parallel
+    real_load = train_opd.load_model
 
     def spy(path, *a, **kw):  # records the models the script loads (the real loader does the work)
         model = real_load(path, *a, **kw)
@@ -194,7 +254,7 @@ def basic_run(assets, tmp_path_factory):
 
     handlers_before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_opd, "load_parallel", spy)
+    mp.setattr(train_opd, "load_model", spy)
     try:
         code, metrics = run(assets, out)
     finally:
@@ -254,9 +314,8 @@ def test_metrics_fields(assets, basic_run):
         assert 1 <= m["mean_response_length"] <= 12
         assert 0 <= m["truncation_rate"] <= 1
         assert m["ga"] > 0 and m["sample_tokens_per_s"] > 0 and m["train_tokens_per_s"] > 0
-        # one optimizer step per rollout batch: the policy that is trained is the one that sampled, so every
-        # ratio is 1 and the PPO loss is -mean(A) = the sampled-token reverse-KL estimate
-        assert m["policy_loss"] == pytest.approx(m["reverse_kl"], abs=1e-5)
+        # the recomputed old log-probs agree with the sampler's to float rounding here (fp32)
+        assert 0 <= m["sampler_logp_gap"] < 1e-4
     assert abs(metrics[0]["reverse_kl"]) > 1e-3  # the teacher is measurably different from the student
 
 

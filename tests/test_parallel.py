@@ -1,4 +1,4 @@
-"""Scale-up (zeda/parallel.py) under `torchrun --nproc_per_node=2` on CPU with gloo.
+"""Scale-up (zeda/distributed.py, expert_parallel.py, tensor_parallel.py, sharding.py) under `torchrun --nproc_per_node=2` on CPU with gloo.
 
 Checked: bad meshes are refused before any work; ep=2, tp=2 and FSDP2 over dp=2 give the single-process logits
 of both architectures; the all-to-all sends exactly the real slots, fewer once zero experts are used; parameters
@@ -21,7 +21,8 @@ import train_sft
 import zeda
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.parallel import MeshError, ParallelDims
+from zeda.distributed import ParallelDims
+from zeda.errors import MeshError
 from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
 from zeda.tokenizer import save_tokenizer
 
@@ -135,7 +136,7 @@ def test_parameters_per_rank_fall_with_the_shard(worker_results):
 
 
 def test_each_rank_reads_only_its_own_experts(worker_results):
-    """load_parallel splits the experts before any weight is read: an ep rank reads the dense part and its N/ep
+    """load_model splits the experts before any weight is read: an ep rank reads the dense part and its N/ep
     experts, never the others (the bytes it read, counted by load_weights)."""
     for r in worker_results:
         ep = 2 if r["mesh"].startswith("ep") else 1

@@ -67,3 +67,15 @@ def test_pipeline_leaves_the_heldout_slice_out_of_its_prompts(tiny_teacher, tmp_
     sft = {r["messages"][0]["content"] for r in read_jsonl(out / "prompts_sft.jsonl")}
     opd = {r["messages"][0]["content"] for r in read_jsonl(out / "prompts_opd.jsonl")}
     assert len(sft) == len(drawn) - 2 and not (sft | opd) & held
+
+
+def test_a_failing_stage_stops_the_pipeline_with_its_code(tiny_teacher, tmp_path, capsys):
+    """A stage that fails (here: SFT asked for a global batch larger than its rollouts) stops the pipeline with
+    that stage's exit code; no later stage runs and no results.json claims a finished run."""
+    out = tmp_path / "run"
+    code = pipeline.main(["--teacher", str(tiny_teacher), "--out", str(out), "--stages", "convert,rollouts,sft,opd",
+                          "--sft-prompts", "2", "--sft-batch-size", "64", "--max-new-tokens", "4"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stage `train_sft.py` exited with code 2" in err and "--resume" in err
+    assert not (out / "opd").exists() and not (out / "results.json").exists()

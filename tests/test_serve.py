@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 import serve
-from zeda.evaluation import load_for_inference, pad_id, stop_ids
+from zeda.evaluation import pad_id, stop_ids
+from zeda.loading import load_for_inference
 from zeda.generation import SamplingParams, generate
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
-from zeda.training import encode_chat
+from zeda.data import encode_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 import zeda
 from zeda import tasks
-from zeda.evaluation import evaluate_model, load_for_inference
+from zeda.evaluation import evaluate_model
+from zeda.loading import load_for_inference
 from zeda.generation import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent

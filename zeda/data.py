@@ -1,4 +1,5 @@
-"""JSONL prompts, rollouts and benchmarks in the authors' formats (ZEDA.md §7), with errors that say where.
+"""Prompts, rollouts and benchmarks in the authors' formats (docs/method.md §7), with errors that say where;
+and the batching of chats into training tensors.
 
 - Prompts: one object per line, `{"messages": [{"role": ..., "content": ...}, ...]}`; a plain
   `{"prompt": "..."}` is accepted too.
@@ -8,6 +9,12 @@
 Every error names `path:line` and the field, because these files are long, hand-edited or produced by
 other tools, and "KeyError: 'content'" after an hour of rollouts helps nobody. Writes are atomic (temp
 file + `os.replace`) or append-and-fsync, so an interrupted rollout run resumes from what is on disk.
+
+JSONL is read line by line by our own reader (so an error names the line); Parquet files with the same columns
+(the authors also release Parquet) are read through the `datasets` library, and an error names the row.
+
+Training batches: encode_chats tokenises prompt and response separately, so the prompt/response boundary is
+exact for any tokenizer, and collate right-pads them into [B, T] tensors with a response-only loss mask.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
+import torch
+
+from zeda.errors import DataError
 from zeda.tasks import ANSWER_PREFIX, extract_answer
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
@@ -41,16 +52,35 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a leading BOM
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
+
+
+def iter_parquet(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, record) for every row of a Parquet file, read with `datasets`."""
+    import datasets  # a slow import: only for Parquet input
+
+    try:
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise DataError(f"{path}: cannot read as Parquet ({type(e).__name__}: {e})") from None
+    for row, record in enumerate(table, start=1):
+        yield row, record
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line or row number, record) of a JSONL or Parquet (`.parquet`) prompts / rollouts / benchmark file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return iter_parquet(path) if str(path).endswith(".parquet") else iter_jsonl(path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -72,32 +102,32 @@ def messages_of(record: dict, path: str | os.PathLike = "<record>", lineno: int 
         if isinstance(raw, str):
             raw = [{"role": "user", "content": raw}]
     else:
-        raise ValueError(f"{where}: expected a 'messages' list or a 'prompt' field; got keys {sorted(record)}")
+        raise DataError(f"{where}: expected a 'messages' list or a 'prompt' field; got keys {sorted(record)}")
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"{where}: '{field}' must be a non-empty list of messages")
+        raise DataError(f"{where}: '{field}' must be a non-empty list of messages")
     messages: list[Message] = []
     for i, message in enumerate(raw):
         name = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise ValueError(f"{where}: {name} must be an object with 'role' and 'content'")
+            raise DataError(f"{where}: {name} must be an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise ValueError(f"{where}: {name}.role is {role!r}; expected one of {ROLES}")
+            raise DataError(f"{where}: {name}.role is {role!r}; expected one of {ROLES}")
         if not isinstance(content, str):
-            raise ValueError(f"{where}: {name}.content must be a string, got {type(content).__name__}")
+            raise DataError(f"{where}: {name}.content must be a string, got {type(content).__name__}")
         if role == "user" and not content.strip():
             label = "prompt" if field == "prompt" and isinstance(record["prompt"], str) else f"{name}.content"
-            raise ValueError(f"{where}: {label} is empty")
+            raise DataError(f"{where}: {label} is empty")
         messages.append({"role": role, "content": content})
     prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
     if not any(m["role"] == "user" for m in prompt):
-        raise ValueError(f"{where}: '{field}' has no user message before the final turn")
+        raise DataError(f"{where}: '{field}' has no user message before the final turn")
     return messages
 
 
 def read_messages(path: str | os.PathLike) -> list[list[Message]]:
     """The validated messages of every record of a prompt or rollout file."""
-    return [messages_of(record, path, lineno) for lineno, record in iter_jsonl(path)]
+    return [messages_of(record, path, lineno) for lineno, record in iter_records(path)]
 
 
 def prompt_messages(record: dict, path: str | os.PathLike = "<record>", lineno: int = 0) -> list[Message]:
@@ -252,3 +282,52 @@ def score_answer(prediction: str, reference: str) -> bool:
     if p is not None and r is not None:
         return abs(p - r) <= NUMERIC_TOLERANCE * max(1.0, abs(r))
     return " ".join(predicted.split()) == " ".join(reference.split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training batches
+
+
+@dataclass
+class Example:
+    ids: list[int]  # prompt + response (+ EOS)
+    num_prompt: int  # the first num_prompt ids are the prompt: no loss there
+    family: str = ""
+
+
+def encode_chats(tokenizer, prompts: list[list[Message]], responses: list[str | None] | None = None,
+                 families: list[str] | None = None) -> list[Example]:
+    """Chat-template each prompt (with the assistant header), then append its response and EOS.
+
+    Prompts and responses are tokenised separately and concatenated, so the boundary is exact for any
+    tokenizer (a BPE merge across it would blur which tokens are the response's). Batched: one call to the
+    fast tokenizer per list, which matters for the ~100k examples of teacher training."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    responses = responses or [None] * len(prompts)
+    families = families or [""] * len(prompts)
+    given = [r for r in responses if r is not None]
+    response_ids = iter(tokenizer(given, add_special_tokens=False)["input_ids"] if given else [])
+    out = []
+    for p, r, f in zip(prompt_ids, responses, families):
+        ids = p if r is None else p + next(response_ids) + [tokenizer.eos_token_id]
+        out.append(Example(ids, len(p), f))
+    return out
+
+
+def encode_chat(tokenizer, prompt_messages: list[Message], response: str | None = None, family: str = "") -> Example:
+    """encode_chats for one example."""
+    return encode_chats(tokenizer, [prompt_messages], [response], [family])[0]
+
+
+def collate(examples: list[Example], pad_id: int):
+    """-> input_ids [B, T], attention_mask [B, T], loss_mask [B, T-1] (True where target t+1 is a response token)."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(examples), T, dtype=torch.long)
+    loss = torch.zeros(len(examples), T, dtype=torch.bool)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids)
+        attn[b, : len(e.ids)] = 1
+        loss[b, e.num_prompt : len(e.ids)] = True
+    return ids, attn, loss[:, 1:]

@@ -1,6 +1,6 @@
-"""Evaluation: accuracy on the task suite or a local benchmark, and what the routing cost (ZEDA.md §6).
+"""Evaluation: accuracy on the task suite or a local benchmark, and what the routing cost (docs/method.md §6).
 
-    model, tokenizer = load_for_inference("assets/qwen3_moe_teacher")
+    model, tokenizer = zeda.load_for_inference("assets/qwen3_moe_teacher")
     report = evaluate_model(model, tokenizer, ("math", "code", "if"), n=300,
                             sampling=SamplingParams(temperature=0.0, max_new_tokens=256), batch_size=32, seed=0)
     report["accuracy"]["average"], report["zero_expert_ratio"], report["expert_flops_reduction"]
@@ -17,8 +17,6 @@ Prompts are sorted by length before batching, so a batch pads little. Every prom
 context (max_position_embeddings - max_new_tokens) before anything runs, and an error names the item
 (`bench.jsonl:12`), not its position in some batch.
 
-Also here, shared with serve.py: device, dtype and expert-backend choice (one helper each) and
-`load_for_inference`, which loads a checkpoint folder with its own tokenizer and checks what it can first.
 """
 
 from __future__ import annotations
@@ -28,81 +26,32 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.data import (REFERENCE_FIELDS, iter_jsonl, prompt_messages, reference_answer, score_answer,
-                       write_text_atomic)
+from zeda.data import (
+    REFERENCE_FIELDS,
+    encode_chat,
+    iter_records,
+    prompt_messages,
+    reference_answer,
+    score_answer,
+    write_text_atomic,
+)
+from zeda.errors import EvaluationError
 from zeda.flops import flop_report, merge_stats
 from zeda.generation import Generation, SamplingParams, generate
 from zeda.model import CausalLM
-from zeda.parallel import pick_device
-from zeda.training import encode_chat
-from zeda.errors import EvaluationError  # noqa: F401  (re-exported)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BENCHMARK = "benchmark"  # the accuracy key of a --benchmark file
 
 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Device, dtype, backend and loading (shared with serve.py).
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on cuda, float32 elsewhere (CPU bf16 matmuls are slow and gain nothing here)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise EvaluationError(f"unknown dtype {name!r}; choose auto or one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def resolve_backend(name: str, cfg: ModelConfig, dtype: torch.dtype) -> str:
-    """"auto": grouped_mm when the expert shapes meet its 16-byte alignment (moe.expert_swiglu_grouped_mm),
-    else the loop reference, which takes any shape."""
-    if name not in EXPERT_BACKENDS:
-        raise EvaluationError(f"unknown expert backend {name!r}; choose one of {', '.join(EXPERT_BACKENDS)}")
-    if name != "auto":
-        return name
-    size = torch.tensor([], dtype=dtype).element_size()
-    aligned = (cfg.hidden_size * size) % 16 == 0 and (cfg.moe_intermediate_size * size) % 16 == 0
-    return "grouped_mm" if aligned else "loop"
-
-
-def load_for_inference(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
-                       expert_backend: str = "auto") -> tuple[CausalLM, object]:
-    """(model in eval mode, its own tokenizer) from a static or converted checkpoint folder.
-
-    Raises EvaluationError / ConfigError / CheckpointError (all ValueError) with a message naming the folder:
-    no such folder, an unsupported architecture, no tokenizer files, no chat template."""
-    from transformers import AutoTokenizer  # a slow import: only when a model is actually loaded
-
-    from zeda import load_model
-
-    path = Path(path)
-    if not path.is_dir():
-        raise EvaluationError(f"{path}: no such model folder")
-    cfg = ModelConfig.from_hf_config(path)  # refuses unsupported architectures before any weight is read
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise EvaluationError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
-    dev = pick_device(device)
-    dt = resolve_dtype(dtype, dev)
-    backend = resolve_backend(expert_backend, cfg, dt)
-    model = load_model(path, dtype=dt, device=dev)
-    model.set_expert_backend(backend)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # never reach for the Hub
-    if not tokenizer.chat_template:
-        raise EvaluationError(f"{path}: the tokenizer has no chat template")
-    return model, tokenizer
+# Tokens that end or pad an answer.
 
 
 def stop_ids(tokenizer, cfg: ModelConfig) -> set[int]:
@@ -187,9 +136,10 @@ def record_item(record: dict, messages: list[dict], where: str) -> Item | None:
 
 
 def benchmark_items(path: str | os.PathLike) -> list[Item]:
-    """Items of a benchmark JSONL in the authors' format (ZEDA.md §7): messages + a reference answer."""
+    """Items of a benchmark JSONL (or Parquet) file in the authors' format (docs/method.md §7): messages + a reference
+    answer."""
     items = []
-    for lineno, record in iter_jsonl(path):
+    for lineno, record in iter_records(path):
         item = record_item(record, prompt_messages(record, path, lineno), f"{path}:{lineno}")
         if item is None:
             raise EvaluationError(f"{path}:{lineno}: no reference answer (expected one of "

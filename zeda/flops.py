@@ -1,4 +1,4 @@
-"""Routing statistics and FLOP accounting (ZEDA.md §6).
+"""Routing statistics and FLOP accounting (docs/method.md §6).
 
 What is counted: matmul FLOPs (2 per multiply-add) of the forward pass -- attention projections, attention
 scores and values (q.k and p.v over the keys each query attends to), dense MLP layers, shared experts, the

@@ -1,8 +1,8 @@
-"""Generation: the one engine that SFT rollouts, on-policy distillation (ZEDA.md §4-5) and serving share.
+"""Generation: the one engine that SFT rollouts, on-policy distillation (docs/method.md §4-5) and serving share.
 
     gen = generate(model, prompts, SamplingParams(temperature=1.0, max_new_tokens=256), eos_ids={eos}, seed=0)
     gen.tokens[i], gen.logprobs[i], gen.finished[i]      # per prompt
-    flop_report(model.config, gen.stats, gen.attended_keys)   # zero-expert ratio and expert FLOPs (ZEDA.md §6)
+    flop_report(model.config, gen.stats, gen.attended_keys)   # zero-expert ratio and expert FLOPs (docs/method.md §6)
 
 How it works (gpt-fast / nanochat style):
 - Prompts of different lengths are LEFT-padded into one batch, so every row writes its KV cache at the same offset
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from zeda.errors import UsageError
 from zeda.flops import LayerStats, attended_keys, expert_counts, layer_stats, routing_stats
 from zeda.model import CausalLM, KVCache
 
-
-# How a teacher samples its answers for SFT: the paper's sampling settings (ZEDA.md §6), which are also Qwen3's
+# How a teacher samples its answers for SFT: the paper's sampling settings (docs/method.md §6), which are also Qwen3's
 # recommended thinking-mode ones. At temperature 1 a small teacher's answers are markedly less accurate than its
 # greedy ones, and SFT teaches the student those mistakes.
 ROLLOUT_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
@@ -69,13 +69,13 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -122,7 +122,7 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams,
     """One token per row, and its log-probability. Returns (tokens [B] int64, logprobs [B] fp32); no host sync.
 
     logprob = log_softmax(logits / T)[token], at the sampling temperature T but *before* the top-k/top-p
-    truncation (T = 1 for greedy). At T = 1 -- what OPD samples with (ZEDA.md §5) -- that is exactly
+    truncation (T = 1 for greedy). At T = 1 -- what OPD samples with (docs/method.md §5) -- that is exactly
     log p_student(y_t), the quantity the advantage log p_teacher - log p_student needs; the truncated
     distribution's log-prob would be biased upwards by the dropped mass.
     generator: one for the batch, or one per row (a row's samples then do not depend on its batch-mates).
@@ -160,12 +160,12 @@ def make_generator(seed: int | list[int] | None, device):
 def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_positions: int) -> None:
     """ValueError for no prompts, an empty prompt, or one that leaves no room for max_new_tokens."""
     if not prompts:
-        raise ValueError("generate() needs at least one prompt")
+        raise UsageError("generate() needs at least one prompt")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            raise UsageError(f"prompt {i} is empty; every prompt needs at least one token")
         if len(p) > max_positions - max_new_tokens:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} at most "
+            raise UsageError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} at most "
                              f"{max_positions - max_new_tokens} fit in max_position_embeddings={max_positions}")
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeda.config import ModelConfig
+from zeda.errors import UsageError
 from zeda.moe import MLP, MoE
 
 
@@ -207,7 +208,7 @@ class CausalLM(nn.Module):
         from zeda.moe import BACKENDS
 
         if backend not in BACKENDS:
-            raise ValueError(f"unknown expert backend {backend!r}; choose one of {BACKENDS}")
+            raise UsageError(f"unknown expert backend {backend!r}; choose one of {BACKENDS}")
         for block in self.model.layers:
             if block.is_moe:
                 block.mlp.experts.backend = backend

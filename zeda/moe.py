@@ -1,4 +1,4 @@
-"""Mixture-of-Experts with zero experts: router -> dispatcher -> grouped experts -> combine (ZEDA.md §2).
+"""Mixture-of-Experts with zero experts: router -> dispatcher -> grouped experts -> combine (docs/method.md §2).
 
 A MoE layer has N real routed experts and Z zero experts. Zero experts have no parameters and output exactly
 zero, so a zero slot costs nothing: the dispatcher drops it before any row is gathered, and the expert GEMMs
@@ -9,7 +9,7 @@ only ever see real slots. The seams follow torchtitan:
     expert_swiglu(x_MH, counts_N)   -> y_MH        (backends: "loop" reference, "grouped_mm", "triton")
     LocalDispatcher.combine(...)    -> y_TH = sum_k w_TK * y of that slot
 
-The expert-parallel dispatcher (all-to-all, zeda/parallel.py) replaces LocalDispatcher; the fused Triton
+The expert-parallel dispatcher (all-to-all, zeda/expert_parallel.py) replaces LocalDispatcher; the fused Triton
 path (zeda/kernels) replaces dispatch + GEMMs + combine in one go.
 
 Shape letters: T tokens, K slots per token (top-k), N real experts, Z zero experts, E = N + Z router outputs,
@@ -25,18 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from zeda.config import ModelConfig
+from zeda.errors import UsageError
 
 BACKENDS = ("loop", "grouped_mm", "triton")
 
 
 class RouterOutput(NamedTuple):
-    weights_TK: torch.Tensor  # [T, K] fp32 combine weights (zero slots keep theirs: ZEDA.md §2)
+    weights_TK: torch.Tensor  # [T, K] fp32 combine weights (zero slots keep theirs: docs/method.md §2)
     ids_TK: torch.Tensor  # [T, K] int64 expert ids; ids >= N are zero experts
     logits_TE: torch.Tensor  # [T, E] fp32 raw router logits (the Group Auxiliary Loss reads these)
 
 
 class Router(nn.Module):
-    """Top-K router over N + Z experts, in fp32 (ZEDA.md §2; paper: router math in fp32).
+    """Top-K router over N + Z experts, in fp32 (docs/method.md §2; paper: router math in fp32).
 
     softmax (Qwen3): p = softmax(logits); top-K of p; with norm_topk_prob divide by the sum of the K chosen
         probabilities -- zero slots included in that sum, so real experts are *not* renormalised.
@@ -138,7 +139,7 @@ def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
     align = max(1, 16 // x_MH.element_size())
     H, I = x_MH.shape[1], gate_proj.shape[1]
     if (H * x_MH.element_size()) % 16 or (I * x_MH.element_size()) % 16:
-        raise ValueError(f"grouped_mm backend needs H={H} and I={I} to be multiples of {align} for {x_MH.dtype}")
+        raise UsageError(f"grouped_mm backend needs H={H} and I={I} to be multiples of {align} for {x_MH.dtype}")
     padded_N = (counts_N + align - 1) // align * align
     ends_N = padded_N.cumsum(0)
     total = int(ends_N[-1]) if ends_N.numel() else 0  # host sync: buffer size
@@ -190,9 +191,9 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # [N, H, I]
         self.num_experts = num_experts  # N of the model; expert parallelism leaves N/ep of them here:
-        self.expert_offset = 0  # experts [expert_offset, expert_offset + N/ep) (zeda.parallel sets it)
+        self.expert_offset = 0  # experts [expert_offset, expert_offset + N/ep) (zeda.expert_parallel sets it)
         self.backend = "loop"
-        self.dispatcher = None  # LocalDispatcher; zeda.parallel.apply_expert_parallel sets an all-to-all one
+        self.dispatcher = None  # LocalDispatcher; zeda.expert_parallel.apply_expert_parallel sets an all-to-all one
 
     def forward(self, x_TH, weights_TK, ids_TK, keep_TK):
         return routed_experts_forward(x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj,

@@ -1,7 +1,7 @@
 """Verifiable task families: the embedded default's benchmark and training data.
 
 ZEDA is judged by accuracy on math, code and instruction-following benchmarks against the static
-teacher (ZEDA.md §6). The project's self-contained default trains a tiny char-level MoE teacher from
+teacher (docs/method.md §6). The project's self-contained default trains a tiny char-level MoE teacher from
 scratch on CPU, so it needs tasks of the same three kinds that such a model can learn in minutes and
 that can be checked exactly:
 
@@ -35,6 +35,8 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from zeda.errors import UsageError
 
 FAMILIES = ("math", "code", "if")
 SPLITS = ("train", "test")
@@ -501,9 +503,9 @@ def generate(family: str, split: str, n: int, seed: int = 0) -> list[Task]:
     Items are drawn from a `random.Random` seeded by (family, split, seed); an item whose prompt hashes
     to the other split, repeats a prompt, or is too long is skipped."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
+        raise UsageError(f"unknown task family {family!r}; expected one of {FAMILIES}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise UsageError(f"unknown split {split!r}; expected one of {SPLITS}")
     make = {"math": _make_math, "code": _make_code, "if": _make_if}[family]
     rng = random.Random(f"zeda.tasks:{family}:{split}:{seed}")  # str seeds hash with SHA-512: stable
     tasks: list[Task] = []
@@ -541,7 +543,7 @@ def verify(task: Task, output: str) -> bool:
 def check_heldout_size(n: int) -> None:
     """ValueError unless n items per family fit in the held-out slice (the CLIs call this before any work)."""
     if n > HELDOUT_MAX:
-        raise ValueError(f"the held-out slice has {HELDOUT_MAX} items per family, {n} asked for")
+        raise UsageError(f"the held-out slice has {HELDOUT_MAX} items per family, {n} asked for")
 
 
 def heldout(family: str, n: int, task_seed: int = 0) -> list[Task]:
@@ -569,7 +571,7 @@ def mixture(split: str, n_per_family: int, seed: int = 0, families: tuple[str, .
 
 
 def to_prompt_record(task: Task) -> dict:
-    """A benchmark/prompt JSONL record in the authors' format (ZEDA.md §7), plus answer and family."""
+    """A benchmark/prompt JSONL record in the authors' format (docs/method.md §7), plus answer and family."""
     return {"messages": [{"role": "user", "content": task.prompt}], "answer": task.answer, "family": task.family}
 
 

@@ -30,10 +30,13 @@ from tqdm import tqdm
 from zeda import tasks
 from zeda.checkpoint import save_checkpoint
 from zeda.config import ModelConfig
+from zeda.data import collate, encode_chats
+from zeda.errors import UsageError
+from zeda.losses import load_balancing_loss
 from zeda.model import CausalLM
 from zeda.tiny import tiny_hf_config
 from zeda.tokenizer import build_tokenizer, save_tokenizer
-from zeda.training import collate, encode_chats, load_balancing_loss, lr_at, make_optimizer
+from zeda.trainer import lr_at, make_optimizer
 
 # ~1.8M parameters each (~7 MB fp32): the size a probe trained to ~86% on 2 cores in 15 minutes.
 TEACHER_SHAPES = {
@@ -79,12 +82,12 @@ def warm_start(arch: str, init_from: Path, cfg: ModelConfig) -> tuple[CausalLM, 
         raise FileNotFoundError(f"{record_path}: --init-from must be a folder written by zeda.teacher")
     earlier = json.loads(record_path.read_text())
     if earlier.get("arch") != arch:
-        raise ValueError(f"{record_path}: arch is {earlier.get('arch')!r}, but --arch is {arch!r}")
-    model = load_model(init_from)
+        raise UsageError(f"{record_path}: arch is {earlier.get('arch')!r}, but --arch is {arch!r}")
+    model = load_model(init_from, device="cpu", dtype=torch.float32)  # the teacher trainer's own device
     theirs, ours = model.config.to_hf_dict(), cfg.to_hf_dict()
     differ = [k for k in [*TEACHER_SHAPES[arch], "vocab_size"] if theirs.get(k) != ours.get(k)]
     if differ:
-        raise ValueError(f"{init_from}/config.json: {', '.join(differ)} differ from TEACHER_SHAPES[{arch!r}]")
+        raise UsageError(f"{init_from}/config.json: {', '.join(differ)} differ from TEACHER_SHAPES[{arch!r}]")
     return model, earlier.get("lineage", [earlier])
 
 

@@ -8,7 +8,7 @@ Rows are the real slots sorted by expert (zeda/kernels/permute.py); expert e own
 offsets[e] .. offsets[e+1]-1. The GEMMs that read token activations (x, dy) gather the row's token
 t = slot // K straight from the [T, H] tensor, so no permuted copy of x or dy is ever written.
 
-Tile schedule (device-side, no host sync, no tile straddling two experts -- PEERS.md lesson 14):
+Tile schedule (device-side, no host sync, no tile straddling two experts -- the classic grouped-GEMM bug):
     tiles[e]   = cdiv(rows of e, BLOCK_M)              # every program recomputes this from offsets [N+1]
     tile_end   = cumsum(tiles)
     e          = #{e' : tile_end[e'] <= pid_m}         # the expert this M-tile belongs to

@@ -3,10 +3,10 @@
 Shape letters: T tokens, K slots per token (top-k), S = T*K slots, N real experts (ids >= N are zero experts),
 H hidden size, I expert intermediate size, M real slots (ids < N; a device-side count, never read on the host).
 
-Semantics (ZEDA.md §2), with e = ids[t, k]:
+Semantics (docs/method.md §2), with e = ids[t, k]:
     y[t] = sum_k [e < N] * w[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t]))
 A zero slot keeps its weight in the router's normalisation but costs nothing here: it is dropped by the
-counting sort before any buffer row, tile or GEMM (PEERS.md lesson 1), and no host sync sizes anything
+counting sort before any buffer row, tile or GEMM (compacted, not remapped to a dummy expert), and no host sync sizes anything
 (lesson 2): launches use the upper bound S and programs past the device-side real count exit at once.
 
 Algorithm (forward):

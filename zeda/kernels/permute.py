@@ -4,7 +4,7 @@ Shape letters: T tokens, K slots per token (top-k), S = T*K slots, N real expert
 M real slots (ids < N; known only on the device), B slot blocks of BLOCK_S slots.
 
 Zero experts (ids >= N) output exactly zero, so their slots are dropped here, before any row buffer, grid or
-GEMM sees them (PEERS.md lesson 1). Everything is sized by the host-known upper bound S and the real count M
+GEMM sees them (compacted, not remapped to a dummy expert with weight 0). Everything is sized by the host-known upper bound S and the real count M
 lives only on the device (lesson 2: no .item(), so torch.compile and CUDA graphs stay possible).
 
     permute (stable counting sort over the real slots):

@@ -1,0 +1,122 @@
+"""Loading a checkpoint folder: one path for every script, device and mesh.
+
+    model = load_model("assets/qwen3_moe_teacher")                     # auto device and dtype, one process
+    model = load_model(path, dist=d, dtype=torch.bfloat16, router_fp32=True, activation_checkpointing=True)
+    model, tokenizer = load_for_inference(path)                        # + its own tokenizer, checked
+
+The model is built on the meta device (shapes, no memory), split over the mesh in torchtitan's order with expert
+parallelism first, so each rank allocates and reads only its own experts (~95% of Qwen3-30B-A3B's weights);
+then the dense part is read whole, one tensor at a time, and tensor parallelism, activation checkpointing and
+FSDP2 (last) keep their part of it. Without torchrun every split is a no-op. Device and dtype default to
+"auto" (zeda/device.py), so a teacher loaded for rollouts on a GPU machine runs on the GPU, where the student
+does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from zeda.checkpoint import load_weights
+from zeda.config import ModelConfig
+from zeda.device import pick_device, resolve_dtype
+from zeda.distributed import Dist
+from zeda.errors import ConfigError, UsageError
+from zeda.expert_parallel import apply_expert_parallel, mark_expert_shards
+from zeda.model import CausalLM
+from zeda.sharding import apply_activation_checkpointing, apply_fsdp
+from zeda.tensor_parallel import apply_tensor_parallel
+
+EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def resolve_backend(name: str, cfg: ModelConfig, dtype: torch.dtype) -> str:
+    """"auto": grouped_mm when the expert shapes meet its 16-byte alignment (moe.expert_swiglu_grouped_mm),
+    else the loop reference, which takes any shape."""
+    if name not in EXPERT_BACKENDS:
+        raise UsageError(f"--expert-backend: unknown backend {name!r}; choose one of {', '.join(EXPERT_BACKENDS)}")
+    if name != "auto":
+        return name
+    size = torch.tensor([], dtype=dtype).element_size()
+    aligned = (cfg.hidden_size * size) % 16 == 0 and (cfg.moe_intermediate_size * size) % 16 == 0
+    return "grouped_mm" if aligned else "loop"
+
+
+def empty_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """The model on the meta device: shapes and dtypes, no memory. Split it (expert parallelism) before
+    materialize."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    return model.to(dtype)
+
+
+def materialize(model: CausalLM, device: str | torch.device) -> None:
+    """Allocate a meta model's tensors on `device` (uninitialised: load_weights fills them)."""
+    model.to_empty(device=device)
+    for module in model.modules():  # the selection bias stays fp32 whatever the dtype (docs/method.md §1)
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.data = module.e_score_correction_bias.data.float().zero_()
+    if model.config.tie_word_embeddings:  # to_empty makes new Parameters: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", *,
+               dist: Dist | None = None, expert_backend: str = "auto", trainable: bool = True,
+               router_fp32: bool = False, activation_checkpointing: bool = False, **overrides) -> CausalLM:
+    """An HF checkpoint folder (static or converted, qwen3_moe or glm4_moe_lite) as a model in eval mode.
+
+    device/dtype: "auto" (cuda + bfloat16 when there is a GPU, else cpu + float32), a name, or a torch object;
+    under a mesh (`dist`, from zeda.distributed.init_distributed) the rank's own device is used. router_fp32:
+    the router weights in fp32 whatever dtype (the paper's training recipe). trainable=False freezes every
+    parameter (the OPD teacher). Keyword overrides (e.g. use_zce_mask=True) win over config.json. The router's
+    e_score_correction_bias stays fp32."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such model folder")
+    d = dist if dist is not None else Dist(device=pick_device(device))
+    dt = resolve_dtype(dtype, d.device)
+    cfg = ModelConfig.from_hf_config(path, **overrides)  # refuses unsupported architectures before any weight
+    d.dims.check_model(cfg, where=str(path))
+    model = empty_model(cfg, dt)
+    if router_fp32:
+        for block in model.model.layers:
+            if block.is_moe:
+                block.mlp.gate.float()
+    apply_expert_parallel(model, d)
+    materialize(model, d.device)
+    mark_expert_shards(model)
+    model.bytes_read = load_weights(model, path)  # what this rank read: a test checks it is only its share
+    model.requires_grad_(trainable)
+    model.set_expert_backend(resolve_backend(expert_backend, cfg, dt))
+    apply_tensor_parallel(model, d)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    apply_fsdp(model, d)
+    return model.eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A checkpoint folder's own tokenizer, never from the Hub; it must have a chat template."""
+    from transformers import AutoTokenizer  # a slow import: only when a tokenizer is actually loaded
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{path}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def load_for_inference(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",
+                       expert_backend: str = "auto", dist: Dist | None = None) -> tuple[CausalLM, object]:
+    """(model in eval mode, its own tokenizer), both checked before any weight is read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such model folder")
+    ModelConfig.from_hf_config(path)
+    tokenizer = load_tokenizer(path)
+    return load_model(path, device, dtype, dist=dist, expert_backend=expert_backend), tokenizer

@@ -1,0 +1,73 @@
+"""FSDP2 sharding, activation checkpointing, and the mesh-aware pieces of a training step that need whole
+tensors again: the full state dict for a checkpoint and the gradient-norm clip over every shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from zeda.distributed import Dist
+
+
+def apply_fsdp(model, d: Dist) -> None:
+    """FSDP2 fully_shard over dp: one unit per block plus the root; parameters, gradients and optimizer state
+    are sharded dp ways and gathered per block in forward and backward. Expert shards (ep) are left out: ep
+    already splits them, and their gradients are reduced over their replicas by Dist.average_gradients."""
+    if not d.dims.fsdp or d.dims.dp == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = d.mesh["dp"]
+    experts = {p for p in model.parameters() if getattr(p, "expert_shard", False)} or None
+    for block in model.model.layers:
+        fully_shard(block, mesh=dp_mesh, ignored_params=experts)
+    fully_shard(model, mesh=dp_mesh, ignored_params=experts)
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each block's activations in backward instead of keeping them (memory for compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block)
+
+
+def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as one whole tensor on CPU, under the single-process names (collective: all
+    ranks call it). DTensors (tp, fsdp) are gathered with full_tensor(); expert shards with an all-gather over
+    their ep group."""
+    out = {}
+    for name, t in model.state_dict().items():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        elif d.dims.ep > 1 and name.rpartition(".")[0].endswith("mlp.experts"):
+            parts = [torch.empty_like(t) for _ in range(d.dims.ep)]
+            dist.all_gather(parts, t.contiguous(), group=d.ep_group)
+            t = torch.cat(parts)
+        out[name] = t.detach().cpu()
+    return out
+
+
+def clip_grad_norm(model, max_norm: float, d: Dist) -> torch.Tensor:
+    """clip_grad_norm_ for any mesh: DTensor gradients (tp, fsdp) are reduced over their mesh, and expert
+    shards (ep) over their ep group, so every rank clips by the same norm, the single-process one."""
+    grads, expert_sq, other_sq = [], [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        n = torch.linalg.vector_norm(p.grad.float())
+        n = n.full_tensor() if hasattr(n, "full_tensor") else n
+        (expert_sq if getattr(p, "expert_shard", False) else other_sq).append(n.double() ** 2)
+    zero = torch.zeros((), dtype=torch.float64, device=d.device)
+    expert = torch.stack(expert_sq).sum() if expert_sq else zero
+    if d.dims.ep > 1:
+        dist.all_reduce(expert, group=d.ep_group)
+    total = ((torch.stack(other_sq).sum() if other_sq else zero) + expert).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return total.float()

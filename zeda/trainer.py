@@ -1,0 +1,351 @@
+"""The training harness both stages share (train_sft.py, train_opd.py), so each script reads as the paper's
+steps and nothing else.
+
+A run lives in one output folder OUT:
+    OUT/metrics.jsonl    one JSON line per optimizer step (each step exactly once, also after --resume)
+    OUT/step-N/          a resumable checkpoint every --save-every steps, and when a signal stops the run
+    OUT/final/           the trained model at the end (an HF checkpoint folder any zeda script loads)
+    OUT/summary.json     what the run did, for people and for the pipeline
+Checkpoints hold the HF-layout weights, the optimizer state (safetensors, keyed '<parameter>::<field>', no
+pickle) and the trainer state (JSON), written to a temporary folder and renamed: a crash never leaves half a
+checkpoint. Data order and sampling seeds are functions of the step, so a resumed run does exactly what the
+uninterrupted one would have. SIGTERM / Ctrl-C finish the current step, save, and exit 143 / 130 with the
+command to resume; a non-finite loss stops the run naming the step, before anything is saved.
+
+    trainer = Trainer("sft", args, d, init_from=args.student, total_steps=100)
+    model = trainer.load_student()
+    summary = trainer.run(model, step_fn, lr_fn)      # step_fn(step) -> metrics: forward + backward, this rank
+
+Shape letters: L MoE layers, E = N + Z router outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from zeda.checkpoint import save_checkpoint
+from zeda.data import write_text_atomic
+from zeda.distributed import Dist, init_distributed, shutdown
+from zeda.errors import CheckpointError, UsageError, ZedaError
+from zeda.loading import load_model
+from zeda.sharding import clip_grad_norm, full_state_dict
+
+STATE_FILE, OPTIM_FILE, METRICS_FILE = "trainer_state.json", "optimizer.safetensors", "metrics.jsonl"
+EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
+
+
+# ----------------------------------------------------------------------------- schedule and optimizer
+
+def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: str = "cosine") -> float:
+    """Linear warmup over warmup_steps, then cosine to 0 over the remaining steps (or constant)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, lr: float, betas=(0.9, 0.98), weight_decay: float = 0.1, eps: float = 1e-8):
+    """AdamW; decay on matrices and expert tensors (ndim >= 2), none on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _clean_name(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing's wrapper adds this
+
+
+def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
+    """This rank's optimizer state keyed '<parameter name>::<field>' (the local shard of a DTensor)."""
+    names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
+    tensors = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                value = value.to_local() if hasattr(value, "to_local") else value
+                tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    return tensors
+
+
+def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dict, d: Dist | None = None) -> Path:
+    """HF-layout checkpoint + optimizer (safetensors) + trainer state (JSON), all in one atomic rename.
+
+    With a Dist of several ranks every rank must call this: the weights are gathered whole (one folder that a
+    single process loads), and when the mesh shards parameters (tp, ep, fsdp) each rank's optimizer shard is
+    kept under 'rank<r>/', for a resume on the same mesh. Rank 0 writes."""
+    distributed = d is not None and d.world > 1
+    whole = full_state_dict(model, d) if distributed else None
+    optim = _optimizer_tensors(model, opt)
+    if distributed and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp):
+        import torch.distributed as dist
+
+        parts = [None] * d.world if d.is_main else None
+        dist.gather_object(optim, parts, dst=0)
+        optim = {f"rank{r}/{k}": v for r, part in enumerate(parts or []) for k, v in part.items()}
+
+    def write_state(folder: Path):
+        save_file(optim, str(folder / OPTIM_FILE))
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    if not distributed or d.is_main:
+        save_checkpoint(model, path, copy_from=copy_from, extra=write_state, state=whole)
+    if distributed:
+        d.barrier()
+    return path
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """A checkpoint's trainer_state.json; a corrupt one is named, not a traceback."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable trainer state ({type(e).__name__}: {e}); delete {folder} to "
+                              f"resume from an earlier checkpoint") from None
+    return state
+
+
+def load_optimizer_state(opt, model, folder: Path, d: Dist | None = None) -> None:
+    """The inverse of save_training_checkpoint, onto a model already parallelized the same way."""
+    try:
+        tensors = load_file(str(folder / OPTIM_FILE))
+    except Exception as e:  # safetensors raises its own error type for a corrupt file
+        raise CheckpointError(f"{folder / OPTIM_FILE}: cannot read the optimizer state ({e})") from None
+    prefix = f"rank{d.rank}/" if d is not None and any(k.startswith("rank") for k in tensors) else ""
+    params = {_clean_name(n): p for n, p in model.named_parameters()}
+    for key, value in tensors.items():
+        if not key.startswith(prefix) or (not prefix and key.startswith("rank")):
+            continue
+        name, _, field = key[len(prefix):].partition("::")
+        if name not in params:
+            raise CheckpointError(f"{folder / OPTIM_FILE}: state for '{name}', which the model does not have")
+        p = params[name]
+        if hasattr(p, "device_mesh") and value.dim() > 0:  # a DTensor parameter: its state is a DTensor too
+            from torch.distributed.tensor import DTensor
+
+            value = DTensor.from_local(value.to(p.to_local().device), p.device_mesh, p.placements, run_check=False)
+        else:
+            value = value.to(p.device)
+        opt.state[p][field] = value
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest OUT/step-N (or OUT/final) that has a trainer state."""
+    found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
+    if (out / "final" / STATE_FILE).exists():
+        found.append(out / "final")
+    return max(found, key=lambda p: read_trainer_state(p)["step"], default=None)
+
+
+def check_fresh_out(out: Path, resume: bool) -> None:
+    """A run without --resume must not land in a folder that holds another run: its metrics.jsonl would be
+    appended to and a later --resume could pick up the other run's checkpoints."""
+    if resume:
+        return
+    found = [p.name for p in (out / METRICS_FILE, out / "final", *out.glob("step-*")) if p.exists()]
+    if found:
+        raise UsageError(f"{out} already holds a training run ({', '.join(sorted(found)[:3])}); pass --resume to "
+                         f"continue it, or choose another --out")
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics lines of steps <= last_step: a run killed after logging steps it never saved would
+    otherwise log them twice once resumed."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line from a kill: drop it and everything after
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- signals
+
+@contextmanager
+def stop_on_signals():
+    """Within the block, SIGTERM / Ctrl-C set flag["signal"] instead of killing the run, so the training loop
+    can finish the current step, save a checkpoint and exit cleanly. The previous handlers come back after."""
+    flag = {"signal": None}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def zero_share_metrics(counts_LE: torch.Tensor, num_experts: int, d: Dist) -> dict:
+    """zero_ratio overall and per MoE layer from per-layer slot counts [L, E], summed over the dp ranks."""
+    counts_LE = d.all_reduce(counts_LE).double()
+    real_L, zero_L = counts_LE[:, :num_experts].sum(1), counts_LE[:, num_experts:].sum(1)
+    return {"zero_ratio": float(zero_L.sum() / (real_L + zero_L).sum().clamp(min=1)),
+            "zero_ratio_per_layer": (zero_L / (real_L + zero_L).clamp(min=1)).tolist()}
+
+
+class Trainer:
+    """One training run in args.out: the output folder, resume, the optimizer, the step loop and its metrics,
+    checkpoints, clean stops. The stage script supplies what one step computes."""
+
+    def __init__(self, name: str, args, d: Dist, stop: dict, init_from: Path, total_steps: int):
+        self.name, self.args, self.d, self.stop = name, args, d, stop
+        self.out: Path = args.out
+        self.init_from, self.total_steps = Path(init_from), total_steps
+        check_fresh_out(self.out, args.resume)
+        self.resume_from = latest_checkpoint(self.out) if args.resume else None
+        if args.resume and self.resume_from is None:
+            d.print(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
+        self.model = self.opt = None
+        self.start_step = 0
+
+    def load_student(self):
+        """The model being trained, split over the mesh as it loads (router in fp32: the paper's recipe), from
+        the newest checkpoint when resuming; with its optimizer (and the optimizer's state when resuming)."""
+        a = self.args
+        self.model = load_model(self.resume_from or self.init_from, dtype=a.dtype, dist=self.d,
+                                expert_backend=a.expert_backend, router_fp32=True,
+                                activation_checkpointing=a.activation_checkpointing)
+        self.opt = make_optimizer(self.model, a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay)
+        if self.resume_from is not None:
+            saved = read_trainer_state(self.resume_from)
+            if saved.get("mesh", self.d.dims.describe()) != self.d.dims.describe():
+                raise UsageError(f"{self.resume_from / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on "
+                                 f"{self.d.dims.describe()}; resume on the same mesh")
+            load_optimizer_state(self.opt, self.model, self.resume_from, self.d)
+            self.start_step = int(saved["step"])
+            self.d.print(f"resuming from {self.resume_from} at step {self.start_step}")
+        if self.d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            trim_metrics(self.out / METRICS_FILE, self.start_step)
+        return self.model
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "total_steps": self.total_steps, "seed": self.args.seed, "mesh": self.d.dims.describe(),
+                "args": {k: str(v) for k, v in vars(self.args).items()}}
+
+    def save(self, folder: Path, step: int) -> Path:
+        return save_training_checkpoint(self.model, self.opt, folder, self.init_from, self.state(step), self.d)
+
+    def run(self, step_fn: Callable[[int], dict], lr_fn: Callable[[int], float], postfix=("loss",),
+            summary_extra: dict | None = None) -> dict:
+        """For each step from the start (or resume) step: set the lr, zero the gradients, step_fn(step) (forward
+        and backward on this rank; returns metrics already reduced over ranks, with "loss"), average the
+        gradients over the mesh, clip, optimizer step, log, checkpoint. Returns the summary."""
+        a, d, model, opt = self.args, self.d, self.model, self.opt
+        bar = tqdm(range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps,
+                   desc=self.name, unit="step", disable=not d.is_main)
+        last: dict = {}
+        for step in bar:
+            t0 = time.time()
+            lr = lr_fn(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            metrics = step_fn(step)
+            d.average_gradients(model)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step + 1} ({metrics}); stopping without saving. "
+                                         f"Last good checkpoint: {latest_checkpoint(self.out)}")
+            grad_norm = clip_grad_norm(model, a.grad_clip, d)
+            opt.step()
+            seconds = time.time() - t0
+            last = {"step": step + 1, "lr": lr, **metrics, "grad_norm": float(grad_norm), "step_seconds": seconds}
+            if "tokens" in metrics:
+                last["tokens_per_s"] = metrics["tokens"] / seconds
+            if d.is_main:
+                with open(self.out / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            bar.set_postfix({k: f"{last[k]:.3f}" for k in postfix if k in last})
+            done = step + 1
+            signalled = self.stop["signal"] is not None
+            if signalled or (a.save_every and done % a.save_every == 0 and done < self.total_steps):
+                d.print(f"\nsaved {self.save(self.out / f'step-{done}', done)}")
+            if signalled:
+                d.print(f"stopped by {self.stop['signal']} after step {done}; continue with the same command and "
+                        f"--resume")
+                return {"stopped": self.stop["signal"], **last}
+        bar.close()
+        final = self.out / "final"
+        self.save(final, self.total_steps)
+        summary = {"final": str(final), "steps": self.total_steps, **(summary_extra or {}), **last}
+        if d.is_main:
+            write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+# ----------------------------------------------------------------------------- flags and main()
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """The flags train_sft.py and train_opd.py share: optimizer, Group Auxiliary Loss, checkpoints, device."""
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight")
+    p.add_argument("--w", type=float, default=2.0, help="GA zero-group weight: targets zero share wZ/(N+wZ)")
+    p.add_argument("--ga-counts", default="scores", choices=["scores", "routing"],
+                   help="what the GA loss's f counts: a fresh top-K of the normalised scores, without GLM's "
+                        "correction bias (the authors'), or the slots actually routed")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--expert-backend", default="grouped_mm", choices=["auto", "loop", "grouped_mm", "triton"],
+                   help="routed-expert implementation")
+    p.add_argument("--dp", type=int, default=0, help="data-parallel size (0: world size / --tp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (attention heads, dense MLPs)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (splits the routed experts)")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over dp (FSDP2)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute block activations in backward (less memory, ~1/3 more compute)")
+
+
+def run_training(script: str, train, args) -> int:
+    """A training script's main(): start the process group, train with clean stops on signals, report what a
+    user caused as one line on stderr with exit code 2 (nothing half-written: checkpoints are atomic). A run
+    stopped by a signal exits 130 (SIGINT) or 143 (SIGTERM) after saving, so a caller can tell it from a
+    finished one."""
+    try:
+        d = init_distributed(args.device, args.dp, args.tp, args.ep, args.fsdp)
+    except ZedaError as e:  # a bad mesh or device: before any work, and before a process group exists
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with stop_on_signals() as stop:
+            summary = train(args, d, stop)
+    except (ZedaError, OSError, FloatingPointError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    d.print(f"\n{script} {'stopped' if 'stopped' in summary else 'done'}: {json.dumps(summary)}")
+    return EXIT_ON_SIGNAL.get(summary.get("stopped"), 1 if "stopped" in summary else 0)
