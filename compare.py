@@ -22,6 +22,7 @@ import sys
 from zeda.divergence import compare_models, divergence_table
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_atomic
+from zeda.flags import int_range
 from zeda.loading import load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
 
@@ -31,12 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", required=True, help="checkpoint folder of the reference (usually the teacher)")
     p.add_argument("--model", required=True, help="checkpoint folder of the model compared with it")
     p.add_argument("--tasks", default=",".join(FAMILIES), help="comma-separated task families (default: all)")
-    p.add_argument("--n", type=int, default=300, help="items per family (default 300)")
+    p.add_argument("--n", type=int_range(min=1), default=300, help="items per family (default 300)")
     p.add_argument("--split", default="heldout", choices=EVAL_SPLITS, help="heldout (default) or test")
-    p.add_argument("--task-seed", type=int, default=0, help="seed that draws the items (default 0)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer (default 256)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
-    p.add_argument("--rows", type=int, default=10, help="largest-KL divergences to print (default 10)")
+    p.add_argument("--task-seed", type=int_range(min=0), default=0, help="seed that draws the items (default 0)")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
+                   help="generation limit per answer (default 256)")
+    p.add_argument("--batch-size", type=int_range(min=1), default=32, help="prompts per generation batch (default 32)")
+    p.add_argument("--rows", type=int_range(min=0), default=10, help="largest-KL divergences to print (default 10)")
     p.add_argument("--out", default=None, help="write the report as JSON to this file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16")

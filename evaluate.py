@@ -32,6 +32,7 @@ import sys
 
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_atomic
+from zeda.flags import float_range, int_range
 from zeda.generation import SamplingParams
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
@@ -43,19 +44,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated task families of {','.join(FAMILIES)} (default: all of them, or none "
                         "when --benchmark is given)")
-    p.add_argument("--n", type=int, default=300, help="test items per task family (default 300)")
+    p.add_argument("--n", type=int_range(min=1), default=300, help="test items per task family (default 300)")
     p.add_argument("--benchmark", default=None, help="a benchmark JSONL file, reported as accuracy['benchmark']")
     p.add_argument("--out", default=None, help="write the report as JSON to this file")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch b uses seed + b; default 0)")
+    p.add_argument("--batch-size", type=int_range(min=1), default=32, help="prompts per generation batch (default 32)")
+    p.add_argument("--temperature", type=float_range(min=0), default=0.0,
+                   help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float_range(above=0, max=1), default=1.0,
+                   help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=int_range(min=0), default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
+                   help="generation limit per answer (default 256)")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="sampling seed (batch b uses seed + b; default 0)")
     p.add_argument("--split", default="test", choices=EVAL_SPLITS,
                    help="test (default), or heldout: the held-out slice of the train split that the pipeline's "
                         "settings are chosen on (tasks.heldout)")
-    p.add_argument("--task-seed", type=int, default=0,
+    p.add_argument("--task-seed", type=int_range(min=0), default=0,
                    help="seed that draws the test items (default 0: every model sees the same items)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto",

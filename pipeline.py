@@ -35,6 +35,7 @@ from zeda import tasks
 from zeda.config import ModelConfig
 from zeda.data import write_jsonl_atomic
 from zeda.evaluation import EVAL_SPLITS, evaluate_model, write_json_atomic
+from zeda.flags import float_range, int_range
 from zeda.generation import SamplingParams, add_sampling_args
 from zeda.loading import load_for_inference
 
@@ -88,31 +89,34 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: the shipped one)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "pipeline", help="output folder")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--zero-experts", type=int, default=None, help="Z (default N/2, the paper's setting)")
-    p.add_argument("--n", type=int, default=300, help="test items per family for each evaluation")
+    p.add_argument("--zero-experts", type=int_range(min=1), default=None, help="Z (default N/2, the paper's setting)")
+    p.add_argument("--n", type=int_range(min=1), default=300, help="test items per family for each evaluation")
     p.add_argument("--eval-split", default="test", choices=EVAL_SPLITS,
                    help="test, or heldout: the held-out slice of the train split (left out of every training prompt "
                         "set) that the defaults below were chosen on")
-    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight, SFT and OPD (paper: 0.1)")
+    p.add_argument("--alpha", type=float_range(min=0), default=0.1,
+                   help="Group Auxiliary Loss weight, SFT and OPD (paper: 0.1)")
     # w 2.2 rather than the paper's 2.0, and the SFT / OPD settings below, were chosen on the held-out slice of the
     # train split, never on the test split: docs/experiments.md.
-    p.add_argument("--w", type=float, default=2.2, help="GA zero-group weight, SFT and OPD: targets a zero share of "
+    p.add_argument("--w", type=float_range(above=0), default=2.2,
+                   help="GA zero-group weight, SFT and OPD: targets a zero share of "
                    "wZ/(N+wZ) (paper: 2.0, 50%% at Z = N/2)")
-    p.add_argument("--sft-prompts", type=int, default=6000, help="SFT prompts per family (train split)")
-    p.add_argument("--sft-epochs", type=int, default=1, help="SFT epochs over the rollouts (paper: 1)")
-    p.add_argument("--sft-lr", type=float, default=2e-4, help="SFT peak lr (cosine, 10%% warmup)")
-    p.add_argument("--sft-batch-size", type=int, default=32, help="SFT global batch (sequences per step)")
+    p.add_argument("--sft-prompts", type=int_range(min=1), default=6000, help="SFT prompts per family (train split)")
+    p.add_argument("--sft-epochs", type=int_range(min=1), default=1, help="SFT epochs over the rollouts (paper: 1)")
+    p.add_argument("--sft-lr", type=float_range(above=0), default=2e-4, help="SFT peak lr (cosine, 10%% warmup)")
+    p.add_argument("--sft-batch-size", type=int_range(min=1), default=32, help="SFT global batch (sequences per step)")
     # Off by default: the paper trains on every rollout.
     p.add_argument("--sft-drop-incorrect", action="store_true",
                    help="SFT only on rollouts the task verifier marks correct (train_sft.py --drop-incorrect)")
     add_sampling_args(p, prefix="rollout-")  # how the teacher samples the SFT rollouts (the paper's settings)
-    p.add_argument("--opd-prompts", type=int, default=1000, help="OPD prompts per family (train split)")
-    p.add_argument("--opd-steps", type=int, default=60, help="OPD optimizer steps")
-    p.add_argument("--opd-lr", type=float, default=3e-5, help="OPD constant lr")
-    p.add_argument("--max-new-tokens", type=int, default=160, help="answer limit for rollouts, OPD and eval")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
-    p.add_argument("--seed", type=int, default=0, help="seed for every stage")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--opd-prompts", type=int_range(min=1), default=1000, help="OPD prompts per family (train split)")
+    p.add_argument("--opd-steps", type=int_range(min=1), default=60, help="OPD optimizer steps")
+    p.add_argument("--opd-lr", type=float_range(above=0), default=3e-5, help="OPD constant lr")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=160,
+                   help="answer limit for rollouts, OPD and eval")
+    p.add_argument("--batch-size", type=int_range(min=1), default=64, help="prompts per generation batch")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="seed for every stage")
+    p.add_argument("--threads", type=int_range(min=1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true",
                    help="continue the rollouts, SFT and OPD of an interrupted run in --out instead of starting over")
     args = p.parse_args(argv)

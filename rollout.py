@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from zeda.errors import ZedaError
+from zeda.flags import int_range
 from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference
 from zeda.rollout import rollout
@@ -26,11 +27,11 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint folder (static model)")
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL ({'messages': ...} or {'prompt': ...})")
     p.add_argument("--out", type=Path, required=True, help="rollouts JSONL to write (appended to when resuming)")
-    p.add_argument("--samples-per-prompt", type=int, default=1, help="answers sampled per prompt")
+    p.add_argument("--samples-per-prompt", type=int_range(min=1), default=1, help="answers sampled per prompt")
     add_sampling_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256, help="answer length limit")
+    p.add_argument("--batch-size", type=int_range(min=1), default=64, help="prompts per generation batch")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     args = p.parse_args(argv)
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
+from zeda.flags import float_range, int_range
 from zeda.flops import flop_report
 from zeda.generation import Generation, SamplingParams, generate
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
@@ -83,11 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint folder, static or converted (default: assets/qwen3_moe_teacher beside serve.py)")
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (default: read prompts from stdin)")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--top-k", type=int, default=20, help="keep the k most likely tokens, 0 = off (default 20)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit per answer (default 256)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (answer i uses seed + i; default: random)")
+    p.add_argument("--temperature", type=float_range(min=0), default=0.6,
+                   help="sampling temperature, 0 = greedy (default 0.6)")
+    p.add_argument("--top-p", type=float_range(above=0, max=1), default=0.95,
+                   help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int_range(min=0), default=20,
+                   help="keep the k most likely tokens, 0 = off (default 20)")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
+                   help="generation limit per answer (default 256)")
+    p.add_argument("--seed", type=int_range(min=0), default=None,
+                   help="sampling seed (answer i uses seed + i; default: random)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")

@@ -35,6 +35,7 @@ import zeda
 from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages
 from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError
+from zeda.flags import float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.loading import load_model, load_tokenizer
@@ -76,8 +77,8 @@ def align(values: list[list[float]], examples: list[Example], shape) -> torch.Te
     return out
 
 
-def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist, pad_id: int,
-             global_count: float) -> dict:
+def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist,
+             pad_id: int, global_count: float) -> dict:
     """Forward and backward of one rollout batch on this rank (docs/method.md §5, steps 2-4).
 
     The old policy's log-probs are recomputed by a no-grad forward of the student in training mode, as the
@@ -185,20 +186,24 @@ def parse_args(argv=None):
     p.add_argument("--teacher", type=Path, required=True, help="the original static model (frozen)")
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL ({'messages': ...} or {'prompt': ...})")
     p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, metrics.jsonl)")
-    p.add_argument("--max-steps", type=int, default=321, help="optimizer steps (paper: 321)")
-    p.add_argument("--prompts-per-step", type=int, default=16, help="prompts per step, over all ranks (paper: 16)")
-    p.add_argument("--samples-per-prompt", type=int, default=2, help="answers sampled per prompt (paper: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (longer: truncated)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1)")
+    p.add_argument("--max-steps", type=int_range(min=1), default=321, help="optimizer steps (paper: 321)")
+    p.add_argument("--prompts-per-step", type=int_range(min=1), default=16,
+                   help="prompts per step, over all ranks (paper: 16)")
+    p.add_argument("--samples-per-prompt", type=int_range(min=1), default=2,
+                   help="answers sampled per prompt (paper: 2)")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
+                   help="answer length limit (longer: truncated)")
+    p.add_argument("--temperature", type=float_range(above=0), default=1.0, help="sampling temperature (paper: 1)")
     p.add_argument("--loss", default="ppo", choices=["ppo", "full-reverse-kl"],
                    help="ppo: sampled-token reverse-KL advantage, PPO-clipped; full-reverse-kl: exact KL over V")
-    p.add_argument("--clip", type=float, default=0.2, help="PPO ratio clip")
+    p.add_argument("--clip", type=float_range(above=0), default=0.2, help="PPO ratio clip")
     p.add_argument("--loss-aggregation", default="sequence", choices=AGGREGATIONS,
                    help="sequence: each answer's mean over its tokens, then the mean over answers (the authors'); "
                         "token: the mean over all answer tokens")
-    p.add_argument("--lr", type=float, default=5e-6, help="constant learning rate (paper: 5e-6 Qwen, 1e-6 GLM)")
+    p.add_argument("--lr", type=float_range(above=0), default=5e-6,
+                   help="constant learning rate (paper: 5e-6 Qwen, 1e-6 GLM)")
     add_training_args(p)
-    p.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="prompt order and sampling seed")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     return args

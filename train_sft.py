@@ -30,6 +30,7 @@ import zeda
 from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages, response_of
 from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError
+from zeda.flags import float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference, load_tokenizer
@@ -186,19 +187,23 @@ def parse_args(argv=None):
     p.add_argument("--teacher", type=Path, help="teacher folder: sample rollouts first (with --prompts)")
     p.add_argument("--prompts", type=Path, help="prompts JSONL for --teacher")
     p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, metrics.jsonl)")
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: --epochs over the data)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs when --max-steps is 0 (paper: 1)")
-    p.add_argument("--global-batch-size", type=int, default=128, help="sequences per optimizer step (paper: 128)")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward on one rank")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps")
+    p.add_argument("--max-steps", type=int_range(min=0), default=0, help="optimizer steps (0: --epochs over the data)")
+    p.add_argument("--epochs", type=int_range(min=1), default=1, help="epochs when --max-steps is 0 (paper: 1)")
+    p.add_argument("--global-batch-size", type=int_range(min=1), default=128,
+                   help="sequences per optimizer step (paper: 128)")
+    p.add_argument("--micro-batch-size", type=int_range(min=1), default=8,
+                   help="sequences per forward/backward on one rank")
+    p.add_argument("--lr", type=float_range(above=0), default=2e-5, help="peak learning rate (paper: 2e-5)")
+    p.add_argument("--warmup-ratio", type=float_range(min=0, below=1), default=0.1,
+                   help="linear warmup share of the steps")
     add_training_args(p)
-    p.add_argument("--max-seq-len", type=int, default=4096, help="longer rollouts are dropped (or --truncate)")
+    p.add_argument("--max-seq-len", type=int_range(min=2), default=4096,
+                   help="longer rollouts are dropped (or --truncate)")
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
     p.add_argument("--drop-incorrect", action="store_true",
                    help="skip rollouts marked \"correct\": false (answers checked against the prompt's reference)")
-    p.add_argument("--seed", type=int, default=0, help="data order and rollout sampling seed")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="rollout answer limit (--teacher mode)")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="data order and rollout sampling seed")
+    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256, help="rollout answer limit (--teacher mode)")
     add_sampling_args(p, prefix="rollout-")  # --rollout-temperature/-top-p/-top-k (--teacher mode)
     args = p.parse_args(argv)
     if (args.rollouts is None) == (args.teacher is None or args.prompts is None):

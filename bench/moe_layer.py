@@ -1,4 +1,5 @@
-"""Time one MoE layer's routed experts at 0/25/50/75% zero-expert share (docs/method.md §6; the shapes and regimes users ask peers to report).
+"""Time one MoE layer's routed experts at 0/25/50/75% zero-expert share (docs/method.md §6),
+at prefill and decode sizes, on both layer shapes.
 
     python -m bench.moe_layer                                  # CPU defaults: H, I / 8, T in 256, 1, 16 (< 3 min)
     python -m bench.moe_layer --device cuda --dtype bfloat16   # GPU: full Qwen3/GLM shapes, prefill and decode

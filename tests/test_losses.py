@@ -15,7 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zeda.losses import (aggregate, full_reverse_kl, group_aux_loss, group_shares, ppo_clip_loss, response_cross_entropy,
+from zeda.losses import (aggregate, full_reverse_kl, group_aux_loss, group_shares, ppo_clip_loss,
+                         response_cross_entropy,
                          reverse_kl_advantage)
 from zeda.config import ModelConfig
 from zeda.moe import Router, RouterOutput
@@ -113,7 +114,8 @@ def test_group_aux_loss_ignores_padding_tokens(scoring):
 def test_group_shares_are_sums():
     """(real slots, zero slots, P mass on E, P mass on Z, tokens) per layer, padding excluded."""
     valid = [True, False, True]
-    (real, zero, p_real, p_zero, tokens), = group_shares(routing_of(LAYER_A), N, torch.tensor(valid), "softmax", "routing")
+    (real, zero, p_real, p_zero, tokens), = group_shares(routing_of(LAYER_A), N, torch.tensor(valid), "softmax",
+                                                         "routing")
     assert (int(real), int(zero), tokens) == (3, 1, 2)
     probs = [hand_probs(LAYER_A[0][t], "softmax") for t in (0, 2)]
     assert p_zero.item() == pytest.approx(sum(sum(p[N:]) for p in probs), rel=1e-6)
@@ -328,8 +330,8 @@ def test_ppo_clip_loss_matches_hand_computation_with_clipping():
     expected = sum(hand(r, a) for r, a, m, _ in cases if m) / 6
     loss = ppo_clip_loss(new, old, adv, mask, clip=eps, aggregation="token")
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    assert ppo_clip_loss(new, old, adv, mask, clip=eps, normalizer=3.0, aggregation="token").item() == pytest.approx(expected * 6 / 3,
-                                                                                                rel=1e-5)
+    loss3 = ppo_clip_loss(new, old, adv, mask, clip=eps, normalizer=3.0, aggregation="token")
+    assert loss3.item() == pytest.approx(expected * 6 / 3, rel=1e-5)
     loss.backward()
     for i, (r, a, m, clipped) in enumerate(cases):
         if not m or clipped:

@@ -38,7 +38,8 @@ import train_opd  # noqa: E402
 VOCAB, Z = 104, 4
 TINY = ["--max-steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "12",
         "--lr", "1e-3", "--device", "cpu"]
-FIELDS = {"step", "lr", "loss", "policy_loss", "ga", "reverse_kl", "sampler_logp_gap", "zero_ratio", "zero_ratio_per_layer",
+FIELDS = {"step", "lr", "loss", "policy_loss", "ga", "reverse_kl", "sampler_logp_gap", "zero_ratio",
+          "zero_ratio_per_layer",
           "mean_response_length", "truncation_rate", "sample_tokens_per_s", "train_tokens_per_s"}
 
 

@@ -1,4 +1,5 @@
-"""Scale-up (zeda/distributed.py, expert_parallel.py, tensor_parallel.py, sharding.py) under `torchrun --nproc_per_node=2` on CPU with gloo.
+"""Scale-up (zeda/distributed.py, expert_parallel.py, tensor_parallel.py, sharding.py) under
+`torchrun --nproc_per_node=2` on CPU with gloo.
 
 Checked: bad meshes are refused before any work; ep=2, tp=2 and FSDP2 over dp=2 give the single-process logits
 of both architectures; the all-to-all sends exactly the real slots, fewer once zero experts are used; parameters

@@ -128,8 +128,8 @@ def _all_to_all(x, out_splits: list[int], in_splits: list[int], group):
 
 def apply_expert_parallel(model, d: Dist) -> None:
     """Keep this rank's N/ep experts of every MoE layer and route through the all-to-all dispatcher. On a meta
-    model (zeda.loading.load_model) nothing is allocated yet, and load_weights later reads only these experts; on a loaded
-    one their rows are cloned and the rest freed. Parameters are marked `expert_shard` so gradient averaging and
+    model (zeda.loading.load_model) nothing is allocated yet, and load_weights later reads only these experts; on a
+    loaded one their rows are cloned and the rest freed. Parameters are marked `expert_shard` so gradient averaging and
     checkpoint gathering know them."""
     ep = d.dims.ep
     if ep == 1:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from zeda.errors import UsageError
+from zeda.flags import float_range, int_range
 from zeda.flops import LayerStats, attended_keys, expert_counts, layer_stats, routing_stats
 from zeda.model import CausalLM, KVCache
 
@@ -47,10 +48,13 @@ ROLLOUT_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 def add_sampling_args(parser, prefix: str = "") -> None:
     """--{prefix}temperature, --{prefix}top-p, --{prefix}top-k with the rollout defaults above."""
     t, p, k = ROLLOUT_SAMPLING.values()
-    parser.add_argument(f"--{prefix}temperature", type=float, default=t, help=f"sampling temperature (0 = greedy; "
+    parser.add_argument(f"--{prefix}temperature", type=float_range(min=0), default=t,
+                        help=f"sampling temperature (0 = greedy; "
                         f"default {t}, the paper's)")
-    parser.add_argument(f"--{prefix}top-p", type=float, default=p, help=f"nucleus sampling mass (1 = off; default {p})")
-    parser.add_argument(f"--{prefix}top-k", type=int, default=k, help=f"top-k sampling (0 = off; default {k})")
+    parser.add_argument(f"--{prefix}top-p", type=float_range(above=0, max=1), default=p,
+                        help=f"nucleus sampling mass (1 = off; default {p})")
+    parser.add_argument(f"--{prefix}top-k", type=int_range(min=0), default=k,
+                        help=f"top-k sampling (0 = off; default {k})")
 
 
 def sampling_from_args(args, max_new_tokens: int, prefix: str = "") -> "SamplingParams":

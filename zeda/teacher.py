@@ -32,6 +32,7 @@ from zeda.checkpoint import save_checkpoint
 from zeda.config import ModelConfig
 from zeda.data import collate, encode_chats
 from zeda.errors import UsageError
+from zeda.flags import float_range, int_range
 from zeda.losses import load_balancing_loss
 from zeda.model import CausalLM
 from zeda.tiny import tiny_hf_config
@@ -184,19 +185,21 @@ def main():
     p = argparse.ArgumentParser(description="Train a small MoE teacher from scratch on the task suite (CPU).")
     p.add_argument("--arch", default="qwen3_moe", choices=sorted(TEACHER_SHAPES), help="architecture")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--steps", type=int_range(min=1), default=3000, help="optimizer steps")
+    p.add_argument("--minutes", type=float_range(above=0), default=None,
                    help="time budget instead of --steps: the first 20 steps are timed and fix the step count")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--train-per-family", type=int, default=30000, help="training items generated per family")
-    p.add_argument("--balance-coef", type=float, default=0.01, help="weight of the expert balance loss")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, init and batches")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int_range(min=1), default=32, help="sequences per step")
+    p.add_argument("--lr", type=float_range(above=0), default=3e-3, help="peak learning rate")
+    p.add_argument("--train-per-family", type=int_range(min=1), default=30000,
+                   help="training items generated per family")
+    p.add_argument("--balance-coef", type=float_range(min=0), default=0.01, help="weight of the expert balance loss")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="seed for data, init and batches")
+    p.add_argument("--threads", type=int_range(min=1), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--backend", default="grouped_mm", choices=["loop", "grouped_mm"], help="expert backend")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue from an earlier teacher folder (fresh warmup + cosine); lineage is recorded")
-    p.add_argument("--save-every", type=int, default=0, help="also save to --out every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int_range(min=0), default=0,
+                   help="also save to --out every N steps (0: only at the end)")
     args = p.parse_args()
     if args.init_from is not None and args.init_from.resolve() == args.out.resolve():
         p.error("--out must differ from --init-from: the input teacher is never overwritten")

@@ -39,6 +39,7 @@ from zeda.checkpoint import save_checkpoint
 from zeda.data import write_text_atomic
 from zeda.distributed import Dist, init_distributed, shutdown
 from zeda.errors import CheckpointError, UsageError, ZedaError
+from zeda.flags import float_range, int_range
 from zeda.loading import load_model
 from zeda.sharding import clip_grad_norm, full_state_dict
 
@@ -306,24 +307,26 @@ class Trainer:
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
     """The flags train_sft.py and train_opd.py share: optimizer, Group Auxiliary Loss, checkpoints, device."""
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--alpha", type=float, default=0.1, help="Group Auxiliary Loss weight")
-    p.add_argument("--w", type=float, default=2.0, help="GA zero-group weight: targets zero share wZ/(N+wZ)")
+    p.add_argument("--beta1", type=float_range(min=0, below=1), default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=float_range(min=0, below=1), default=0.98, help="AdamW beta2")
+    p.add_argument("--weight-decay", type=float_range(min=0), default=0.1, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float_range(above=0), default=1.0, help="max gradient norm")
+    p.add_argument("--alpha", type=float_range(min=0), default=0.1, help="Group Auxiliary Loss weight")
+    p.add_argument("--w", type=float_range(above=0), default=2.0,
+                   help="GA zero-group weight: targets zero share wZ/(N+wZ)")
     p.add_argument("--ga-counts", default="scores", choices=["scores", "routing"],
                    help="what the GA loss's f counts: a fresh top-K of the normalised scores, without GLM's "
                         "correction bias (the authors'), or the slots actually routed")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=int_range(min=0), default=0,
+                   help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--expert-backend", default="grouped_mm", choices=["auto", "loop", "grouped_mm", "triton"],
                    help="routed-expert implementation")
-    p.add_argument("--dp", type=int, default=0, help="data-parallel size (0: world size / --tp)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (attention heads, dense MLPs)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (splits the routed experts)")
+    p.add_argument("--dp", type=int_range(min=0), default=0, help="data-parallel size (0: world size / --tp)")
+    p.add_argument("--tp", type=int_range(min=1), default=1, help="tensor-parallel size (attention heads, dense MLPs)")
+    p.add_argument("--ep", type=int_range(min=1), default=1, help="expert-parallel size (splits the routed experts)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over dp (FSDP2)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute block activations in backward (less memory, ~1/3 more compute)")

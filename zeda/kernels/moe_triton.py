@@ -6,8 +6,8 @@ H hidden size, I expert intermediate size, M real slots (ids < N; a device-side 
 Semantics (docs/method.md §2), with e = ids[t, k]:
     y[t] = sum_k [e < N] * w[t, k] * down[e] @ (silu(gate[e] @ x[t]) * (up[e] @ x[t]))
 A zero slot keeps its weight in the router's normalisation but costs nothing here: it is dropped by the
-counting sort before any buffer row, tile or GEMM (compacted, not remapped to a dummy expert), and no host sync sizes anything
-(lesson 2): launches use the upper bound S and programs past the device-side real count exit at once.
+counting sort before any buffer row, tile or GEMM (compacted, not remapped to a dummy expert), and no host sync
+sizes anything: launches use the upper bound S and programs past the device-side real count exit at once.
 
 Algorithm (forward):
     rows      = stable counting sort of the real slots by expert        # permute.py: histogram, scan, scatter

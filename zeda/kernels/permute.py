@@ -4,8 +4,9 @@ Shape letters: T tokens, K slots per token (top-k), S = T*K slots, N real expert
 M real slots (ids < N; known only on the device), B slot blocks of BLOCK_S slots.
 
 Zero experts (ids >= N) output exactly zero, so their slots are dropped here, before any row buffer, grid or
-GEMM sees them (compacted, not remapped to a dummy expert with weight 0). Everything is sized by the host-known upper bound S and the real count M
-lives only on the device (lesson 2: no .item(), so torch.compile and CUDA graphs stay possible).
+GEMM sees them (compacted, not remapped to a dummy expert with weight 0, which would still be computed).
+Everything is sized by the host-known upper bound S and the real count M lives only on the device (no .item(),
+so torch.compile and CUDA graphs stay possible).
 
     permute (stable counting sort over the real slots):
         counts[b, e]  = #{slots s in block b : ids[s] == e}              # histogram kernel, zero ids ignored

@@ -1,0 +1,55 @@
+"""Argument types that check a flag's range as it is parsed, so a bad value is refused before any work with a
+message that names the flag (argparse prints `argument --lr: must be > 0, got -1`, exit code 2).
+
+    p.add_argument("--lr", type=float_range(above=0), default=2e-5, help="peak learning rate")
+    p.add_argument("--batch-size", type=int_range(min=1), default=32, help="prompts per batch")
+
+Floats must also be finite: `nan` compares false with every bound, so without the check it slips through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _bounds(min=None, max=None, above=None, below=None) -> str:
+    parts = [f">= {min}" if min is not None else "", f"> {above}" if above is not None else "",
+             f"<= {max}" if max is not None else "", f"< {below}" if below is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _check(value, min, max, above, below, text: str):
+    if ((min is not None and value < min) or (max is not None and value > max)
+            or (above is not None and value <= above) or (below is not None and value >= below)):
+        raise argparse.ArgumentTypeError(f"must be {_bounds(min, max, above, below)}, got {text}")
+    return value
+
+
+def int_range(min: int | None = None, max: int | None = None):
+    """An int in [min, max] (either bound optional)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        return _check(value, min, max, None, None, text)
+
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
+def float_range(min: float | None = None, max: float | None = None, above: float | None = None,
+                below: float | None = None):
+    """A finite float with inclusive (min, max) and exclusive (above, below) bounds, each optional."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return _check(value, min, max, above, below, text)
+
+    parse.__name__ = "number"
+    return parse
