@@ -20,6 +20,7 @@ import argparse
 import sys
 
 from zeda.divergence import compare_models, divergence_table
+from zeda.data import check_writable
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_atomic
 from zeda.flags import int_range
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
             raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.split == "heldout":
             check_heldout_size(args.n)
+        if args.out:
+            check_writable(args.out, "--out")
         items = suite_items(families, args.n, args.task_seed, args.split)
         reference, tokenizer = load_for_inference(args.reference, args.device, args.dtype)
         model, _ = load_for_inference(args.model, args.device, args.dtype)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zeda.data import check_writable
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_atomic
 from zeda.flags import float_range, int_range
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
             check_heldout_size(args.n)
         if not families and not args.benchmark:
             raise EvaluationError("nothing to evaluate: --tasks is empty and no --benchmark given")
+        if args.out:
+            check_writable(args.out, "--out")
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens)
         model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.expert_backend)

@@ -33,7 +33,8 @@ import torch
 
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.data import write_jsonl_atomic
+from zeda.data import check_writable, write_jsonl_atomic
+from zeda.errors import ZedaError
 from zeda.evaluation import EVAL_SPLITS, evaluate_model, write_json_atomic
 from zeda.flags import float_range, int_range
 from zeda.generation import SamplingParams, add_sampling_args
@@ -138,7 +139,11 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable(out, "--out", folder=True)
+    except ZedaError as e:
+        print(f"pipeline.py: error: {e}", file=sys.stderr)
+        return 2
     n_real = ModelConfig.from_hf_config(teacher).num_experts
     zero = args.zero_experts or n_real // 2
     student = out / "converted"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from zeda.data import check_writable
 from zeda.errors import ZedaError
 from zeda.flags import int_range
 from zeda.generation import add_sampling_args, sampling_from_args
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     args = p.parse_args(argv)
     try:
+        check_writable(args.out, "--out")
         model, tokenizer = load_for_inference(args.teacher, args.device)
         params = sampling_from_args(args, args.max_new_tokens)
         with torch.no_grad():

@@ -128,11 +128,23 @@ def main(argv=None) -> int:
             answer(model, tokenizer, args.prompt, sampling, seed)
         except EvaluationError as e:
             return error(str(e))
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
         return 0
 
     cfg = model.config
     print(f"{model_dir}: {cfg.model_type}, {cfg.num_experts} experts + {cfg.num_zero_experts} zero experts, "
           f"top-{cfg.num_experts_per_tok}. One prompt per line; Ctrl-D to quit.", file=sys.stderr)
+    try:
+        return chat(model, tokenizer, sampling, seed)
+    except KeyboardInterrupt:  # Ctrl-C: end the answer's line and leave quietly, as a shell does
+        print(file=sys.stderr)
+        return 130
+
+
+def chat(model, tokenizer, sampling: SamplingParams, seed: int | None) -> int:
+    """The interactive loop: one prompt a line on stdin until EOF."""
     turn = 0
     for lineno in itertools.count(1):
         print("> ", end="", flush=True)

@@ -161,6 +161,23 @@ def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written (a read-only or missing parent, a file where
+    a folder must go): found only after an hour of evaluation or training it would lose that hour. Creates the
+    parent folder (or, with folder=True, the folder itself) and probes it with a temporary file."""
+    target = os.path.abspath(path)
+    directory = target if folder else os.path.dirname(target)
+    if os.path.exists(target) and os.path.isdir(target) != folder:
+        raise DataError(f"{flag} {path}: {'not a folder' if folder else 'is a folder'}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".zeda-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync, then rename over `path`: readers see the old file
     or the new one, never half of it."""

@@ -117,6 +117,9 @@ def load_for_inference(path: str | os.PathLike, device: str = "auto", dtype: str
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such model folder")
-    ModelConfig.from_hf_config(path)
+    cfg = ModelConfig.from_hf_config(path)
     tokenizer = load_tokenizer(path)
+    if len(tokenizer) > cfg.vocab_size:  # ids past the embedding would index out of range mid-generation
+        raise ConfigError(f"{path}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                          f"{cfg.vocab_size}: tokenizer and model do not belong together")
     return load_model(path, device, dtype, dist=dist, expert_backend=expert_backend), tokenizer

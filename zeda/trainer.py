@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from zeda.checkpoint import save_checkpoint
-from zeda.data import write_text_atomic
+from zeda.data import check_writable, write_text_atomic
 from zeda.distributed import Dist, init_distributed, shutdown
 from zeda.errors import CheckpointError, UsageError, ZedaError
 from zeda.flags import float_range, int_range
@@ -222,6 +222,8 @@ class Trainer:
         self.out: Path = args.out
         self.init_from, self.total_steps = Path(init_from), total_steps
         check_fresh_out(self.out, args.resume)
+        if d.is_main:
+            check_writable(self.out, "--out", folder=True)
         self.resume_from = latest_checkpoint(self.out) if args.resume else None
         if args.resume and self.resume_from is None:
             d.print(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
