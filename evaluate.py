@@ -3,6 +3,8 @@
     python evaluate.py --model assets/qwen3_moe_teacher --out runs/teacher_eval.json
     python evaluate.py --model runs/student --tasks math,code --n 100 --batch-size 64
     python evaluate.py --model runs/student --benchmark bench.jsonl --temperature 0.6 --top-p 0.95 --top-k 20
+    python evaluate.py --model assets/qwen3_moe_teacher --routing topk:2     # a training-free baseline
+    python evaluate.py --model runs/pipeline/opd/final --zero-bias 1.0        # the compute dial of a ZEDA model
 
 Runs the test split of the task suite (zeda/tasks.py; greedy, 300 items per family by default; --split heldout
 for the held-out slice of the train split) and/or a local benchmark JSONL ({"messages": [...], "answer": "..."}
@@ -16,6 +18,7 @@ as JSON (atomically); its top-level fields:
     expert_flops              {dynamic, static};  expert_flops_reduction = 1 - dynamic / static
     forward_flops             {dynamic, static};  forward_flops_reduction (attention, dense layers, head included)
     tokens_generated, prompt_tokens, tokens_processed, generation_seconds, tokens_per_second
+    routing, zero_bias         the training-free routing rule and zero-expert bias used (zeda/baselines.py)
     model, architecture, device, dtype, expert_backend, families, n_per_family, task_seed, split, benchmark,
     sampling {temperature, top_p, top_k, max_new_tokens, seed}, batch_size,
     samples                   {group: [{where, prompt, output, reference, correct}, ...]} (first 3 per group)
@@ -30,6 +33,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zeda.baselines import parse_routing, set_routing
+from zeda.config import ModelConfig
 from zeda.data import check_writable
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_atomic
@@ -67,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
     p.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS,
                    help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")
+    p.add_argument("--routing", default="native",
+                   help="native (the model's own), or a training-free baseline: topk:K' keeps the K' highest-weighted "
+                        "of the K slots, topp:P keeps slots until their normalised cumulative weight reaches P; "
+                        "skipped slots count as skipped expert FLOPs, as zero slots do")
+    p.add_argument("--zero-bias", type=float_range(), default=0.0,
+                   help="added to every zero-expert router logit (a converted model's compute dial; 0 = as trained)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -87,9 +98,12 @@ def main(argv=None) -> int:
             raise EvaluationError("nothing to evaluate: --tasks is empty and no --benchmark given")
         if args.out:
             check_writable(args.out, "--out")
+        if args.routing != "native":  # a bad rule fails before the weights are read
+            parse_routing(args.routing, ModelConfig.from_hf_config(args.model).num_experts_per_tok)
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens)
         model, tokenizer = load_for_inference(args.model, args.device, args.dtype, args.expert_backend)
+        set_routing(model, args.routing, args.zero_bias)
         report = evaluate_model(model, tokenizer, families, args.n, sampling, args.batch_size, args.seed,
                                 args.benchmark, task_seed=args.task_seed, split=args.split,
                                 progress=not args.no_progress)
@@ -97,6 +111,7 @@ def main(argv=None) -> int:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     report["model"] = args.model
+    report["routing"], report["zero_bias"] = args.routing, args.zero_bias
     print(summary_table(report))
     if args.out:
         write_json_atomic(args.out, report)

@@ -115,7 +115,7 @@ def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int) ->
     global_tokens = float(d.all_reduce(torch.tensor(float(local_tokens))))
     # Logged sums stay on the device over the micro-batches: one host sync per step, not per micro-batch.
     loss_sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # [ce, ga]
-    counts_LE = torch.zeros(cfg.num_moe_layers, cfg.num_router_outputs, dtype=torch.long, device=d.device)
+    counts_LE = torch.zeros(cfg.num_moe_layers, cfg.num_router_outputs + 1, dtype=torch.long, device=d.device)
     for b in batches:
         ids, attn, loss_mask = (t.to(d.device) for t in collate(b, pad_id))
         routing = []

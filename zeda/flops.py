@@ -34,18 +34,21 @@ class LayerStats:
 
 
 def expert_counts(routing: list, valid_BT: torch.Tensor, num_outputs: int) -> torch.Tensor:
-    """Slots per router output [L, E] over the real tokens of a forward (no boolean indexing: no host sync)."""
+    """Slots per router output [L, E + 1] over the real tokens of a forward (no boolean indexing: no host sync).
+
+    Column E counts the slots a training-free routing rule skipped (zeda/baselines.py marks them with id E, one
+    past the last router output); like zero slots they cost nothing, and with ZEDA's own routing it stays 0."""
     if not routing:
-        return torch.zeros(0, num_outputs, dtype=torch.long, device=valid_BT.device)
+        return torch.zeros(0, num_outputs + 1, dtype=torch.long, device=valid_BT.device)
     ids_LX = torch.stack([r.ids_TK.reshape(-1) for r in routing])  # [L, T*K]
     K = routing[0].ids_TK.shape[-1]
     weight_LX = valid_BT.reshape(-1).long().repeat_interleave(K).expand_as(ids_LX)
-    return torch.zeros(len(routing), num_outputs, dtype=torch.long, device=ids_LX.device).scatter_add_(
+    return torch.zeros(len(routing), num_outputs + 1, dtype=torch.long, device=ids_LX.device).scatter_add_(
         1, ids_LX, weight_LX)
 
 
 def layer_stats(counts_LE: torch.Tensor, num_tokens: int, num_experts: int, top_k: int) -> list[LayerStats]:
-    """LayerStats from accumulated per-output slot counts [L, E] (expert_counts)."""
+    """LayerStats from accumulated per-output slot counts [L, E + 1] (expert_counts); columns >= N cost nothing."""
     counts = counts_LE.tolist()  # host sync, once
     return [LayerStats(num_tokens, num_tokens * top_k, sum(c[:num_experts]), sum(c[num_experts:]), c[:num_experts])
             for c in counts]

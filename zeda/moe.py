@@ -45,6 +45,14 @@ class Router(nn.Module):
         chosen ids over their sum (zero slots included), times routed_scaling_factor.
     use_zce_mask sets the zero-expert logits (and, for sigmoid, their selection scores) to -inf, which makes
     the layer exactly the original static MoE.
+
+    Two inference-time knobs (zeda/baselines.py sets them; training never does):
+    zero_bias   added to the zero-expert logits before scoring: one trained model moves along the
+                accuracy-compute frontier without retraining (0: the exact trained routing).
+    keep_rule   a training-free baseline on the K chosen slots: ("topk", k') keeps the k' highest-weighted,
+                ("topp", p) keeps slots in descending weight until their normalised cumulative weight reaches
+                p (at least one). Kept weights are renormalised by the model's own rule; a skipped slot gets
+                id E (one past the last router output) and weight 0, and costs nothing, as a zero slot does.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -55,6 +63,8 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.use_zce_mask = cfg.use_zce_mask
+        self.zero_bias = 0.0
+        self.keep_rule: tuple[str, float] | None = None
         self.weight = nn.Parameter(torch.empty(cfg.num_router_outputs, cfg.hidden_size))  # [E, H]
         if self.scoring == "sigmoid":
             # Selection-only bias, fp32 and never trained (DeepSeek-style aux-free balancing state).
@@ -69,20 +79,46 @@ class Router(nn.Module):
             scored_TE = real_TN
         else:
             logits_TE = scored_TE = F.linear(x_TH.float(), self.weight.float())  # [T, E]
+            if self.zero_bias:  # the inference-time dial; 0 leaves the computation untouched, bit for bit
+                scored_TE = torch.cat([scored_TE[:, : self.num_experts], scored_TE[:, self.num_experts:]
+                                       + self.zero_bias], dim=-1)
         if self.scoring == "softmax":
             probs_TE = scored_TE.softmax(dim=-1)
-            weights_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)  # [T, K]
-            if self.norm_topk_prob:
-                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            raw_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)  # [T, K]
+            eps = 0.0
         else:
             scores_TE = scored_TE.sigmoid()
             choice_TE = scores_TE + self.e_score_correction_bias[: scores_TE.shape[1]]
             ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices  # [T, K]
-            weights_TK = scores_TE.gather(1, ids_TK)
-            if self.norm_topk_prob:
-                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)  # HF's epsilon
+            raw_TK = scores_TE.gather(1, ids_TK)
+            eps = 1e-20  # HF's epsilon
+        if self.keep_rule is not None:
+            keep_TK = keep_slots(raw_TK, *self.keep_rule)
+            raw_TK = raw_TK * keep_TK
+            ids_TK = torch.where(keep_TK, ids_TK, scored_TE.shape[1])  # id E: skipped, costs nothing
+        weights_TK = raw_TK
+        if self.norm_topk_prob:  # zero slots stay in the sum: real experts are not renormalised (§2)
+            weights_TK = raw_TK / (raw_TK.sum(dim=-1, keepdim=True) + eps)
+        if self.scoring == "sigmoid":
             weights_TK = weights_TK * self.routed_scaling_factor
         return RouterOutput(weights_TK, ids_TK, logits_TE)
+
+
+def keep_slots(weights_TK: torch.Tensor, rule: str, value: float) -> torch.Tensor:
+    """[T, K] bool: the slots a training-free routing rule keeps. topk: the `value` highest-weighted of the K;
+    topp: in descending weight until the normalised cumulative weight reaches `value` (the slot that crosses it
+    is kept, so at least one always is)."""
+    order_TK = weights_TK.argsort(dim=-1, descending=True, stable=True)
+    if rule == "topk":
+        keep_sorted_TK = torch.arange(weights_TK.shape[1], device=weights_TK.device) < int(value)
+        keep_sorted_TK = keep_sorted_TK.expand_as(weights_TK)
+    elif rule == "topp":
+        sorted_TK = weights_TK.gather(1, order_TK)
+        share_TK = sorted_TK / sorted_TK.sum(dim=-1, keepdim=True)
+        keep_sorted_TK = (share_TK.cumsum(dim=-1) - share_TK) < value  # mass before this slot is short of p
+    else:
+        raise UsageError(f"unknown routing rule {rule!r}; choose topk or topp")
+    return torch.zeros_like(keep_sorted_TK).scatter(1, order_TK, keep_sorted_TK)
 
 
 class DispatchPlan(NamedTuple):

@@ -206,7 +206,8 @@ def stop_on_signals():
 # ----------------------------------------------------------------------------- the loop
 
 def zero_share_metrics(counts_LE: torch.Tensor, num_experts: int, d: Dist) -> dict:
-    """zero_ratio overall and per MoE layer from per-layer slot counts [L, E], summed over the dp ranks."""
+    """zero_ratio overall and per MoE layer from per-layer slot counts [L, E + 1] (zeda.flops.expert_counts),
+    summed over the dp ranks."""
     counts_LE = d.all_reduce(counts_LE).double()
     real_L, zero_L = counts_LE[:, :num_experts].sum(1), counts_LE[:, num_experts:].sum(1)
     return {"zero_ratio": float(zero_L.sum() / (real_L + zero_L).sum().clamp(min=1)),
