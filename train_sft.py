@@ -119,9 +119,9 @@ def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int) ->
     for b in batches:
         ids, attn, loss_mask = (t.to(d.device) for t in collate(b, pad_id))
         routing = []
-        logits = model(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing)
+        logp = model(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing, targets=ids[:, 1:])  # [B, T-1]
         # x world: gradients are averaged over ranks, the sum over ranks must be the global mean.
-        ce = response_cross_entropy(logits, ids[:, 1:], loss_mask, normalizer=global_tokens / d.dp)
+        ce = response_cross_entropy(logp, loss_mask, normalizer=global_tokens / d.dp)
         # Routed tokens that count: every input position whose next token is real. (attn[:, :-1] would also
         # count a sequence's final token unless it is the longest in its micro-batch: batching-dependent.)
         valid = attn[:, 1:].reshape(-1).bool()

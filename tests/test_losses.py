@@ -19,6 +19,7 @@ from zeda.losses import (aggregate, full_reverse_kl, group_aux_loss, group_share
                          response_cross_entropy,
                          reverse_kl_advantage)
 from zeda.config import ModelConfig
+from zeda.model import target_logprobs
 from zeda.moe import Router, RouterOutput
 from zeda.tiny import tiny_hf_config
 
@@ -276,30 +277,54 @@ def ce_case():
     return logits, targets, mask
 
 
+def ce(logits, targets, mask, normalizer=None):
+    """response_cross_entropy on the chunked head: logits as hidden states through an identity head, 3 tokens
+    a chunk, so the chunking is exercised too."""
+    logp = target_logprobs(logits, torch.eye(logits.shape[-1]), targets, chunk=3)
+    return response_cross_entropy(logp, mask, normalizer)
+
+
 def test_response_cross_entropy_matches_hand_computation():
     logits, targets, mask = ce_case()
     logp = logits.log_softmax(-1)
     terms = [-logp[b, t, targets[b, t]].item() for b in range(2) for t in range(6) if mask[b, t]]
-    assert response_cross_entropy(logits, targets, mask).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+    assert ce(logits, targets, mask).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
     # An explicit normalizer (the global response-token count under accumulation) divides the sum.
-    assert response_cross_entropy(logits, targets, mask, normalizer=25.0).item() == pytest.approx(sum(terms) / 25,
-                                                                                                  rel=1e-6)
+    assert ce(logits, targets, mask, normalizer=25.0).item() == pytest.approx(sum(terms) / 25, rel=1e-6)
 
 
 def test_response_cross_entropy_ignores_prompt_and_padding():
     logits, targets, mask = ce_case()
-    base = response_cross_entropy(logits, targets, mask)
+    base = ce(logits, targets, mask)
     changed = logits.clone()
     changed[~mask] = torch.randn(int((~mask).sum()), logits.shape[-1]) * 50
     other_targets = torch.where(mask, targets, (targets + 3) % logits.shape[-1])
-    assert torch.equal(response_cross_entropy(changed, other_targets, mask), base)
+    assert torch.equal(ce(changed, other_targets, mask), base)
     poked = logits.clone()
     poked[1, 4] += torch.randn(logits.shape[-1])
-    assert response_cross_entropy(poked, targets, mask).item() != pytest.approx(base.item(), rel=1e-4)
+    assert ce(poked, targets, mask).item() != pytest.approx(base.item(), rel=1e-4)
 
     leaf = logits.clone().requires_grad_(True)
-    response_cross_entropy(leaf, targets, mask).backward()
+    ce(leaf, targets, mask).backward()
     assert leaf.grad[~mask].abs().sum() == 0 and (leaf.grad[mask].abs().sum(-1) > 0).all()
+
+
+def test_chunked_head_equals_the_full_log_softmax_in_value_and_gradient():
+    torch.manual_seed(3)
+    hidden = torch.randn(2, 7, 5, requires_grad=True)
+    weight = torch.randn(13, 5, requires_grad=True)
+    targets = torch.randint(0, 13, (2, 7))
+    full = (hidden @ weight.T).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) / 1.0
+    for chunk in (1, 4, 100):
+        for temperature in (1.0, 0.5):
+            ref = (hidden @ weight.T / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+            got = target_logprobs(hidden, weight, targets, temperature, chunk=chunk)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+            g_ref = torch.autograd.grad(ref.sum(), [hidden, weight])
+            g_got = torch.autograd.grad(got.sum(), [hidden, weight])
+            for a, b in zip(g_got, g_ref):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert full.shape == (2, 7)
 
 
 # ----------------------------------------------------------------------------------------------

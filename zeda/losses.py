@@ -89,12 +89,13 @@ def group_aux_loss(routing, num_experts: int, num_zero: int, valid_T: torch.Tens
     return total
 
 
-def response_cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
+def response_cross_entropy(target_logp_BT: torch.Tensor, loss_mask_BT: torch.Tensor,
                            normalizer: float | None = None) -> torch.Tensor:
-    """Sum of CE over response tokens divided by `normalizer` (default: their count). Prompt and padding
-    positions never contribute. Pass the global response-token count as normalizer under accumulation."""
-    ce = F.cross_entropy(logits_BTV[loss_mask_BT].float(), targets_BT[loss_mask_BT], reduction="sum")
-    return ce / (normalizer if normalizer is not None else loss_mask_BT.sum().clamp(min=1))
+    """Sum of -log p(target) over response tokens divided by `normalizer` (default: their count). Prompt and
+    padding positions never contribute. target_logp_BT: model(ids, targets=...) (chunked over the vocabulary, so
+    [B, T, V] logits never exist). Pass the global response-token count as normalizer under accumulation."""
+    nll = -(target_logp_BT.float() * loss_mask_BT).sum()
+    return nll / (normalizer if normalizer is not None else loss_mask_BT.sum().clamp(min=1))
 
 
 def reverse_kl_advantage(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:

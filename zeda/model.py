@@ -10,6 +10,9 @@ What is special here:
   (simple; caching the latent would save memory and is left for the serving work).
 - `forward(..., routing=list)` collects each MoE layer's RouterOutput for statistics and the Group
   Auxiliary Loss, without hidden state on the modules.
+- `forward(..., targets=ids)` returns the log-probability of each target token instead of logits, computed a
+  chunk of tokens at a time and recomputed in backward (target_logprobs): the losses never hold [B, T, V]
+  logits, which at V = 151,936 and T = 32k would be ~20 GB per sequence in fp32.
 
 Shape letters: B batch, T new tokens, S keys (cache + new), H hidden, D head dim, V vocabulary.
 """
@@ -23,6 +26,32 @@ from torch import nn
 from zeda.config import ModelConfig
 from zeda.errors import UsageError
 from zeda.moe import MLP, MoE
+
+
+HEAD_CHUNK_ELEMENTS = 2**26  # logits held at once by target_logprobs: 256 MB of fp32, whatever V is
+
+
+def _chunk_logprobs(hidden_CH, weight_VH, targets_C, temperature: float):
+    logits_CV = F.linear(hidden_CH, weight_VH).float() / temperature  # [C, V], this chunk only
+    return logits_CV.gather(-1, targets_C[:, None]).squeeze(-1) - logits_CV.logsumexp(-1)  # [C]
+
+
+def target_logprobs(hidden_BTH, weight_VH, targets_BT, temperature: float = 1.0, chunk: int | None = None):
+    """log softmax(hidden @ W^T / temperature)[target], fp32 [B, T], without ever holding [B, T, V].
+
+    Tokens are taken `chunk` at a time (default: HEAD_CHUNK_ELEMENTS / V); under autograd each chunk is
+    checkpointed, so its [chunk, V] logits are recomputed in backward rather than kept. Peak extra memory grows
+    with the chunk and T*H, not with T*V."""
+    B, T, H = hidden_BTH.shape
+    chunk = chunk or max(1, HEAD_CHUNK_ELEMENTS // weight_VH.shape[0])
+    hidden_NH, targets_N = hidden_BTH.reshape(B * T, H), targets_BT.reshape(B * T)
+    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad)
+    out = []
+    for s in range(0, B * T, chunk):
+        args = (hidden_NH[s:s + chunk], weight_VH, targets_N[s:s + chunk], temperature)
+        out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
+                   else _chunk_logprobs(*args))
+    return torch.cat(out).view(B, T)
 
 
 class RMSNorm(nn.Module):
@@ -214,11 +243,12 @@ class CausalLM(nn.Module):
                 block.mlp.experts.backend = backend
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, routing=None,
-                hidden_only: bool = False):
+                hidden_only: bool = False, targets=None, temperature: float = 1.0):
         """input_ids [B, T]. attention_mask [B, S] (1 = real token) covers cached and new tokens, S = cached + T;
         None means all real. positions [B, T] default to each row's count of real tokens before it (so left
-        padding works). routing: a list to append each MoE layer's RouterOutput to. Returns logits [B, T, V]
-        (or the final hidden states [B, T, H] with hidden_only, for losses that chunk the vocabulary)."""
+        padding works). routing: a list to append each MoE layer's RouterOutput to. Returns logits [B, T, V];
+        or the final hidden states [B, T, H] with hidden_only; or, given targets [B, T], the fp32 log-probability
+        of each target at `temperature` [B, T], computed in chunks (target_logprobs), for the losses."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         S = past + T
@@ -249,4 +279,6 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.length = S
         x = self.model.norm(x)
+        if targets is not None:  # inside forward, so FSDP2 has the head's weight gathered here
+            return target_logprobs(x, self.lm_head.weight, targets, temperature)
         return x if hidden_only else self.lm_head(x)
