@@ -1,135 +1,22 @@
-"""Static HF MoE checkpoint -> dynamic ZEDA checkpoint with zero experts (ZEDA.md §1).
+"""Static HF MoE checkpoint -> dynamic ZEDA checkpoint with zero experts (docs/method.md §1).
 
     python convert.py --input-dir Qwen3-30B-A3B --output-dir Qwen3-30B-A3B-zeda --new-num-experts 192
     python convert.py --input-dir assets/qwen3_moe_teacher --output-dir /tmp/student --num-zero-experts 8
 
-Per MoE layer the router weight grows from [N, H] to [N + Z, H]: rows 0..N-1 are copied bit for bit, the Z new
-rows are sampled element-wise from N(mean_h, std_h) with mean and std taken across the N original rows. GLM's
-e_score_correction_bias [N] grows to [N + Z] with entries sampled from the scalar N(mean, std) of the N
-originals. Every other tensor is written back byte-identical. config.json keeps every field (and the key
-that named N) and gains zce_nums / zce_types / use_zce_mask and the authors' architecture name.
-
-Streams one shard at a time, so peak memory stays near the largest shard, not the model. Writes into a
-temporary folder next to the output and renames it at the end: an interrupted run leaves nothing behind.
+Every router grows from N to N + Z outputs (GLM's MTP layer's too): the N original rows are copied bit for bit,
+the Z new ones sampled from the statistics of the originals; every other tensor is copied byte-identical and
+config.json gains zce_nums / zce_types / use_zce_mask. Streams one shard at a time and writes atomically. The
+conversion itself is zeda.conversion.convert_checkpoint; this script is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import shutil
 import sys
-import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
-
-from zeda.checkpoint import (INDEX_NAME, CheckpointError, copy_side_files, read_shard, replace_folder, shard_files,
-                             shard_metadata, temporary_sibling)
-from zeda.config import DYNAMIC_ARCHITECTURES, NUM_EXPERTS_KEYS, ConfigError, ModelConfig
-
-ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
-
-
-def grow_router_weight(w_NH: torch.Tensor, num_zero: int, generator: torch.Generator) -> torch.Tensor:
-    """[N, H] -> [N + Z, H]: copied rows, then rows ~ N(mean over experts, std over experts) per hidden dim."""
-    wf = w_NH.float()
-    mean_H, std_H = wf.mean(0), wf.std(0)  # statistics across the N original rows
-    new_ZH = torch.normal(mean_H.expand(num_zero, -1), std_H.expand(num_zero, -1), generator=generator)
-    return torch.cat([w_NH, new_ZH.to(w_NH.dtype)])
-
-
-def grow_correction_bias(b_N: torch.Tensor, num_zero: int, generator: torch.Generator) -> torch.Tensor:
-    """[N] -> [N + Z]: copied entries, then entries ~ N(mean, std) of the N originals (a scalar Gaussian)."""
-    bf = b_N.float()
-    new_Z = torch.normal(float(bf.mean()), float(bf.std()), (num_zero,), generator=generator)
-    return torch.cat([b_N, new_Z.to(b_N.dtype)])
-
-
-def layer_generator(seed: int, layer: int, kind: str) -> torch.Generator:
-    """One generator per (layer, tensor): results do not depend on shard order or layout."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + layer * 2 + (kind == "e_score_correction_bias"))
-
-
-def convert(input_dir: Path, output_dir: Path, num_zero: int | None = None, new_num_experts: int | None = None,
-            seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
-    """Convert a checkpoint folder; returns a summary dict. Raises ConfigError/CheckpointError/ValueError."""
-    t0 = time.time()
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    cfg = ModelConfig.from_hf_config(input_dir)  # refuses unsupported architectures with a clear message
-    hf = cfg.hf_config
-    config_path = input_dir / "config.json"
-    if cfg.num_zero_experts or any(a in DYNAMIC_ARCHITECTURES.values() for a in hf.get("architectures") or []):
-        raise ValueError(f"{config_path}: already converted (zce_nums={hf.get('zce_nums')}); convert a static model")
-    N = cfg.num_experts
-    if (num_zero is None) == (new_num_experts is None):
-        raise ValueError("give exactly one of --new-num-experts M or --num-zero-experts Z")
-    Z = num_zero if num_zero is not None else new_num_experts - N
-    if Z <= 0:
-        raise ValueError(f"--new-num-experts must exceed the {N} real experts of {config_path} (got {N + Z})")
-    if input_dir.resolve().is_relative_to(output_dir.resolve()):  # equal, or --overwrite would delete the input
-        raise ValueError("--output-dir must differ from --input-dir and not contain it (the input is never "
-                         "overwritten)")
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
-    shards = shard_files(input_dir)  # every shard the index lists must exist before we start
-
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(output_dir)
-    changed, layers_seen, added_bytes, added_params = [], set(), 0, 0
-    try:
-        for path in tqdm(shards, desc="convert", unit="shard", disable=not progress):
-            tensors = read_shard(path)
-            for key in list(tensors):
-                m = ROUTER_KEY.match(key)
-                if not m:
-                    continue
-                layer, kind = int(m.group(1)), m.group(2)
-                if layer >= cfg.num_hidden_layers or not cfg.moe_layers[layer]:
-                    continue
-                t = tensors[key]
-                expected = (N, cfg.hidden_size) if kind == "weight" else (N,)
-                if tuple(t.shape) != expected:
-                    raise CheckpointError(f"{path.name}: '{key}' has shape {tuple(t.shape)}, expected {expected}")
-                grow = grow_router_weight if kind == "weight" else grow_correction_bias
-                tensors[key] = grow(t, Z, layer_generator(seed, layer, kind)).contiguous()
-                added_bytes += (tensors[key].numel() - t.numel()) * t.element_size()
-                added_params += (tensors[key].numel() - t.numel()) if kind == "weight" else 0  # bias: a buffer
-                changed.append(key)
-                layers_seen.add(layer)
-            save_file(tensors, str(tmp / path.name), metadata=shard_metadata(path))
-            del tensors
-        missing = [i for i, moe in enumerate(cfg.moe_layers) if moe and i not in layers_seen]
-        if missing:
-            raise CheckpointError(f"{input_dir}: no router weight for MoE layers {missing[:5]}")
-        index_path = input_dir / INDEX_NAME
-        if index_path.exists():
-            index = json.loads(index_path.read_text())
-            metadata = index.setdefault("metadata", {})
-            metadata["total_size"] = metadata.get("total_size", 0) + added_bytes
-            if "total_parameters" in metadata:  # transformers 5.x also records it (parameters, not buffers)
-                metadata["total_parameters"] += added_params
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        copied = copy_side_files(input_dir, tmp)
-        new_hf = dict(hf)
-        n_key = next(k for k in NUM_EXPERTS_KEYS if hf.get(k))  # keep N under the key the input used
-        new_hf[n_key] = N
-        new_hf.update(zce_nums=[Z], zce_types=["zero"], use_zce_mask=False,
-                      architectures=[DYNAMIC_ARCHITECTURES[cfg.model_type]])
-        (tmp / "config.json").write_text(json.dumps(new_hf, indent=2) + "\n")
-        replace_folder(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {
-        "input_dir": str(input_dir), "output_dir": str(output_dir), "model_type": cfg.model_type,
-        "real_experts": N, "zero_experts": Z, "router_outputs_before": N, "router_outputs_after": N + Z,
-        "top_k": cfg.num_experts_per_tok, "tensors_changed": len(changed), "shards": len(shards),
-        "files_copied": copied, "seed": seed, "seconds": round(time.time() - t0, 2),
-    }
+from zeda.conversion import convert_checkpoint
+from zeda.errors import ZedaError
 
 
 def main(argv=None) -> int:
@@ -143,16 +30,17 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     try:
-        s = convert(args.input_dir, args.output_dir, args.num_zero_experts, args.new_num_experts, args.seed,
-                    args.overwrite)
-    except (ConfigError, CheckpointError, ValueError, FileExistsError) as e:
+        s = convert_checkpoint(args.input_dir, args.output_dir, args.num_zero_experts, args.new_num_experts,
+                               args.seed, args.overwrite)
+    except (ZedaError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2
+    mtp = f", {s['mtp_tensors_changed']} of them in the MTP layer" if s["mtp_tensors_changed"] else ""
     print(f"converted {s['model_type']} {s['input_dir']} -> {s['output_dir']}")
     print(f"  experts: {s['real_experts']} real -> {s['real_experts']} real + {s['zero_experts']} zero "
           f"({s['router_outputs_before']} -> {s['router_outputs_after']} router outputs), top-k {s['top_k']} kept")
-    print(f"  tensors changed: {s['tensors_changed']} (router weights and correction biases); every other tensor "
-          f"copied byte-identical from {s['shards']} shard(s)")
+    print(f"  tensors changed: {s['tensors_changed']} (router weights and correction biases{mtp}); every other "
+          f"tensor copied byte-identical from {s['shards']} shard(s)")
     print(f"  files copied: {', '.join(s['files_copied']) or 'none'}")
     print(f"  seed {s['seed']}, {s['seconds']} s")
     return 0

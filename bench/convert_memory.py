@@ -3,14 +3,15 @@
     python bench/convert_memory.py                                   # ~200 MB fp32 in 8 shards
     python bench/convert_memory.py --size-mb 96 --shards 8 --json runs/convert_memory.json
 
-convert.py streams the checkpoint one shard at a time (ZEDA.md §1), so converting Qwen3-30B-A3B (61 GB in bf16)
-must not need 61 GB of RAM. To check that, we write a random qwen3_moe checkpoint of `--size-mb` MB in `--shards`
-shards (one decoder layer per shard, written directly with safetensors: no transformers model is built, so it
-takes seconds), run `python convert.py` on it in a subprocess, and poll that subprocess's peak RSS (VmHWM; see
-run_peak_rss for why not ru_maxrss). A baseline subprocess that
-only runs `import convert` (torch, safetensors, tqdm, zeda) gives the RSS that is not the conversion's doing;
-(peak - baseline) / largest shard says how many shards' worth of memory the conversion held at once
-(2 to 3 here: the tensors read from one shard, that shard's mmapped pages, the allocator's slack).
+convert.py (zeda.conversion.convert_checkpoint) streams the checkpoint one shard at a time (docs/method.md §1),
+so converting Qwen3-30B-A3B (61 GB in bf16) must not need 61 GB of RAM. To check that, we write a random
+qwen3_moe checkpoint of `--size-mb` MB in `--shards` shards (one decoder layer per shard, written directly with
+safetensors: no transformers model is built, so it takes seconds), run `python convert.py` on it in a
+subprocess, and poll that subprocess's peak RSS (VmHWM; see run_peak_rss for why not ru_maxrss). A baseline
+subprocess that only runs `import convert` (which imports zeda.conversion: torch, safetensors, tqdm, zeda) gives
+the RSS that is not the conversion's doing; (peak - baseline) / largest shard says how many shards' worth of
+memory the conversion held at once (2 to 3 here: the tensors read from one shard, that shard's mmapped pages,
+the allocator's slack).
 """
 
 from __future__ import annotations

@@ -1,17 +1,22 @@
-"""convert.py (ZEDA.md §1): a static checkpoint in, a dynamic one out, nothing else touched.
+"""convert.py / zeda.conversion (docs/method.md §1): a static checkpoint in, a dynamic one out, nothing else touched.
 
 On tiny random checkpoints of both architectures, single and multi-shard: the converted model with
 use_zce_mask=True gives exactly the original logits; router rows 0..N-1 and every other tensor are
 byte-identical; the new rows follow the per-dimension statistics of the old ones; the seed reproduces the
 output byte for byte; config.json, the index and the side files are right. Every refusal leaves nothing
-behind, and so does an interrupted run. The memory test runs bench/convert_memory.py at a small size.
+behind, and so does an interrupted run; a run (or a save_checkpoint) killed with kill -9 leaves a temporary
+folder that the next write of the same output removes. GLM's MTP layer's router grows like the others. The
+memory test runs bench/convert_memory.py at a small size.
 """
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import zeda
+from zeda import conversion
 from zeda.config import ModelConfig
+from zeda.conversion import convert_checkpoint
+from zeda.errors import UsageError, ZedaError
 from zeda.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +130,7 @@ def converted(static_ckpt, tmp_path_factory):
             src = static_ckpt(model_type, shards)
             before = folder_bytes(src)
             out = tmp_path_factory.mktemp("converted") / f"{model_type}-{shards}shards-zeda"
-            summary = convert.convert(src, out, num_zero=Z, seed=0, progress=False)
+            summary = convert_checkpoint(src, out, num_zero=Z, seed=0, progress=False)
             cache[model_type, shards] = (src, out, summary, before)
         return cache[model_type, shards]
 
@@ -141,11 +149,11 @@ def test_grow_router_weight_copies_rows_and_is_seeded(n, h, z, seed, dtype, scal
     """[N, H] -> [N + Z, H] in the input dtype: old rows bit-identical, new rows finite, same seed same rows."""
     w = (torch.randn(n, h, generator=torch.Generator().manual_seed(seed)) * scale + shift).to(dtype)
     w_before = w.clone()
-    grown = convert.grow_router_weight(w, z, torch.Generator().manual_seed(seed))
+    grown = conversion.grow_router_weight(w, z, torch.Generator().manual_seed(seed))
     assert grown.shape == (n + z, h) and grown.dtype == dtype
     assert same_bytes(grown[:n], w) and same_bytes(w, w_before)  # copied, and the input left alone
     assert torch.isfinite(grown[n:].float()).all()
-    assert same_bytes(grown, convert.grow_router_weight(w, z, torch.Generator().manual_seed(seed)))
+    assert same_bytes(grown, conversion.grow_router_weight(w, z, torch.Generator().manual_seed(seed)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -154,10 +162,10 @@ def test_grow_router_weight_copies_rows_and_is_seeded(n, h, z, seed, dtype, scal
 def test_grow_correction_bias_copies_entries_and_is_seeded(n, z, seed, dtype, scale, shift):
     """[N] -> [N + Z]: old entries bit-identical, new ones finite (also when all N are equal), seeded."""
     b = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale + shift).to(dtype)
-    grown = convert.grow_correction_bias(b, z, torch.Generator().manual_seed(seed))
+    grown = conversion.grow_correction_bias(b, z, torch.Generator().manual_seed(seed))
     assert grown.shape == (n + z,) and grown.dtype == dtype
     assert same_bytes(grown[:n], b) and torch.isfinite(grown[n:].float()).all()
-    assert same_bytes(grown, convert.grow_correction_bias(b, z, torch.Generator().manual_seed(seed)))
+    assert same_bytes(grown, conversion.grow_correction_bias(b, z, torch.Generator().manual_seed(seed)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +175,7 @@ def test_grow_correction_bias_copies_entries_and_is_seeded(n, z, seed, dtype, sc
 @pytest.mark.parametrize("shards", [1, 3])
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_masked_conversion_gives_exactly_the_original_logits(converted, model_type, shards):
-    """use_zce_mask=True makes the converted model the original static MoE, bit for bit (ZEDA.md §1)."""
+    """use_zce_mask=True makes the converted model the original static MoE, bit for bit (docs/method.md §1)."""
     src, out, _, _ = converted(model_type, shards)
     original, masked = zeda.load_model(src), zeda.load_model(out, use_zce_mask=True)
     ids, mask = random_batch()
@@ -247,7 +255,7 @@ def test_num_experts_stays_under_the_key_the_input_used(static_ckpt, tmp_path, n
     hf = json.loads((src / "config.json").read_text())
     hf[n_key] = hf.pop("num_local_experts")
     (src / "config.json").write_text(json.dumps(hf, indent=2))
-    convert.convert(src, tmp_path / "out", num_zero=Z, progress=False)
+    convert_checkpoint(src, tmp_path / "out", num_zero=Z, progress=False)
     new = json.loads((tmp_path / "out" / "config.json").read_text())
     other = {"num_experts", "num_local_experts"} - {n_key}
     assert new[n_key] == 8 and not other & set(new)
@@ -261,7 +269,7 @@ def test_num_experts_stays_under_the_key_the_input_used(static_ckpt, tmp_path, n
 def test_new_num_experts_and_num_zero_experts_agree(converted, tmp_path, model_type):
     """--new-num-experts N+Z (the authors' flag) and --num-zero-experts Z write the same bytes."""
     src, out, _, _ = converted(model_type, 1)
-    convert.convert(src, tmp_path / "m", new_num_experts=num_experts(src) + Z, seed=0, progress=False)
+    convert_checkpoint(src, tmp_path / "m", new_num_experts=num_experts(src) + Z, seed=0, progress=False)
     assert folder_bytes(tmp_path / "m") == folder_bytes(out)
 
 
@@ -269,9 +277,9 @@ def test_new_num_experts_and_num_zero_experts_agree(converted, tmp_path, model_t
 def test_seed_reproduces_bytes_and_another_seed_changes_only_new_rows(converted, tmp_path, model_type):
     """Same seed: the same bytes in every file. Another seed: new router rows and bias entries differ, the rest not."""
     src, out, _, _ = converted(model_type, 3)
-    convert.convert(src, tmp_path / "again", num_zero=Z, seed=0, progress=False)
+    convert_checkpoint(src, tmp_path / "again", num_zero=Z, seed=0, progress=False)
     assert folder_bytes(tmp_path / "again") == folder_bytes(out)
-    convert.convert(src, tmp_path / "seed1", num_zero=Z, seed=1, progress=False)
+    convert_checkpoint(src, tmp_path / "seed1", num_zero=Z, seed=1, progress=False)
     N = num_experts(src)
     seed0, seed1 = tensors_by_key(out), tensors_by_key(tmp_path / "seed1")
     for key, (_, t) in seed0.items():
@@ -314,7 +322,7 @@ def test_new_rows_follow_the_per_dimension_statistics(static_ckpt, tmp_path, mod
         if key.endswith("e_score_correction_bias"):
             tensors[key] = 0.3 + 0.07 * torch.randn(N, generator=g)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    convert.convert(src, tmp_path / "out", num_zero=n_zero, seed=3, progress=False)
+    convert_checkpoint(src, tmp_path / "out", num_zero=n_zero, seed=3, progress=False)
 
     checked = 0
     for key, (_, grown) in tensors_by_key(tmp_path / "out").items():
@@ -347,6 +355,66 @@ def test_converted_model_is_dynamic(converted, model_type):
     zero_slots = sum(int((r.ids_TK >= N).sum()) for r in routing)  # host sync
     assert 0 < zero_slots < sum(r.ids_TK.numel() for r in routing)
     assert not torch.equal(logits, original)  # a zero slot drops its expert: the output moves
+
+
+# ----------------------------------------------------------------------------------------------
+# GLM's MTP layer: its router grows too (the authors grow every router the checkpoint holds)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_glm_mtp_layer_router_grows_too(static_ckpt, tmp_path, shards):
+    """Layer num_hidden_layers is GLM's MTP layer (num_nextn_predict_layers 1): its router weight grows to
+    [N + Z, H] and its correction bias to [N + Z], the first N rows copied bit for bit, the new ones drawn from
+    its own generator (not a copy of another layer's); its other tensors are copied byte-identical. The
+    converted folder loads (the MTP layer skipped) and with use_zce_mask=True gives exactly the original logits."""
+    src = static_ckpt("glm4_moe_lite", shards, mtp_layers=1)
+    cfg = ModelConfig.from_hf_config(src)
+    L, N, H = cfg.num_hidden_layers, cfg.num_experts, cfg.hidden_size
+    summary = convert_checkpoint(src, tmp_path / "out", num_zero=Z, seed=0, progress=False)
+    old, new = tensors_by_key(src), tensors_by_key(tmp_path / "out")
+    assert old.keys() == new.keys() and any(k.startswith(f"model.layers.{L}.eh_proj") for k in old)
+    for kind, shape in (("weight", (N + Z, H)), ("e_score_correction_bias", (N + Z,))):
+        key = f"model.layers.{L}.mlp.gate.{kind}"
+        before, after = old[key][1], new[key][1]
+        assert after.shape == shape and same_bytes(after[:N], before), key
+        assert torch.isfinite(after[N:]).all(), key
+        last_moe = new[f"model.layers.{L - 1}.mlp.gate.{kind}"][1]
+        assert not torch.equal(after[N:], last_moe[N:]), key  # its own seeded generator
+    for key, (_, t) in old.items():
+        if not ROUTER.match(key):
+            assert same_bytes(new[key][1], t), key
+    assert summary["tensors_changed"] == 2 * (cfg.num_moe_layers + 1) and summary["mtp_tensors_changed"] == 2
+    if shards > 1:  # the index counts the MTP layer's new router rows too
+        index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+        old_index = json.loads((src / "model.safetensors.index.json").read_text())
+        added = (cfg.num_moe_layers + 1) * Z * H
+        assert index["metadata"]["total_parameters"] == old_index["metadata"]["total_parameters"] + added
+
+    ids, mask = random_batch(3)
+    with torch.no_grad():
+        assert torch.equal(zeda.load_model(src)(ids, mask), zeda.load_model(tmp_path / "out", use_zce_mask=True)(
+            ids, mask))
+        assert torch.isfinite(zeda.load_model(tmp_path / "out")(ids, mask)).all()
+
+
+def test_cli_reports_the_mtp_routers(static_ckpt, tmp_path, capsys):
+    assert convert.main(cli_args(static_ckpt("glm4_moe_lite", 1, mtp_layers=1), tmp_path / "out",
+                                 dict(num_zero=Z))) == 0
+    line = capsys.readouterr().out.splitlines()[2]
+    assert line.startswith("  tensors changed: 6 (router weights and correction biases, 2 of them in the MTP layer)")
+
+
+def test_tiny_mtp_checkpoint_loads_in_transformers(static_ckpt):
+    """transformers builds no MTP layer and loads the checkpoint without it (it reports the keys as unexpected):
+    the tiny MTP checkpoint is a real GLM checkpoint to it, with our logits."""
+    import transformers
+
+    src = static_ckpt("glm4_moe_lite", 1, mtp_layers=1)
+    hf = transformers.Glm4MoeLiteForCausalLM.from_pretrained(src).eval()
+    ids, mask = random_batch(4)
+    with torch.no_grad():
+        diff = (hf(input_ids=ids).logits - zeda.load_model(src)(ids)).abs().max().item()
+    assert diff <= 1e-4, diff
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,8 +516,8 @@ def test_refusal_writes_nothing(static_ckpt, converted, tmp_path, capsys, case):
     src, out, kwargs, message = case(static_ckpt, converted, tmp_path)
     src_before = folder_bytes(src)
     out_before = folder_bytes(out) if out.exists() else None
-    with pytest.raises((ValueError, FileExistsError), match=message):
-        convert.convert(src, out, progress=False, **kwargs)
+    with pytest.raises(ZedaError, match=message):
+        convert_checkpoint(src, out, progress=False, **kwargs)
     assert convert.main(cli_args(src, out, kwargs)) == 2
     captured = capsys.readouterr()
     last = captured.err.splitlines()[-1]  # after tqdm's progress bar, when a shard was already being read
@@ -461,8 +529,8 @@ def test_refusal_writes_nothing(static_ckpt, converted, tmp_path, capsys, case):
 
 def test_giving_both_or_neither_count_is_refused(static_ckpt, tmp_path, capsys):
     src, out = static_ckpt("qwen3_moe"), tmp_path / "out"
-    with pytest.raises(ValueError, match="exactly one of"):
-        convert.convert(src, out, num_zero=Z, new_num_experts=12, progress=False)
+    with pytest.raises(UsageError, match="exactly one of"):
+        convert_checkpoint(src, out, num_zero=Z, new_num_experts=12, progress=False)
     with pytest.raises(SystemExit) as e:  # argparse: mutually exclusive flags
         convert.main(cli_args(src, out, dict(num_zero=Z, new_num_experts=12)))
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
@@ -474,7 +542,7 @@ def test_overwrite_replaces_an_existing_output(converted, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("from an older run")
-    convert.convert(src, out, num_zero=Z, overwrite=True, progress=False)
+    convert_checkpoint(src, out, num_zero=Z, overwrite=True, progress=False)
     assert folder_bytes(out) == folder_bytes(reference) and leftovers(out) == []
 
 
@@ -495,9 +563,9 @@ def test_interrupted_conversion_leaves_nothing(converted, tmp_path, monkeypatch,
             raise crash
         return save_file(tensors, filename, **kwargs)
 
-    monkeypatch.setattr(convert, "save_file", save_then_fail)
+    monkeypatch.setattr(conversion, "save_file", save_then_fail)
     with pytest.raises(type(crash)):
-        convert.convert(src, out, num_zero=Z, overwrite=existing, progress=False)
+        convert_checkpoint(src, out, num_zero=Z, overwrite=existing, progress=False)
     assert len(calls) == 2 and Path(calls[0]).parent.name.startswith(".out.tmp-")  # one shard was written
     assert (folder_bytes(out) == folder_bytes(reference)) if existing else not out.exists()
     assert leftovers(out) == []
@@ -533,6 +601,101 @@ def test_cli_as_a_process(converted, static_ckpt, tmp_path):
     assert refused.returncode == 2 and refused_out == ""
     assert f"convert.py: error: {existing} exists; pass --overwrite to replace it" in refused_err
     assert list(existing.iterdir()) == [] and leftovers(existing) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9: nothing can clean up, so the next write of the same output does (zeda.checkpoint.temporary_sibling)
+
+
+def kill_mid_write(argv: list[str], out: Path, files: int = 1, timeout: float = 60) -> Path:
+    """Start `argv` in the repository root, SIGKILL it as soon as the temporary folder of `out` holds `files`
+    safetensors files, and return that folder (which the killed process could not remove)."""
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    found, deadline = None, time.monotonic() + timeout
+    try:
+        while found is None and proc.poll() is None and time.monotonic() < deadline:
+            for p in out.parent.glob(f".{out.name}.tmp-*"):
+                if len(list(p.glob("*.safetensors"))) >= files:
+                    found = p
+            time.sleep(0.001)
+    finally:
+        proc.kill()  # SIGKILL: no except clause, no atexit, no finally runs in the child
+        _, err = proc.communicate(timeout=30)
+    assert found is not None, f"the write ended (rc {proc.returncode}) before it could be killed:\n{err[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return found
+
+
+def test_killed_conversion_is_cleaned_up_by_the_next_run(tmp_path):
+    """convert.py killed mid-write leaves its temporary folder and no output; the next run succeeds and leaves
+    only the output. 256 MB in 32 shards (~0.5 s of writing), killed once the first shard is out."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    convert_memory.build_checkpoint(src, size_mb=256, shards=32)
+    argv = [sys.executable, "convert.py", "--input-dir", str(src), "--output-dir", str(out), "--num-zero-experts", "8"]
+    stale = kill_mid_write(argv, out)
+    assert not out.exists() and stale.is_dir() and leftovers(out) == [stale.name]
+
+    rerun = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # the dead run's folder is gone
+    assert ModelConfig.from_hf_config(out).num_zero_experts == 8 and len(list(out.glob("*.safetensors"))) == 32
+
+
+# Saves a tiny checkpoint in many small shards, sleeping after each: a save of a big model, slowed so that the
+# test can kill it half-way.
+SLOW_SAVE = """
+import sys, time
+import zeda, zeda.checkpoint as ck
+write = ck.save_file
+def slow_write(*args, **kwargs):
+    write(*args, **kwargs)
+    time.sleep(0.3)
+ck.save_file = slow_write
+ck.save_checkpoint(zeda.load_model(sys.argv[1]), sys.argv[2], max_shard_bytes=20_000)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_killed_save_is_cleaned_up_by_the_next_save(static_ckpt, tmp_path, existing):
+    """save_checkpoint killed mid-save: no output (or the previous one, whole); the next save to the same output
+    leaves exactly one complete folder and no temporary one."""
+    src = static_ckpt("glm4_moe_lite", 1)
+    out = tmp_path / "saves" / "out"
+    model = zeda.load_model(src)
+    if existing:
+        zeda.save_checkpoint(model, out)
+    before = folder_bytes(out) if existing else None
+    stale = kill_mid_write([sys.executable, "-c", SLOW_SAVE, str(src), str(out)], out, files=2)
+    assert stale.is_dir() and ((folder_bytes(out) == before) if existing else not out.exists())
+
+    zeda.save_checkpoint(model, out, max_shard_bytes=20_000)
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
+    ids, mask = random_batch(5)
+    with torch.no_grad():
+        assert torch.equal(zeda.load_model(out)(ids, mask), model(ids, mask))
+
+
+def test_only_dead_siblings_of_this_host_are_removed(tmp_path):
+    """A live process's folder (a concurrent write), another host's (a shared filesystem: its pid means nothing
+    here) and another output's are kept; a dead run's are removed, and a dead run's backup is put back when it
+    died between replace_folder's two renames (the output missing: the backup is the last complete one)."""
+    from zeda.checkpoint import HOST, remove_dead_siblings
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getpid()  # Linux hands out pids in increasing order: not reused so soon
+    names = {
+        f".out.tmp-{HOST}-{dead}-0a1b2c3d": False, f".out.tmp-{HOST}-{alive}-0a1b2c3d": True,
+        f".out.tmp-otherhost-{dead}-0a1b2c3d": True, f".out2.tmp-{HOST}-{dead}-0a1b2c3d": True,
+        f".out.old-{HOST}-{dead}-0a1b2c3d": False, "unrelated": True,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(name)
+    assert remove_dead_siblings(tmp_path / "out") == [f".out.tmp-{HOST}-{dead}-0a1b2c3d"]
+    assert (tmp_path / "out" / "f").read_text() == f".out.old-{HOST}-{dead}-0a1b2c3d"  # the backup, put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [n for n, kept in names.items() if kept])
+    (tmp_path / f".out.old-{HOST}-{dead}-0a1b2c3d").mkdir()  # with the output there, a dead backup is stale
+    assert remove_dead_siblings(tmp_path / "out") == [f".out.old-{HOST}-{dead}-0a1b2c3d"]
 
 
 # ----------------------------------------------------------------------------------------------

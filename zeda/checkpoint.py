@@ -5,7 +5,13 @@ model.safetensors.index.json. Routed experts are stored per expert (HF's hub for
 transformers 5.x writes back), `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`; we stack them
 into 3D tensors on load and split them again on save. transformers 5.x's fused in-memory names
 (`mlp.experts.gate_up_proj [N, 2I, H]`, `mlp.experts.down_proj [N, H, I]`) are accepted too.
-GLM-4.7-Flash ships its MTP layer as layer `num_hidden_layers`; it is not part of the model and is skipped.
+GLM-4.7-Flash ships its MTP layer as layer `num_hidden_layers` (config `num_nextn_predict_layers`); it is not
+part of the model and is skipped. Any other layer past the last one means config.json and the checkpoint
+disagree, and is refused (mtp_layer).
+
+Folders are written into a hidden temporary sibling and renamed into place. A run killed outright (kill -9, a
+power cut) cannot clean up after itself, so the sibling is named after its host and process,
+`.<name>.tmp-<host>-<pid>-<random>`, and the next write of the same output removes those whose process is gone.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -28,8 +36,26 @@ SINGLE_NAME = "model.safetensors"
 EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FUSED_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+# The host part of a temporary folder's name: no "-", so that the name splits back unambiguously.
+HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
+def mtp_layer(cfg: ModelConfig, key: str, where: str, config_path: str | Path) -> bool:
+    """Whether checkpoint key `key` (in shard `where`) belongs to one of GLM's MTP layers, which the model does
+    not have; a layer index past the model's last layer that the config does not declare as MTP is an error.
+
+    The MTP layers are [num_hidden_layers, num_hidden_layers + num_nextn_predict_layers). Skipping every index
+    past num_hidden_layers, as we once did, made a config.json with too few layers load a truncated model."""
+    m = LAYER_KEY.match(key)
+    if not m or int(m.group(1)) < cfg.num_hidden_layers:
+        return False
+    layer, first, n = int(m.group(1)), cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    if layer < first + n:
+        return True
+    declared = (f"num_nextn_predict_layers {n} declares MTP layers {first}..{first + n - 1} only" if n else
+                "only the MTP layers that num_nextn_predict_layers declares may follow the last layer")
+    raise CheckpointError(f"{config_path} says num_hidden_layers {first} but {where} holds layer {layer} ('{key}'); "
+                          f"{declared}")
 
 
 def shard_files(folder: str | Path) -> list[Path]:
@@ -75,9 +101,11 @@ def shard_metadata(path: Path) -> dict | None:
 def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
     """Fill `model` from a checkpoint folder, tensor by tensor, checking every key and shape; returns the bytes read.
 
-    Routed experts may be split over expert-parallel ranks (zeda.parallel.load_parallel): a GroupedExperts that
-    holds experts [expert_offset, expert_offset + n) of num_experts reads only those, so a rank never holds
-    another rank's experts, not even for a moment (per-expert keys are skipped unread; fused ones are sliced)."""
+    Routed experts may be split over expert-parallel ranks (zeda.expert_parallel, via zeda.load_model): a
+    GroupedExperts that holds experts [expert_offset, expert_offset + n) of num_experts reads only those, so a
+    rank never holds another rank's experts, not even for a moment (per-expert keys are skipped unread; fused
+    ones are sliced). A tensor of a layer past the model's last is skipped only if it is a declared MTP layer
+    (mtp_layer)."""
     cfg: ModelConfig = model.config
     params = dict(model.named_parameters()) | {k: b for k, b in model.named_buffers()}
     filled: set[str] = set()
@@ -104,14 +132,14 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
         experts = model.get_submodule(prefix)
         return experts.expert_offset, experts.gate_proj.shape[0], experts.num_experts
 
+    config_path = Path(folder) / "config.json"
     for path in shard_files(folder):
         where = path.name
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
-                    layer = LAYER_KEY.match(key)
-                    if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
-                        continue  # GLM's MTP layer
+                    if mtp_layer(cfg, key, where, config_path):
+                        continue  # GLM's MTP layer: not part of our model
                     if key.endswith("rotary_emb.inv_freq"):
                         continue
                     if m := EXPERT_KEY.match(key):  # one expert's 2D weight: row e of our 3D tensor
@@ -179,17 +207,65 @@ def hf_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str
 
 
 def temporary_sibling(out: Path) -> Path:
-    """A fresh folder next to `out` (same filesystem, so the final rename is atomic)."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """A fresh hidden folder next to `out` (same filesystem, so the final rename is atomic).
+
+    Named `.<name>.tmp-<host>-<pid>-<random>`: the random part keeps two writes of one process apart, host and pid
+    let a later write tell a dead run's folder (removed here, with remove_dead_siblings) from a live one's."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_siblings(out)
+    tmp = out.parent / f".{out.name}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     return tmp
+
+
+def remove_dead_siblings(out: Path) -> list[str]:
+    """Remove the temporary and backup folders of `out` left by runs on this host that were killed outright;
+    returns their names.
+
+    Only this host's: on a shared filesystem another node's pid means nothing here. A live process's folder is
+    kept (a concurrent write of the same output). A dead backup `.<name>.old-...` while `out` is missing means
+    the run died between replace_folder's two renames: that backup is the last complete output, so it is put
+    back rather than deleted."""
+    out = Path(out)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-([A-Za-z0-9._]+)-(\d+)-[0-9a-f]+$")
+    removed = []
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or m.group(2) != HOST or process_alive(int(m.group(3))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            try:
+                p.rename(out)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs. A zombie (killed, not yet reaped by its parent) does not."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): os.kill said it exists
+    return state not in ("Z", "X")
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
     """Move a finished temporary folder into place; an existing `out` is removed only after success."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old)
@@ -205,15 +281,14 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
     copy_from: a checkpoint folder whose other files (tokenizer, generation config, ...) are copied along.
     extra: a function called with the temporary folder before the rename, to add files (trainer state) that
     must appear together with the weights or not at all.
-    state: whole tensors under our parameter names (zeda.parallel.full_state_dict of a sharded model).
+    state: whole tensors under our parameter names (zeda.sharding.full_state_dict of a sharded model).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out)
     try:
         tensors = hf_state_dict(model, state)
         if dtype is not None:
-            # the router's selection bias stays fp32 (ZEDA.md §1); everything else takes the asked dtype
+            # the router's selection bias stays fp32 (docs/method.md §1); everything else takes the asked dtype
             tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
                        for k, v in tensors.items()}
         shards, current, size = [], {}, 0
