@@ -53,10 +53,6 @@ def main(argv=None) -> int:
         families = check_families([f.strip() for f in args.tasks.split(",") if f.strip()])
         if not families:
             raise EvaluationError("nothing to compare: --tasks is empty")
-        if args.n < 1:
-            raise EvaluationError(f"--n must be >= 1, got {args.n}")
-        if args.batch_size < 1:
-            raise EvaluationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.split == "heldout":
             check_heldout_size(args.n)
         if args.out:

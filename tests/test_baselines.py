@@ -22,7 +22,6 @@ from zeda.tokenizer import save_tokenizer
 
 def router(model_type: str, zero: int = 0, seed: int = 0, top_k: int = 4) -> Router:
     hf = tiny_hf_config(model_type, num_experts_per_tok=top_k).to_dict()
-    n = next(hf[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if hf.get(k))
     if zero:
         hf["zce_nums"], hf["zce_types"] = [zero], ["zero"]
     r = Router(ModelConfig.from_hf_config(hf))

@@ -73,10 +73,10 @@ def test_static_model_flops_equal_hand_count(tiny_model):
 
 
 def test_tiny_model_flops_equal_hand_count(tiny_model, tmp_path):
-    import convert
+    from zeda.conversion import convert_checkpoint
 
     _, path = tiny_model
-    convert.convert(path, tmp_path / "dyn", num_zero=4, progress=False)
+    convert_checkpoint(path, tmp_path / "dyn", num_zero=4, progress=False)
     model = zeda.load_model(tmp_path / "dyn")
     cfg = model.config
     with torch.no_grad():

@@ -15,10 +15,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zeda.losses import (aggregate, full_reverse_kl, group_aux_loss, group_shares, ppo_clip_loss,
-                         response_cross_entropy,
-                         reverse_kl_advantage)
 from zeda.config import ModelConfig
+from zeda.losses import (
+    aggregate,
+    full_reverse_kl,
+    group_aux_loss,
+    group_shares,
+    ppo_clip_loss,
+    response_cross_entropy,
+    reverse_kl_advantage,
+)
 from zeda.model import target_logprobs
 from zeda.moe import Router, RouterOutput
 from zeda.tiny import tiny_hf_config
@@ -314,7 +320,6 @@ def test_chunked_head_equals_the_full_log_softmax_in_value_and_gradient():
     hidden = torch.randn(2, 7, 5, requires_grad=True)
     weight = torch.randn(13, 5, requires_grad=True)
     targets = torch.randint(0, 13, (2, 7))
-    full = (hidden @ weight.T).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1) / 1.0
     for chunk in (1, 4, 100):
         for temperature in (1.0, 0.5):
             ref = (hidden @ weight.T / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
@@ -323,8 +328,7 @@ def test_chunked_head_equals_the_full_log_softmax_in_value_and_gradient():
             g_ref = torch.autograd.grad(ref.sum(), [hidden, weight])
             g_got = torch.autograd.grad(got.sum(), [hidden, weight])
             for a, b in zip(g_got, g_ref):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert full.shape == (2, 7)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,18 +22,18 @@ import torch
 
 import zeda
 from zeda import tasks
-from zeda.generation import token_logprobs
+from zeda.data import Example, collate
 from zeda.distributed import Dist
+from zeda.generation import token_logprobs
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
-from zeda.data import Example, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # train_opd.py and convert.py live in the repository root
     sys.path.insert(0, str(ROOT))
 
-import convert  # noqa: E402
 import train_opd  # noqa: E402
+from zeda.conversion import convert_checkpoint  # noqa: E402
 
 VOCAB, Z = 104, 4
 TINY = ["--max-steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "12",
@@ -56,7 +56,7 @@ def assets(tmp_path_factory):
     make_tiny_checkpoint(root / "teacher", "qwen3_moe", vocab_size=VOCAB, max_position_embeddings=512,
                          initializer_range=0.2)
     save_tokenizer(root / "teacher")
-    convert.convert(root / "teacher", root / "student", num_zero=Z, progress=False)
+    convert_checkpoint(root / "teacher", root / "student", num_zero=Z, progress=False)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(tasks.to_prompt_record(t)) + "\n" for t in tasks.mixture("train", 4, seed=1)))
     return root

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import convert
 import train_sft
 import zeda
 from zeda import tasks
 from zeda.config import ModelConfig
+from zeda.conversion import convert_checkpoint
 from zeda.distributed import ParallelDims
 from zeda.errors import MeshError
 from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
@@ -95,7 +95,7 @@ def worker_results(tmp_path_factory):
     d = tmp_path_factory.mktemp("parallel")
     for arch in ("qwen3_moe", "glm4_moe_lite"):
         make_tiny_checkpoint(d / arch, arch)
-        convert.convert(d / arch, d / f"{arch}-zeda", num_zero=4, progress=False)
+        convert_checkpoint(d / arch, d / f"{arch}-zeda", num_zero=4, progress=False)
     torchrun(ROOT / "tests" / "dist_worker.py", d / "results.json", d / "qwen3_moe-zeda", d / "glm4_moe_lite-zeda")
     return json.loads((d / "results.json").read_text())
 
@@ -155,7 +155,7 @@ def sft_runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft-parallel")
     make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
     save_tokenizer(d / "teacher")
-    convert.convert(d / "teacher", d / "student", num_zero=4, progress=False)
+    convert_checkpoint(d / "teacher", d / "student", num_zero=4, progress=False)
     items = tasks.mixture("train", 4, seed=1)
     (d / "r.jsonl").write_text("".join(json.dumps(tasks.to_rollout_record(t, t.response)) + "\n" for t in items))
     (d / "p.jsonl").write_text("".join(json.dumps(tasks.to_prompt_record(t)) + "\n" for t in items))

@@ -22,13 +22,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import convert
 import train_sft
 import zeda
 from zeda import rollout, tasks
+from zeda.conversion import convert_checkpoint
+from zeda.data import collate, encode_chats
 from zeda.generation import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
-from zeda.data import collate, encode_chats
 from zeda.tokenizer import save_tokenizer
 from zeda.trainer import STATE_FILE
 
@@ -66,7 +66,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
     save_tokenizer(d / "teacher")
-    convert.convert(d / "teacher", d / "student", num_zero=NUM_ZERO, progress=False)
+    convert_checkpoint(d / "teacher", d / "student", num_zero=NUM_ZERO, progress=False)
     items = tasks.mixture("train", 4, seed=1)
     write_jsonl(d / "prompts.jsonl", [tasks.to_prompt_record(t) for t in items])
     write_jsonl(d / "rollouts.jsonl", [tasks.to_rollout_record(t, t.response) for t in items])
@@ -213,7 +213,7 @@ def test_refuses_rollouts_that_do_not_fit_the_vocabulary(data, tmp_path, capsys)
     small = tmp_path / "small"
     make_tiny_checkpoint(small / "teacher", "qwen3_moe", vocab_size=40, max_position_embeddings=512)
     save_tokenizer(small / "teacher")
-    convert.convert(small / "teacher", small / "student", num_zero=NUM_ZERO, progress=False)
+    convert_checkpoint(small / "teacher", small / "student", num_zero=NUM_ZERO, progress=False)
     items = tasks.mixture("train", 1, seed=1)
     records = [tasks.to_rollout_record(t, t.response) for t in items]
     assert not any("~" in json.dumps(r) for r in records)

@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoTokenizer
 import zeda
 from zeda import tasks
 from zeda.evaluation import evaluate_model
-from zeda.loading import load_for_inference
 from zeda.generation import SamplingParams
+from zeda.loading import load_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHERS = [ROOT / "assets" / "qwen3_moe_teacher", ROOT / "assets" / "glm4_moe_lite_teacher"]

@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 GA_COUNTS = ("scores", "routing")
 AGGREGATIONS = ("sequence", "token")
