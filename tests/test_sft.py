@@ -506,3 +506,31 @@ def test_drop_incorrect_refuses_rollouts_without_marks_or_with_a_bad_one(data, t
     err = refused(capsys, train_sft.main(["--student", str(data / "student"), "--rollouts", str(bad), "--out",
                                           str(tmp_path / "o2"), *FAST]))
     assert f"{bad}:2" in err and "'correct' must be true or false" in err
+
+
+def test_a_trained_glm_checkpoint_keeps_its_mtp_layer(data, tmp_path):
+    """GLM's MTP layer is neither run nor trained here, but the trained checkpoint must still carry it (grown
+    router included), or the authors' serving code cannot use the model for multi-token prediction."""
+    from safetensors import safe_open
+
+    static, student = tmp_path / "glm", tmp_path / "glm-zeda"
+    make_tiny_checkpoint(static, "glm4_moe_lite", vocab_size=104, max_position_embeddings=512, mtp_layers=1)
+    save_tokenizer(static)
+    convert_checkpoint(static, student, num_zero=NUM_ZERO, progress=False)
+
+    def mtp(folder):
+        n = zeda.ModelConfig.from_hf_config(folder).num_hidden_layers
+        out = {}
+        for shard in folder.glob("*.safetensors"):
+            with safe_open(str(shard), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(f"model.layers.{n}.")})
+        return out
+
+    before = mtp(student)
+    assert before and before[next(k for k in before if k.endswith("mlp.gate.weight"))].shape[0] > 8  # grown
+    out = tmp_path / "run"
+    assert train_sft.main(["--student", str(student), "--rollouts", str(data / "rollouts4.jsonl"), "--out", str(out),
+                           *FAST, "--max-steps", "1"]) == 0
+    after = mtp(out / "final")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    zeda.load_model(out / "final")  # and it still loads

@@ -278,7 +278,9 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
                     state: dict | None = None) -> Path:
     """Write an HF-layout folder atomically (temporary folder, then rename).
 
-    copy_from: a checkpoint folder whose other files (tokenizer, generation config, ...) are copied along.
+    copy_from: a checkpoint folder whose other files (tokenizer, generation config, ...) are copied along, and
+    whose MTP-layer tensors (GLM's multi-token prediction layer, which the model does not run or train) are
+    carried over unchanged, so a trained GLM checkpoint keeps its MTP layer for the authors' serving code.
     extra: a function called with the temporary folder before the rename, to add files (trainer state) that
     must appear together with the weights or not at all.
     state: whole tensors under our parameter names (zeda.sharding.full_state_dict of a sharded model).
@@ -287,6 +289,8 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
     tmp = temporary_sibling(out)
     try:
         tensors = hf_state_dict(model, state)
+        if copy_from is not None:
+            tensors.update(mtp_tensors(Path(copy_from), model.config))
         if dtype is not None:
             # the router's selection bias stays fp32 (docs/method.md §1); everything else takes the asked dtype
             tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
@@ -323,6 +327,22 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def mtp_tensors(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors of the MTP layers that `folder`'s checkpoint holds (none for most models), read one at a time."""
+    if not cfg.num_nextn_predict_layers or not (folder / "config.json").exists():
+        return {}
+    out = {}
+    for path in shard_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if mtp_layer(cfg, key, path.name, folder / "config.json"):
+                        out[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
     return out
 
 
