@@ -93,3 +93,57 @@ def test_ctrl_c_in_the_chat_exits_130_without_a_traceback(tiny):
             proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume from a damaged checkpoint, and a full disk: one line naming the file, exit 2, nothing half-written
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tiny, tmp_path_factory):
+    from zeda.conversion import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("resume")
+    convert_checkpoint(tiny, root / "student", num_zero=4, progress=False)
+    (root / "r.jsonl").write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"},
+                                                                  {"role": "assistant", "content": f"{i + 1}"}]})
+                                          + "\n" for i in range(4)))
+    return root
+
+
+def sft_argv(root: Path, out: Path, *extra):
+    return ["--student", str(root / "student"), "--rollouts", str(root / "r.jsonl"), "--out", str(out),
+            "--global-batch-size", "2", "--micro-batch-size", "2", "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("damage", ["trainer_state.json", "optimizer.safetensors"])
+def test_resume_from_a_damaged_checkpoint_names_the_file(sft_setup, tmp_path, capsys, damage):
+    import train_sft
+
+    out = tmp_path / "run"
+    assert train_sft.main(sft_argv(sft_setup, out, "--max-steps", "2", "--save-every", "1")) == 0
+    (out / "step-1" / damage).write_bytes(b"\x00not what it should be")
+    (out / "final" / damage).write_bytes(b"{ torn")
+    capsys.readouterr()
+    code = train_sft.main(sft_argv(sft_setup, out, "--max-steps", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert damage in err and str(out) in err
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_output(sft_setup, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import train_sft
+    import zeda.checkpoint as checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    out = tmp_path / "run"
+    code = train_sft.main(sft_argv(sft_setup, out, "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    assert not (out / "final").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
