@@ -5,8 +5,6 @@ reference that recomputes the whole sequence without a cache, and against each p
 sampling against its own definition; the routing statistics against a plain forward over the same tokens.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,13 +36,12 @@ def model(request, checkpoints):
 
 @pytest.fixture(scope="session", params=ARCHS)
 def converted(request, checkpoints):
-    """The tiny checkpoint converted by convert.py with Z = N / 2 zero experts (the paper's ratio)."""
-    spec = importlib.util.spec_from_file_location("convert", Path(__file__).resolve().parents[1] / "convert.py")
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    """The tiny checkpoint converted with Z = N / 2 zero experts (the paper's ratio)."""
+    from zeda.conversion import convert_checkpoint
+
     N = zeda.ModelConfig.from_hf_config(checkpoints / request.param).num_experts
     out = checkpoints / f"{request.param}-zeda"
-    convert.convert(checkpoints / request.param, out, num_zero=N // 2, progress=False)
+    convert_checkpoint(checkpoints / request.param, out, num_zero=N // 2, progress=False)
     return zeda.load_model(out)
 
 

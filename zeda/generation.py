@@ -320,12 +320,12 @@ def token_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: tor
     Not decorated with no_grad: the student's log-probs need gradients; wrap the call for the teacher. Positions
     whose target x_{t+1} or context token x_t is padding (attention_mask 0) are set to 0, so with left padding
     row b holds log-probs of its real tokens 2..n in its last n-1 columns. `routing` collects the RouterOutputs for the
-    Group Auxiliary Loss. The [B, T-1, V] fp32 log-softmax is materialised at once; at our sizes that fits. At
-    V = 151k and long sequences, chunk over T with hidden_only=True and model.lm_head instead.
+    Group Auxiliary Loss (every position is routed, the last one too). The log-probs come from the model's chunked
+    head (zeda/model.py:target_logprobs): no [B, T, V] logits are ever held, whatever V and T are.
     """
-    logits_BTV = model(input_ids, attention_mask=attention_mask, routing=routing)[:, :-1].float()
-    logp_BTV = (logits_BTV / temperature).log_softmax(dim=-1)  # [B, T-1, V]
-    out_BT = logp_BTV.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+    targets_BT = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last position's target is unused
+    out_BT = model(input_ids, attention_mask=attention_mask, routing=routing, targets=targets_BT,
+                   temperature=temperature)[:, :-1]  # [B, T-1]
     if attention_mask is not None:
         real_BS = attention_mask.bool()
         out_BT = out_BT.masked_fill(~(real_BS[:, :-1] & real_BS[:, 1:]), 0.0)
