@@ -29,7 +29,8 @@ from zeda.tasks import FAMILIES, check_heldout_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--reference", required=True, help="checkpoint folder of the reference (usually the teacher)")
     p.add_argument("--model", required=True, help="checkpoint folder of the model compared with it")
     p.add_argument("--tasks", default=",".join(FAMILIES), help="comma-separated task families (default: all)")

@@ -17,16 +17,19 @@ from pathlib import Path
 
 from zeda.conversion import convert_checkpoint
 from zeda.errors import ZedaError
+from zeda.flags import int_range
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input-dir", required=True, type=Path, help="static HF checkpoint folder (never modified)")
     p.add_argument("--output-dir", required=True, type=Path, help="where the dynamic checkpoint is written")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--new-num-experts", type=int, help="router outputs after conversion, N + Z (authors' flag)")
-    group.add_argument("--num-zero-experts", type=int, help="number of zero experts Z to add")
-    p.add_argument("--seed", type=int, default=0, help="seed for the new router rows (default 0)")
+    group.add_argument("--new-num-experts", type=int_range(min=2),
+                       help="router outputs after conversion, N + Z (authors' flag)")
+    group.add_argument("--num-zero-experts", type=int_range(min=1), help="number of zero experts Z to add")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="seed for the new router rows (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
     try:

@@ -45,7 +45,8 @@ from zeda.tasks import FAMILIES, check_heldout_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder (static or converted), with tokenizer files")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated task families of {','.join(FAMILIES)} (default: all of them, or none "

@@ -85,7 +85,7 @@ def run(cmd: list[str], threads: int | None) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="pipeline.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="qwen3_moe", choices=sorted(TEACHERS), help="which shipped teacher")
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: the shipped one)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "pipeline", help="output folder")

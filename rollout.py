@@ -24,7 +24,7 @@ from zeda.rollout import rollout
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="rollout.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint folder (static model)")
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL ({'messages': ...} or {'prompt': ...})")
     p.add_argument("--out", type=Path, required=True, help="rollouts JSONL to write (appended to when resuming)")

@@ -181,7 +181,7 @@ def train(args, d: Dist, stop: dict) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="train_opd.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", type=Path, required=True, help="converted (usually SFT'd) student folder")
     p.add_argument("--teacher", type=Path, required=True, help="the original static model (frozen)")
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL ({'messages': ...} or {'prompt': ...})")

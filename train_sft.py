@@ -181,7 +181,7 @@ def train(args, d: Dist, stop: dict) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="train_sft.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", type=Path, required=True, help="converted checkpoint folder (convert.py output)")
     p.add_argument("--rollouts", type=Path, help="rollouts JSONL (messages ending with the teacher's answer)")
     p.add_argument("--teacher", type=Path, help="teacher folder: sample rollouts first (with --prompts)")

@@ -19,6 +19,7 @@ import torch
 from zeda.distributed import init_distributed, shutdown
 from zeda.evaluation import write_json_atomic
 from zeda.expert_parallel import AllToAllDispatcher
+from zeda.flags import int_range
 from zeda.moe import routed_experts_forward
 
 
@@ -33,13 +34,13 @@ def routes(T: int, K: int, N: int, Z: int, zero_share: float, g: torch.Generator
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--inter", type=int, default=256, help="expert intermediate size")
-    p.add_argument("--experts", type=int, default=16, help="real experts N")
-    p.add_argument("--zero", type=int, default=8, help="zero experts Z")
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int_range(min=1), default=4096, help="tokens per rank")
+    p.add_argument("--hidden", type=int_range(min=1), default=512)
+    p.add_argument("--inter", type=int_range(min=1), default=256, help="expert intermediate size")
+    p.add_argument("--experts", type=int_range(min=1), default=16, help="real experts N")
+    p.add_argument("--zero", type=int_range(min=0), default=8, help="zero experts Z")
+    p.add_argument("--top-k", type=int_range(min=1), default=4)
+    p.add_argument("--repeats", type=int_range(min=1), default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/all_to_all.json"), help="the rows as JSON")
     args = p.parse_args()

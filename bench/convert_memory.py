@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from zeda.flags import float_range, int_range
+
 ROOT = Path(__file__).resolve().parents[1]  # the repository root, where convert.py lives
 MB = 1 << 20
 
@@ -162,8 +164,9 @@ def measure(size_mb: float = 200, shards: int = 8, workdir: str | Path | None = 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size-mb", type=float, default=200, help="model size in MB, fp32 (default 200)")
-    p.add_argument("--shards", type=int, default=8, help="number of safetensors shards, one layer each (default 8)")
+    p.add_argument("--size-mb", type=float_range(above=0), default=200, help="model size in MB, fp32 (default 200)")
+    p.add_argument("--shards", type=int_range(min=1), default=8,
+                   help="number of safetensors shards, one layer each (default 8)")
     p.add_argument("--workdir", default=None, help="where the temporary checkpoints go (default: system temp)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()

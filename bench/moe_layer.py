@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zeda.flags import int_range
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -133,11 +135,14 @@ def main():
     p.add_argument("--shapes", default="qwen,glm", help="comma-separated subset of: " + ",".join(SHAPES))
     p.add_argument("--backends", default="loop,grouped_mm,triton", help="comma-separated: loop, grouped_mm, triton")
     p.add_argument("--zero-shares", default=",".join(str(s) for s in ZERO_SHARES), help="zero-slot shares")
-    p.add_argument("--scale", type=int, default=None, help="divide H and I by this (default: 1 on cuda, 8 on cpu, "
+    p.add_argument("--scale", type=int_range(min=1), default=None,
+                   help="divide H and I by this (default: 1 on cuda, 8 on cpu, "
                    "where the full 600M-parameter layers take minutes per call)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 5 on cuda, 1 on cpu)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls, median kept (default: 20 cuda, 2 cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on cpu: 1, because on a "
+    p.add_argument("--warmup", type=int_range(min=0), default=None, help="untimed calls (default: 5 on cuda, 1 on cpu)")
+    p.add_argument("--repeats", type=int_range(min=1), default=None,
+                   help="timed calls, median kept (default: 20 cuda, 2 cpu)")
+    p.add_argument("--threads", type=int_range(min=1), default=None,
+                   help="torch CPU threads (default on cpu: 1, because on a "
                    "shared, oversubscribed machine spinning OpenMP threads make small matmuls 100x slower)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()

@@ -7,6 +7,7 @@ import math
 import pytest
 
 import compare
+import convert
 import evaluate
 import pipeline
 import rollout
@@ -23,6 +24,7 @@ REQUIRED = {  # the required flags of each script (dummy paths: parsing comes be
     "train_sft.py": (train_sft.main, ["--student", "s", "--rollouts", "r", "--out", "o"]),
     "train_opd.py": (train_opd.main, ["--student", "s", "--teacher", "t", "--prompts", "p", "--out", "o"]),
     "pipeline.py": (pipeline.main, ["--out", "o"]),
+    "convert.py": (convert.main, ["--input-dir", "a", "--output-dir", "b"]),
 }
 
 BAD = [  # (script, flag, value)
@@ -44,6 +46,7 @@ BAD = [  # (script, flag, value)
     ("pipeline.py", "--n", "0"), ("pipeline.py", "--sft-batch-size", "0"), ("pipeline.py", "--opd-steps", "0"),
     ("pipeline.py", "--sft-lr", "nan"), ("pipeline.py", "--threads", "0"), ("pipeline.py", "--zero-experts", "0"),
     ("pipeline.py", "--rollout-top-p", "2"),
+    ("convert.py", "--num-zero-experts", "0"), ("convert.py", "--new-num-experts", "-8"), ("convert.py", "--seed", "-1"),
 ]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from zeda.errors import UsageError, ZedaError
+from zeda.flags import int_range
 
 
 def tiny_hf_config(model_type: str = "qwen3_moe", **overrides):
@@ -111,9 +112,10 @@ def main():
     p = argparse.ArgumentParser(description="Write a tiny random HF MoE checkpoint.")
     p.add_argument("--model-type", default="qwen3_moe", choices=["qwen3_moe", "glm4_moe_lite"], help="architecture")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--mtp-layers", type=int, default=0, help="GLM only: MTP layers after the last layer (default 0)")
+    p.add_argument("--shards", type=int_range(min=1), default=1, help="number of safetensors shards")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="random seed")
+    p.add_argument("--mtp-layers", type=int_range(min=0), default=0,
+                   help="GLM only: MTP layers after the last layer (default 0)")
     args = p.parse_args()
     try:
         make_tiny_checkpoint(args.out, args.model_type, args.seed, args.shards, args.mtp_layers)
