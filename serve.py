@@ -3,6 +3,13 @@
     python serve.py                                        # the shipped teacher, interactive (one prompt a line)
     python serve.py --prompt "Compute 358+67-149."
     python serve.py --model runs/student --temperature 0 --max-new-tokens 128
+    python serve.py --model runs/student --port 8000       # an OpenAI-compatible HTTP server (zeda/server.py)
+
+With --port, the model is served over HTTP on 127.0.0.1 (--host to change it): POST /v1/chat/completions and
+/v1/completions (streamed or not), GET /v1/models and /health. Concurrent requests are batched into shared
+decode steps (up to --max-batch-size; at most --max-queue wait, beyond that 503); --temperature, --top-p,
+--top-k and --max-new-tokens become the defaults of requests that do not set them, and each response's
+`usage` reports its zero-expert ratio and expert FLOPs saved. Ctrl-C or SIGTERM stops it (exit 130 / 143).
 
 Each prompt is a fresh single-turn chat (the model's own chat template). Tokens are printed as they are sampled
 (generation's on_token callback); after each answer one line reports the tokens, tokens/s, the zero-expert ratio
@@ -18,6 +25,7 @@ import itertools
 import sys
 from pathlib import Path
 
+from zeda.baselines import set_routing
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flags import float_range, int_range
@@ -80,7 +88,8 @@ def summary_line(cfg, gen: Generation) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="serve.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint folder, static or converted (default: assets/qwen3_moe_teacher beside serve.py)")
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (default: read prompts from stdin)")
@@ -99,6 +108,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
     p.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS,
                    help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")
+    p.add_argument("--zero-bias", type=float_range(), default=0.0,
+                   help="added to every zero-expert router logit: a converted model's compute dial, more zero "
+                        "experts (cheaper) above 0, fewer below (default 0: as trained)")
+    http = p.add_argument_group("HTTP server (zeda/server.py)")
+    http.add_argument("--port", type=int_range(min=0, max=65535), default=None,
+                      help="serve the OpenAI-compatible API on this port instead of chatting (0: any free port)")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    http.add_argument("--served-model-name", default=None,
+                      help="the model's name in the API (default: the model folder's name)")
+    http.add_argument("--max-batch-size", type=int_range(min=1), default=16,
+                      help="requests decoded together in one batch (default 16)")
+    http.add_argument("--max-queue", type=int_range(min=1), default=64,
+                      help="requests that may wait for the next batch; more get 503 + Retry-After (default 64)")
     return p.parse_args(argv)
 
 
@@ -115,10 +137,14 @@ def main(argv=None) -> int:
         return error(f"the default teacher {DEFAULT_MODEL} does not exist yet; create it with\n    {MAKE_TEACHER}\n"
                      "or pass --model DIR")
     model_dir = args.model or DEFAULT_MODEL
+    if args.port is not None:
+        if args.prompt is not None:
+            return error("--prompt and --port exclude each other: a server answers HTTP requests")
+        return run_server(args, model_dir)
     try:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens)
-        model, tokenizer = load_for_inference(model_dir, args.device, args.dtype, args.expert_backend)
+        model, tokenizer = load(args, model_dir)
     except (ZedaError, OSError) as e:
         return error(str(e))
     seed = args.seed
@@ -141,6 +167,43 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: end the answer's line and leave quietly, as a shell does
         print(file=sys.stderr)
         return 130
+
+
+def load(args: argparse.Namespace, model_dir: Path):
+    """The model and its tokenizer, with the compute dial set (zeda/baselines.py)."""
+    model, tokenizer = load_for_inference(model_dir, args.device, args.dtype, args.expert_backend)
+    set_routing(model, zero_bias=args.zero_bias)
+    return model, tokenizer
+
+
+def run_server(args: argparse.Namespace, model_dir: Path) -> int:
+    """--port: bind first (a taken port fails before the model loads), load, serve until SIGINT / SIGTERM."""
+    try:
+        from zeda.server import ServerOptions, create_app, listen, serve_forever
+    except ModuleNotFoundError as e:  # FastAPI and uvicorn are the `serve` extra, not core dependencies
+        return error(f"--port needs the serve extra ({e.name} is missing): pip install -e '.[serve]'")
+
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        return error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    try:
+        model, tokenizer = load(args, model_dir)
+    except (ZedaError, OSError) as e:
+        sock.close()
+        return error(str(e))
+    except KeyboardInterrupt:
+        return 130
+    name = args.served_model_name or Path(model_dir).resolve().name
+    options = ServerOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
+                            max_queue=args.max_queue)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+    cfg = model.config
+    print(f"serve.py: {name} ({cfg.model_type}, {cfg.num_experts} experts + {cfg.num_zero_experts} zero experts) "
+          f"at {url}, batches of up to {args.max_batch_size}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    return serve_forever(create_app(model, tokenizer, name, options), sock)
 
 
 def chat(model, tokenizer, sampling: SamplingParams, seed: int | None) -> int:

@@ -1,14 +1,15 @@
 """Load on the HTTP server: N concurrent streaming clients on loopback against `serve.py --port`, and the same
 against `transformers serve` (Hugging Face's own OpenAI-compatible server) on the same static teacher.
 
-    python -m bench.serve_load                                   # 16 clients vs 1, zeda vs transformers serve
+    python -m bench.serve_load                                   # 16 clients vs 1, zeda vs transformers serve (~75 s)
     python -m bench.serve_load --clients 8 --requests 2 --no-peer --json serve_load.json
 
-Each server is started as a subprocess on 127.0.0.1 (both with OMP_NUM_THREADS=--threads) and stopped at the
-end (SIGTERM, then kill). Per server:
-one warm-up request, then a single client sending --single-requests requests one after another, then --clients
-clients each sending --requests requests one after another; a phase stops issuing requests after
---phase-seconds, so every run ends by itself. Every request is a streamed chat completion of a task-suite prompt
+The peer runs twice: as it starts by default, and with --continuous-batching (its own batching of concurrent
+requests, the fair comparison). Each server is started as a subprocess on 127.0.0.1 (all with
+OMP_NUM_THREADS=--threads) and stopped at the end (SIGTERM, then kill). Per server: one warm-up request, then a
+single client sending --single-requests requests one after another, then --clients clients each sending
+--requests requests one after another; a phase stops issuing requests after --phase-seconds, so every run ends
+by itself. Every request is a streamed chat completion of a task-suite prompt
 (zeda.evaluation.suite_items: math, code, if) at temperature 0 with max_tokens --max-tokens, so both servers do
 the same greedy work. Measured per request: time to first token (first chunk with text), latency (until the
 stream ends) and completion tokens (the usage chunk; text chunks if a server sends none). Reported per phase:
@@ -267,10 +268,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="static checkpoint folder (default: teacher)")
     p.add_argument("--clients", type=int_range(min=1, max=64), default=16, help="concurrent clients (default 16)")
-    p.add_argument("--requests", type=int_range(min=1, max=100), default=3,
-                   help="requests per concurrent client (default 3)")
-    p.add_argument("--single-requests", type=int_range(min=1, max=100), default=6,
-                   help="requests of the single client (default 6)")
+    p.add_argument("--requests", type=int_range(min=1, max=100), default=6,
+                   help="requests per concurrent client (default 6)")
+    p.add_argument("--single-requests", type=int_range(min=1, max=100), default=12,
+                   help="requests of the single client (default 12)")
     p.add_argument("--max-tokens", type=int_range(min=1, max=4096), default=64,
                    help="max_tokens of every request (default 64)")
     p.add_argument("--phase-seconds", type=float_range(above=0, max=600), default=60,
@@ -279,8 +280,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="OMP_NUM_THREADS of both servers (default 1: on a small shared CPU the client threads and\n"
                    "the server's event loop need the other cores, and a second torch thread mostly spins)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers serve")
-    p.add_argument("--peer-continuous-batching", action="store_true",
-                   help="also run transformers serve --continuous-batching")
     p.add_argument("--json", type=Path, default=None, help="write the numbers here")
     return p.parse_args(argv)
 
@@ -301,14 +300,16 @@ def main(argv=None) -> int:
         as_is = start_peer(args.model, [], args.threads)
         why = as_is.wait_ready()
         as_is.stop()
+        if why is not None and json.loads((args.model / "config.json").read_text()).get("architectures") is None:
+            why += (' (its config.json has "architectures": null; transformers serve picks the model class as '
+                    "config.architectures[0], transformers/cli/serving/model_manager.py)")
         report["peer_on_original_folder"] = why or "loaded"
         if why is not None:
             print(f"transformers serve on {args.model} as it is: {why}", file=sys.stderr)
         with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
             folder = args.model if why is None else peer_copy(args.model, Path(tmp))
-            runs.append(bench_server(start_peer(folder, [], args.threads), prompts, args))
-            if args.peer_continuous_batching:
-                runs.append(bench_server(start_peer(folder, ["--continuous-batching"], args.threads), prompts, args))
+            for extra in ([], ["--continuous-batching"]):  # its default, and its own batching of concurrent requests
+                runs.append(bench_server(start_peer(folder, extra, args.threads), prompts, args))
     print(table(runs))
     zeda = runs[0]
     if "error" not in zeda:

@@ -1,4 +1,5 @@
 """serve.py on a tiny random checkpoint: streaming, the per-answer summary line, interactive mode and errors.
+(The HTTP server behind --port is tests/test_server.py's.)
 
 One subprocess run of the real CLI; everything else calls serve.main in-process, which is the same code without
 paying for torch's import again (~8 s on the shared test machine).
@@ -7,6 +8,7 @@ paying for torch's import again (~8 s on the shared test machine).
 import io
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import serve
+from zeda.data import encode_chat
 from zeda.evaluation import pad_id, stop_ids
-from zeda.loading import load_for_inference
 from zeda.generation import SamplingParams, generate
+from zeda.loading import load_for_inference
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
-from zeda.data import encode_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -87,23 +89,45 @@ def test_converted_model_reports_zero_experts(tiny, tmp_path, monkeypatch, capsy
     import convert
 
     converted = tmp_path / "converted"
-    convert.convert(tiny, converted, num_zero=4, progress=False)
+    assert convert.main(["--input-dir", str(tiny), "--output-dir", str(converted), "--num-zero-experts", "4"]) == 0
     code, out, _ = run_main(["--model", str(converted), "--prompt", "Compute 12+30.", "--max-new-tokens", "6",
                              "--seed", "0"], monkeypatch, capsys)
     assert code == 0
     (m,) = SUMMARY.finditer(out)
     ratio, saved = float(m.group(4)), float(m.group(5))
     assert 0 < ratio < 100 and saved == ratio  # one cost per real slot: FLOPs saved = share of zero slots
+    # the compute dial: a large bias on the zero-expert logits routes (almost) every slot to a zero expert
+    code, out, _ = run_main(["--model", str(converted), "--prompt", "Compute 12+30.", "--max-new-tokens", "6",
+                             "--seed", "0", "--zero-bias", "30"], monkeypatch, capsys)
+    (m,) = SUMMARY.finditer(out)
+    assert code == 0 and float(m.group(4)) > ratio and float(m.group(4)) > 90
+    code, _, err = run_main(["--model", str(tiny), "--prompt", "hi", "--zero-bias", "1"], monkeypatch, capsys)
+    assert code == 2 and "--zero-bias needs a converted model" in err
 
 
 def test_errors_exit_2_with_a_message(tiny, tmp_path, monkeypatch, capsys):
     cases = [(["--model", str(tiny), "--prompt", ""], "--prompt is empty"),
              (["--model", str(tiny), "--prompt", "  \n"], "--prompt is empty"),
-             (["--model", str(tiny), "--prompt", "x" * 200], "--prompt: the prompt has"),
-             (["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be >= 1")]
+             (["--model", str(tiny), "--prompt", "x" * 200], "--prompt: the prompt has")]
     for argv, message in cases:
         code, out, err = run_main(argv, monkeypatch, capsys)
         assert code == 2 and message in err and not SUMMARY.search(out), (argv, err)
+    with pytest.raises(SystemExit) as e:  # refused as it is parsed (zeda/flags.py), before any model loads
+        run_main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "0"], monkeypatch, capsys)
+    assert e.value.code == 2 and "argument --max-new-tokens: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_server_flags_are_checked_before_loading(tiny, monkeypatch, capsys):
+    """--port with --prompt, a port out of range or one already taken: exit 2 with a message, no model loaded."""
+    code, _, err = run_main(["--model", str(tiny), "--port", "0", "--prompt", "hi"], monkeypatch, capsys)
+    assert code == 2 and "--prompt and --port exclude each other" in err
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--port", "70000"])
+    assert e.value.code == 2 and "argument --port: must be >= 0 and <= 65535" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, _, err = run_main(["--model", str(tiny / "absent"), "--port", str(port)], monkeypatch, capsys)
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
 
 
 def test_missing_default_teacher_says_how_to_make_it(tmp_path, monkeypatch, capsys):

@@ -14,13 +14,18 @@ How it works (gpt-fast / nanochat style):
 - Sampling runs on the device: temperature, top-k, top-p, then gpt-fast's exponential trick
   (argmax(p / q), q ~ Exp(1)) from a torch.Generator seeded by `seed`, which is a categorical draw without
   torch.multinomial's host sync. A fixed seed reproduces the samples exactly.
+- Each row may bring its own SamplingParams (a list, one per prompt: what a server batching independent
+  requests needs). With per-row seeds a row then samples exactly what it would alone; its max_new_tokens ends
+  it like EOS does, and the cache is sized for the longest.
 - The only host sync per decode step is the `all done?` check (marked `# host sync`), plus the token transfer
   when an `on_token` streaming callback is given. Routing statistics (per-token real/zero slots, per-expert
   counts, attended keys) are accumulated on the device and moved to the host once, after the loop; they are
   statistics only and never feed back into generation.
 
-`generate_naive` recomputes the whole sequence without a cache at every step: the reference the fast engine is
-tested against. `token_logprobs` scores given sequences in one forward (teacher and student in OPD/SFT).
+`Decoder` is the same decode loop kept open for a server: rows join between steps (continuous batching) and leave
+as they finish, each with its own params and seed. `generate_naive` recomputes the whole sequence without a
+cache at every step: the reference the fast engine is tested against. `token_logprobs` scores given sequences
+in one forward (teacher and student in OPD/SFT).
 
 Shape letters: B batch (prompts), P padded prompt length, M max new tokens, S keys (P + M), T tokens of a
 forward, K slots per token, L MoE layers, E router outputs (N real + Z zero experts), V vocabulary.
@@ -28,6 +33,7 @@ forward, K slots per token, L MoE layers, E router outputs (N real + Z zero expe
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,7 +96,7 @@ class SamplingParams:
 class Generation:
     tokens: list[list[int]]  # per prompt, the generated tokens (EOS included if produced, nothing after it)
     logprobs: list[list[float]]  # per token: log_softmax(logits / T) at the token (T = 1 for greedy), see sample()
-    finished: list[bool]  # True: stopped at EOS; False: truncated at max_new_tokens
+    finished: list[bool]  # True: stopped at EOS; False: truncated at its max_new_tokens
     real_slots: list[list[int]]  # per token: real-expert slots, summed over MoE layers, of the step that produced it
     zero_slots: list[list[int]]  # same for zero-expert slots (real + zero = K x MoE layers)
     stats: list[LayerStats]  # per MoE layer, routing over every real token processed (prompts + fed tokens)
@@ -121,7 +127,7 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -
     return logits_BV
 
 
-def sample(logits_BV: torch.Tensor, params: SamplingParams,
+def sample(logits_BV: torch.Tensor, params: SamplingParams | list[SamplingParams],
            generator: torch.Generator | list[torch.Generator] | None = None):
     """One token per row, and its log-probability. Returns (tokens [B] int64, logprobs [B] fp32); no host sync.
 
@@ -129,9 +135,16 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams,
     truncation (T = 1 for greedy). At T = 1 -- what OPD samples with (docs/method.md §5) -- that is exactly
     log p_student(y_t), the quantity the advantage log p_teacher - log p_student needs; the truncated
     distribution's log-prob would be biased upwards by the dropped mass.
+    params: one for the batch, or one per row (a server's independent requests).
     generator: one for the batch, or one per row (a row's samples then do not depend on its batch-mates).
     """
     logits_BV = logits_BV.float()
+    if isinstance(params, list):
+        if len(params) != logits_BV.shape[0]:
+            raise UsageError(f"sample() got {len(params)} SamplingParams for {logits_BV.shape[0]} rows")
+        if any(p != params[0] for p in params):
+            return _sample_rows(logits_BV, params, generator)
+        params = params[0]
     if params.greedy:
         tokens_B = logits_BV.argmax(dim=-1)
         logprobs_BV = logits_BV.log_softmax(dim=-1)
@@ -139,13 +152,38 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams,
         scaled_BV = logits_BV / params.temperature
         logprobs_BV = scaled_BV.log_softmax(dim=-1)
         probs_BV = filter_logits(scaled_BV, params.top_k, params.top_p).softmax(dim=-1)
-        # argmax(p / q) with q ~ Exp(1) is a draw from p (gpt-fast): no torch.multinomial, no host sync.
-        if isinstance(generator, list):
-            q_BV = torch.stack([torch.empty_like(row).exponential_(1, generator=g)
-                                for row, g in zip(probs_BV, generator)])
-        else:
-            q_BV = torch.empty_like(probs_BV).exponential_(1, generator=generator)
-        tokens_B = (probs_BV / q_BV).argmax(dim=-1)
+        tokens_B = (probs_BV / _exponential(probs_BV, generator)).argmax(dim=-1)
+    return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+
+
+def _exponential(probs_BV: torch.Tensor, generator) -> torch.Tensor:
+    """q ~ Exp(1) [B, V]: argmax(p / q) is a draw from p (gpt-fast), without torch.multinomial's host sync.
+    With one generator per row, row b's draws come from generator b alone."""
+    if isinstance(generator, list):
+        return torch.stack([torch.empty_like(row).exponential_(1, generator=g) for row, g in zip(probs_BV, generator)])
+    return torch.empty_like(probs_BV).exponential_(1, generator=generator)
+
+
+def _sample_rows(logits_BV: torch.Tensor, params: list[SamplingParams], generator):
+    """sample() with each row's own temperature, top-k and top-p, computed so that every row gets bit for bit
+    what sample() gives it alone: the same scaling, the same filter over the same values, its own draws."""
+    device = logits_BV.device
+    greedy_B = torch.tensor([p.greedy for p in params], device=device)
+    T_B1 = torch.tensor([[p.temperature if not p.greedy else 1.0] for p in params], device=device)  # greedy: T=1
+    scaled_BV = logits_BV / T_B1
+    logprobs_BV = scaled_BV.log_softmax(dim=-1)
+    tokens_B = logits_BV.argmax(dim=-1)
+    if not all(p.greedy for p in params):
+        filtered_BV = scaled_BV.clone()
+        by_filter: dict[tuple[int, float], list[int]] = {}  # rows sharing a (top_k, top_p) are filtered together
+        for row, p in enumerate(params):
+            by_filter.setdefault((p.top_k, p.top_p), []).append(row)
+        for (top_k, top_p), rows in by_filter.items():
+            index = torch.tensor(rows, device=device)
+            filtered_BV[index] = filter_logits(scaled_BV[index], top_k, top_p)
+        probs_BV = filtered_BV.softmax(dim=-1)
+        sampled_B = (probs_BV / _exponential(probs_BV, generator)).argmax(dim=-1)
+        tokens_B = torch.where(greedy_B, tokens_B, sampled_B)
     return tokens_B, logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
 
 
@@ -161,16 +199,18 @@ def make_generator(seed: int | list[int] | None, device):
 # Batching and routing statistics.
 
 
-def check_prompts(prompts: list[list[int]], max_new_tokens: int, max_positions: int) -> None:
-    """ValueError for no prompts, an empty prompt, or one that leaves no room for max_new_tokens."""
+def check_prompts(prompts: list[list[int]], max_new_tokens: int | list[int], max_positions: int) -> None:
+    """ValueError for no prompts, an empty prompt, or one that leaves no room for its max_new_tokens (one for all
+    prompts, or one each)."""
     if not prompts:
         raise UsageError("generate() needs at least one prompt")
-    for i, p in enumerate(prompts):
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    for i, (p, m) in enumerate(zip(prompts, limits)):
         if len(p) == 0:
             raise UsageError(f"prompt {i} is empty; every prompt needs at least one token")
-        if len(p) > max_positions - max_new_tokens:
-            raise UsageError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} at most "
-                             f"{max_positions - max_new_tokens} fit in max_position_embeddings={max_positions}")
+        if len(p) > max_positions - m:
+            raise UsageError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} at most "
+                             f"{max_positions - m} fit in max_position_embeddings={max_positions}")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None):
@@ -202,28 +242,35 @@ def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, eos_ids: list[int] | set[int],
-             pad_id: int = 0, seed: int | list[int] | None = None,
+def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             eos_ids: list[int] | set[int], pad_id: int = 0, seed: int | list[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
              all_done: Callable[[bool], bool] | None = None) -> Generation:
     """Generate for a batch of prompts with a static KV cache (see the module docstring).
 
-    eos_ids: tokens that end a row (kept in its output). pad_id: what left padding and finished rows feed (it is
-    masked out, so its value does not matter). seed: reproducible sampling; a list gives each row its own seed,
-    so a row's sample does not depend on how the prompts were batched (data parallelism). on_token(row, token):
-    called for each new token of each unfinished row as soon as it is sampled (streaming; one transfer a step).
-    all_done(mine): whether every process is done, given whether this one is. Expert parallelism needs it: every
-    rank of an all-to-all group must run the same number of forwards, so a finished rank keeps feeding padding.
+    params: one SamplingParams for every prompt, or a list with one per prompt (each row its own temperature,
+    top-p, top-k and max_new_tokens). eos_ids: tokens that end a row (kept in its output). pad_id: what left
+    padding and finished rows feed (it is masked out, so its value does not matter). seed: reproducible
+    sampling; a list gives each row its own seed, so a row's sample does not depend on how the prompts were
+    batched (data parallelism, a server's requests). on_token(row, token): called for each new token of each
+    unfinished row as soon as it is sampled (streaming; one transfer a step). all_done(mine): whether every
+    process is done, given whether this one is. Expert parallelism needs it: every rank of an all-to-all group
+    must run the same number of forwards, so a finished rank keeps feeding padding.
     """
     cfg = model.config
-    M = params.max_new_tokens
-    check_prompts(prompts, M, cfg.max_position_embeddings)
+    B = len(prompts)
+    rows = params if isinstance(params, list) else [params] * B
+    if len(rows) != B:
+        raise UsageError(f"generate() got {len(rows)} SamplingParams for {B} prompts")
+    limits = [p.max_new_tokens for p in rows]
+    check_prompts(prompts, limits, cfg.max_position_embeddings)
     t0 = time.perf_counter()
     device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
     N, E, K = cfg.num_experts, cfg.num_router_outputs, cfg.num_experts_per_tok
-    B, P = len(prompts), max(len(p) for p in prompts)
+    M, P = max(limits), max(len(p) for p in prompts)
     generator = make_generator(seed, device)
     eos_X = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    limit_B = torch.tensor(limits, dtype=torch.long, device=device)
 
     ids_BP, prompt_mask_BP = left_pad(prompts, pad_id, device)
     mask_BS = torch.zeros(B, P + M, dtype=torch.bool, device=device)  # grows one column per fed token
@@ -234,7 +281,8 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, 
     real_BM = torch.zeros(B, M, dtype=torch.long, device=device)
     zero_BM = torch.zeros(B, M, dtype=torch.long, device=device)
     emitted_BM = torch.zeros(B, M, dtype=torch.bool, device=device)  # a real generated token at (row, step)
-    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped_B = torch.zeros(B, dtype=torch.bool, device=device)  # produced EOS
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)  # stopped, or at its own max_new_tokens
 
     routing = []
     logits_BV = _last_logits(model, ids_BP, mask_BS[:, :P], cache, routing)  # prefill
@@ -248,7 +296,8 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, 
         tokens_BM[:, t] = torch.where(live_B, next_B, pad_id)
         logprobs_BM[:, t] = logp_B
         emitted_BM[:, t] = live_B
-        done_B = done_B | torch.isin(next_B, eos_X)
+        stopped_B = stopped_B | (live_B & torch.isin(next_B, eos_X))
+        done_B = stopped_B | (limit_B <= t + 1)
         if on_token is not None:
             for row, tok in enumerate(torch.where(live_B, next_B, -1).tolist()):  # host sync (streaming only)
                 if tok >= 0:
@@ -270,7 +319,7 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, 
     return Generation(
         tokens=[row[:n] for row, n in zip(tokens, lengths)],
         logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
-        finished=done_B.tolist(),
+        finished=stopped_B.tolist(),
         real_slots=[row[:n] for row, n in zip(real, lengths)],
         zero_slots=[row[:n] for row, n in zip(zero, lengths)],
         stats=layer_stats(counts_LE, num_tokens, N, K),
@@ -279,6 +328,191 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams, 
         new_tokens=sum(lengths),
         seconds=time.perf_counter() - t0,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continuous batching: rows that join and leave between decode steps (a server's requests).
+
+
+@dataclass(eq=False)
+class Row:
+    """One prompt inside a Decoder: its handle for step() results and end()."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    start: int  # cache column of its first real token (moves when the cache is compacted)
+    prompt_tokens: int
+    new_tokens: int = 0
+    done: bool = False  # EOS, max_new_tokens, or end(): leaves at the next step
+
+
+class Decoder:
+    """generate()'s decode loop kept open, so that rows join between steps and leave as they finish.
+
+        decoder = Decoder(model, capacity=16, eos_ids={eos})
+        row = decoder.add([(prompt_ids, SamplingParams(temperature=0.6, max_new_tokens=64), seed)])[0]
+        for row, token, real_slots, zero_slots in decoder.step(): ...     # one token per row; add() between steps
+
+    The same engine as generate(): rows share one KV cache written at one offset, RoPE positions come from the
+    attention mask, sample() draws with each row's own params and generator, so a row samples exactly what it
+    would in generate() alone with its seed. What is added:
+    - add() prefills new prompts (one forward of their own, left-padded together) and copies their keys and
+      values into free rows of the shared cache, right-aligned at the current offset; from the next step on
+      they decode with the others. Columns left of a row's first token are masked, as padding is.
+    - Live rows are packed into the first n rows of the cache (a row that leaves is replaced by the last one),
+      so a forward covers live rows only. A row that only just joined feeds nothing in the step after its
+      prefill (mask bit off) and keeps its prefill logits.
+    - The cache grows (doubling) when full; columns left of the oldest live row's first token are dropped once
+      they are half of it, so attention spans about one context, not the server's uptime.
+    step() transfers each row's token and routing slots (real / zero, summed over MoE layers, of the forward
+    that produced the token) to the host once. Rows that produced EOS or reached max_new_tokens are done;
+    end(row) makes a row done early (a stop string, a client that left).
+    """
+
+    def __init__(self, model: CausalLM, capacity: int, eos_ids: list[int] | set[int], pad_id: int = 0,
+                 initial_width: int = 256):
+        cfg = model.config
+        self.model, self.capacity, self.eos_ids, self.pad_id = model, capacity, set(eos_ids), pad_id
+        self.device, self.dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+        self.tp = getattr(model, "tensor_parallel", 1)
+        self.cache = KVCache(cfg, capacity, initial_width, self.dtype, self.device, self.tp)
+        self.mask_BS = torch.zeros(capacity, initial_width, dtype=torch.bool, device=self.device)
+        self.logits_BV = torch.zeros(capacity, model.lm_head.weight.shape[0], dtype=torch.float32, device=self.device)
+        self.real_B = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.zero_B = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.next_B = torch.full((capacity,), pad_id, dtype=torch.long, device=self.device)  # tokens to feed
+        self.fed_B = torch.zeros(capacity, dtype=torch.bool, device=self.device)  # row has a token to feed
+        self.rows: list[Row] = []  # live rows, row i in cache row i
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.rows)
+
+    @torch.no_grad()
+    def add(self, requests: list[tuple[list[int], SamplingParams, int | None]]) -> list[Row]:
+        """Prefill (prompt, params, seed) requests into free rows; seed None: a random generator."""
+        if len(requests) > self.free:
+            raise UsageError(f"Decoder.add: {len(requests)} prompts but {self.free} free rows")
+        if not requests:
+            return []
+        prompts = [p for p, _, _ in requests]
+        check_prompts(prompts, [params.max_new_tokens for _, params, _ in requests],
+                      self.model.config.max_position_embeddings)
+        self._drop_done()
+        ids_bP, mask_bP = left_pad(prompts, self.pad_id, self.device)
+        b, P = ids_bP.shape
+        small = KVCache(self.model.config, b, P, self.dtype, self.device, self.tp)
+        routing = []
+        logits_bV = _last_logits(self.model, ids_bP, mask_bP, small, routing)  # the new prompts alone
+        real_b, zero_b = last_token_slots(routing, b, self.model.config.num_experts)
+        if not self.rows:
+            self.cache.length = 0  # nothing live: every column is free
+        L = self.cache.length
+        if L < P:  # no room on the left: shift what is cached right
+            self._recolumn(0, P - L, max(self.cache.max_len, 2 * P))
+            L = self.cache.length
+        n = len(self.rows)
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][n:n + b, :, L - P:L] = small.k[layer]
+            self.cache.v[layer][n:n + b, :, L - P:L] = small.v[layer]
+        self.mask_BS[n:n + b] = False
+        self.mask_BS[n:n + b, L - P:L] = mask_bP
+        self.logits_BV[n:n + b] = logits_bV.float()
+        self.real_B[n:n + b], self.zero_B[n:n + b] = real_b.to(self.device), zero_b.to(self.device)
+        self.fed_B[n:n + b] = False
+        new = []
+        for prompt, params, seed in requests:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed) if seed is not None else generator.seed()
+            new.append(Row(params, generator, L - len(prompt), len(prompt)))
+        self.rows += new
+        return new
+
+    def end(self, row: Row) -> None:
+        """Stop decoding `row` (it leaves at the next step)."""
+        row.done = True
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int, int, int]]:
+        """Feed every live row's last token, then sample one more for each: [(row, token, real, zero)]."""
+        self._drop_done()
+        n = len(self.rows)
+        if n == 0:
+            return []
+        if any(r.new_tokens for r in self.rows):  # a row that sampled before has a token to feed
+            self._forward(n)
+        tokens_n, _ = sample(self.logits_BV[:n], [r.params for r in self.rows], [r.generator for r in self.rows])
+        self.next_B[:n], self.fed_B[:n] = tokens_n, True
+        tokens, real, zero = torch.stack([tokens_n, self.real_B[:n], self.zero_B[:n]]).tolist()  # host sync
+        out = []
+        for row, tok, r, z in zip(self.rows, tokens, real, zero):
+            row.new_tokens += 1
+            row.done = row.done or tok in self.eos_ids or row.new_tokens >= row.params.max_new_tokens
+            out.append((row, tok, r, z))
+        return out
+
+    def _forward(self, n: int) -> None:
+        """One decode step for rows [0, n): fed rows take their token, just-added rows feed masked padding."""
+        self._make_room()
+        L = self.cache.length
+        fed_n = self.fed_B[:n]
+        self.mask_BS[:n, L] = fed_n
+        view = copy.copy(self.cache)  # the first n rows: slices are views, so the model writes into the cache
+        view.k, view.v = [k[:n] for k in self.cache.k], [v[:n] for v in self.cache.v]
+        routing = []
+        ids_n1 = torch.where(fed_n, self.next_B[:n], self.pad_id)[:, None]
+        logits_nV = _last_logits(self.model, ids_n1, self.mask_BS[:n, :L + 1], view, routing)
+        self.cache.length = view.length
+        real_n, zero_n = last_token_slots(routing, n, self.model.config.num_experts)
+        keep = fed_n.to(self.logits_BV.dtype)[:, None]
+        self.logits_BV[:n] = logits_nV.float() * keep + self.logits_BV[:n] * (1 - keep)
+        self.real_B[:n] = torch.where(fed_n, real_n.to(self.device), self.real_B[:n])
+        self.zero_B[:n] = torch.where(fed_n, zero_n.to(self.device), self.zero_B[:n])
+
+    def _drop_done(self) -> None:
+        """Remove done rows, moving the last live row into each freed cache row (rows stay packed)."""
+        i = 0
+        while i < len(self.rows):
+            if not self.rows[i].done:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                for k, v in zip(self.cache.k, self.cache.v):
+                    k[i], v[i] = k[last], v[last]
+                for t in (self.mask_BS, self.logits_BV, self.real_B, self.zero_B, self.next_B, self.fed_B):
+                    t[i] = t[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    def _make_room(self) -> None:
+        """A free column for the next token: drop the columns no live row uses once they are half the cache
+        (or it is full), and double the width when it is full anyway."""
+        L, W = self.cache.length, self.cache.max_len
+        unused = min(r.start for r in self.rows)
+        if unused > 0 and (unused >= L // 2 or L == W):
+            self._recolumn(unused, 0, W)
+            L = self.cache.length
+        if L == W:
+            self._recolumn(0, 0, 2 * W)
+
+    def _recolumn(self, drop: int, pad: int, width: int) -> None:
+        """Cache columns [drop, length) move to [pad, pad + length - drop) of a cache `width` wide."""
+        L = self.cache.length
+        keep = L - drop
+        for store in (self.cache.k, self.cache.v):
+            for layer, old in enumerate(store):
+                new = old.new_zeros(*old.shape[:2], width, old.shape[3]) if width != old.shape[2] else old
+                new[:, :, pad:pad + keep] = old[:, :, drop:L].clone()
+                store[layer] = new
+        mask = self.mask_BS.new_zeros(self.capacity, width) if width != self.mask_BS.shape[1] else self.mask_BS
+        moved = self.mask_BS[:, drop:L].clone()
+        mask[:, :pad + keep] = False
+        mask[:, pad:pad + keep] = moved
+        self.mask_BS = mask
+        self.cache.max_len, self.cache.length = width, pad + keep
+        for row in self.rows:
+            row.start += pad - drop
 
 
 @torch.no_grad()
