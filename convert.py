@@ -31,10 +31,13 @@ def main(argv=None) -> int:
     group.add_argument("--num-zero-experts", type=int_range(min=1), help="number of zero experts Z to add")
     p.add_argument("--seed", type=int_range(min=0), default=0, help="seed for the new router rows (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--normalization", default="zeda", choices=["zeda", "adamoe"],
+                   help="zeda (zero slots keep their weight share; the method) or adamoe (the AdaMoE baseline: "
+                        "real-expert weights renormalised over the real slots)")
     args = p.parse_args(argv)
     try:
         s = convert_checkpoint(args.input_dir, args.output_dir, args.num_zero_experts, args.new_num_experts,
-                               args.seed, args.overwrite)
+                               args.seed, args.overwrite, normalization=args.normalization)
     except (ZedaError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ from zeda.flags import float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.loading import load_model, load_tokenizer
-from zeda.losses import AGGREGATIONS, full_reverse_kl, group_aux_loss, ppo_clip_loss, reverse_kl_advantage
+from zeda.losses import AGGREGATIONS, auxiliary_loss, full_reverse_kl, ppo_clip_loss, reverse_kl_advantage
 from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
 
 
@@ -111,8 +111,8 @@ def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[
         policy = ppo_clip_loss(new_logp, old_logp, advantages, mask_f, args.clip, norm, args.loss_aggregation)
         routed_mask = attn  # token_logprobs runs the whole sequence
     valid = routed_mask.reshape(-1).bool()
-    ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring, args.alpha, args.w,
-                        d.all_reduce if d.dp > 1 else None, counts=args.ga_counts)
+    ga = auxiliary_loss(routing, cfg, valid, args.aux_loss, args.alpha, args.w, d.all_reduce if d.dp > 1 else None,
+                        args.ga_counts)
     (policy + ga).backward()
     gap = torch.zeros((), device=d.device)
     if sampler_logp is not None:  # how far the sampler's log-probs were from the recomputed ones (a metric only)

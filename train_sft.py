@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import zeda
+from zeda.baselines import parse_routing, set_routing
 from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages, response_of
 from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError
@@ -34,7 +35,7 @@ from zeda.flags import float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference, load_tokenizer
-from zeda.losses import group_aux_loss, response_cross_entropy
+from zeda.losses import auxiliary_loss, response_cross_entropy
 from zeda.rollout import rollout
 from zeda.trainer import Trainer, add_training_args, lr_at, run_training, zero_share_metrics
 
@@ -125,8 +126,8 @@ def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int) ->
         # Routed tokens that count: every input position whose next token is real. (attn[:, :-1] would also
         # count a sequence's final token unless it is the longest in its micro-batch: batching-dependent.)
         valid = attn[:, 1:].reshape(-1).bool()
-        ga = group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid, cfg.router_scoring, args.alpha,
-                            args.w, d.all_reduce if d.dp > 1 else None, counts=args.ga_counts) / len(batches)
+        ga = auxiliary_loss(routing, cfg, valid, args.aux_loss, args.alpha, args.w, d.all_reduce if d.dp > 1 else None,
+                            args.ga_counts) / len(batches)
         (ce + ga).backward()
         loss_sums += torch.stack([ce.detach(), ga.detach()]).double()
         counts_LE += expert_counts(routing, valid, cfg.num_router_outputs)
@@ -153,9 +154,10 @@ def sample_rollouts(args, d: Dist) -> Path:
 
 def train(args, d: Dist, stop: dict) -> dict:
     student_cfg = zeda.ModelConfig.from_hf_config(args.student)
-    if student_cfg.num_zero_experts == 0:
+    rule = parse_routing(args.routing, student_cfg.num_experts_per_tok)
+    if student_cfg.num_zero_experts == 0 and rule is None:
         raise UsageError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums); run convert.py "
-                         f"first")
+                         f"first (or fine-tune a static model under --routing topk:K', the static baseline)")
     tokenizer = load_tokenizer(args.student)
     rollouts = args.rollouts or sample_rollouts(args, d)
     examples, data_counts = load_rollouts(rollouts, tokenizer, student_cfg.vocab_size, args.max_seq_len,
@@ -168,6 +170,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     total_steps = args.max_steps or args.epochs * (len(examples) // G)
     trainer = Trainer("sft", args, d, stop, init_from=args.student, total_steps=total_steps)
     model = trainer.load_student()
+    set_routing(model, args.routing)  # the static top-k' baseline trains under its rule; evaluate it with the same
     model.train()
     warmup = int(args.warmup_ratio * total_steps)
     pad_id = tokenizer.pad_token_id or 0
@@ -202,6 +205,9 @@ def parse_args(argv=None):
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
     p.add_argument("--drop-incorrect", action="store_true",
                    help="skip rollouts marked \"correct\": false (answers checked against the prompt's reference)")
+    p.add_argument("--routing", default="native",
+                   help="native, or a training-free rule the student is fine-tuned under (topk:K' for the static "
+                        "top-k' baseline, on the static teacher; evaluate with evaluate.py --routing the same)")
     p.add_argument("--seed", type=int_range(min=0), default=0, help="data order and rollout sampling seed")
     p.add_argument("--max-new-tokens", type=int_range(min=1), default=256, help="rollout answer limit (--teacher mode)")
     add_sampling_args(p, prefix="rollout-")  # --rollout-temperature/-top-p/-top-k (--teacher mode)

@@ -182,3 +182,79 @@ def test_evaluate_routing_flag_reports_the_skipped_share(converted, tmp_path):
     assert report["expert_flops_reduction"] == pytest.approx(1 - 1 / K)  # every token keeps exactly one slot
     assert evaluate.main(["--model", str(converted / "static"), "--routing", "topk:99"]) == 2
     assert evaluate.main(["--model", str(converted / "static"), "--zero-bias", "1"]) == 2  # no zero experts
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained baselines: AdaMoE null experts (real weights renormalised, Switch balance loss) and the static
+# top-k' fine-tune. Each runs two SFT steps and reloads.
+
+
+def test_adamoe_renormalises_the_real_slots_and_round_trips(converted, tmp_path):
+    from zeda.conversion import convert_checkpoint
+
+    out = tmp_path / "adamoe"
+    convert_checkpoint(converted / "static", out, num_zero=4, progress=False, normalization="adamoe")
+    assert json.loads((out / "config.json").read_text())["zce_normalization"] == "adamoe"
+    zeda_model, ada = zeda.load_model(converted / "dynamic"), zeda.load_model(out)
+    assert ada.config.zero_normalization == "adamoe" and zeda_model.config.zero_normalization == "zeda"
+    x = torch.randn(30, ada.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    gate = next(b.mlp.gate for b in ada.model.layers if b.is_moe)
+    torch.nn.init.normal_(gate.weight, std=1.0)  # spread-out scores: some tokens pick zero slots, some do not
+    r = gate(x)
+    N = ada.config.num_experts
+    real = r.ids_TK < N
+    assert real.any() and (~real).any()
+    assert (r.weights_TK[~real] == 0).all()
+    sums = (r.weights_TK * real).sum(-1)
+    has_real = real.any(-1)
+    torch.testing.assert_close(sums[has_real], torch.ones(int(has_real.sum())))  # norm_topk_prob over real slots
+    # the same router under ZEDA's rule keeps the zero slots' share: its real weights sum to less than 1
+    gate.renormalize_real = False
+    r2 = gate(x)
+    assert torch.equal(r2.ids_TK, r.ids_TK)  # the normalisation changes weights, never the selection
+    mixed = has_real & (~real).any(-1)  # tokens with real and zero slots
+    assert mixed.any() and float((r2.weights_TK * real).sum(-1)[mixed].max()) < 1.0
+
+
+def rollouts_file(path):
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Compute {i}+1."},
+                                                     {"role": "assistant", "content": f"Answer: {i + 1}"}]}) + "\n"
+                            for i in range(4)))
+    return path
+
+
+@pytest.mark.parametrize("baseline", ["adamoe", "static_topk"])
+def test_trained_baselines_run_two_steps_and_reload(converted, tmp_path, baseline):
+    import train_sft
+    from zeda.conversion import convert_checkpoint
+
+    rollouts = rollouts_file(tmp_path / "r.jsonl")
+    if baseline == "adamoe":
+        student = tmp_path / "adamoe"
+        convert_checkpoint(converted / "static", student, num_zero=4, progress=False, normalization="adamoe")
+        extra = ["--aux-loss", "switch"]
+    else:
+        student, extra = converted / "static", ["--routing", "topk:1"]
+    out = tmp_path / "run"
+    assert train_sft.main(["--student", str(student), "--rollouts", str(rollouts), "--out", str(out),
+                           "--global-batch-size", "2", "--micro-batch-size", "2", "--max-steps", "2", "--lr", "1e-3",
+                           "--device", "cpu", *extra]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    if baseline == "static_topk":  # one of the K slots kept: the skipped ones show as the zero share
+        K = ModelConfig.from_hf_config(student).num_experts_per_tok
+        assert metrics[0]["zero_ratio"] == pytest.approx(1 - 1 / K) and metrics[0]["ga"] == 0
+    else:
+        assert metrics[0]["ga"] > 0
+    reloaded = zeda.load_model(out / "final")
+    before = zeda.load_model(student)
+    assert reloaded.config.zero_normalization == before.config.zero_normalization
+    assert any(not torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), before.state_dict().values()))
+
+
+def test_a_static_student_needs_a_rule(converted, tmp_path, capsys):
+    import train_sft
+
+    code = train_sft.main(["--student", str(converted / "static"), "--rollouts", str(rollouts_file(tmp_path / "r.jsonl")),
+                           "--out", str(tmp_path / "o"), "--global-batch-size", "2", "--micro-batch-size", "2"])
+    assert code == 2 and "not a converted checkpoint" in capsys.readouterr().err

@@ -54,6 +54,10 @@ class ModelConfig:
     # Zero experts (docs/method.md §1): Z parameter-free experts with ids N..N+Z-1.
     num_zero_experts: int = 0  # Z
     use_zce_mask: bool = False  # True: zero-expert logits -> -inf, the model is the original static MoE
+    # How the K weights are normalised when zero slots are chosen: "zeda" (zero slots keep their share, real
+    # experts are not renormalised, docs/method.md §2) or "adamoe" (the AdaMoE baseline's null experts: real-expert
+    # weights renormalised over the real slots). zeda's own extension of config.json ("zce_normalization").
+    zero_normalization: str = "zeda"
     # GLM-4.7-Flash only.
     router_scoring: str = "softmax"  # "softmax" (Qwen3) or "sigmoid" (GLM)
     routed_scaling_factor: float = 1.0
@@ -147,6 +151,7 @@ class ModelConfig:
             attention_bias=flag("attention_bias", False),
             num_zero_experts=num_zero,
             use_zce_mask=flag("use_zce_mask", False),
+            zero_normalization=_choice(hf, "zce_normalization", where, ZERO_NORMALIZATIONS),
             num_nextn_predict_layers=_integer(hf, "num_nextn_predict_layers", where, 0, minimum=0),
             eos_token_id=_token_ids(hf, where),
             pad_token_id=hf.get("pad_token_id"),
@@ -213,8 +218,21 @@ class ModelConfig:
             hf["zce_nums"] = [self.num_zero_experts]
             hf["zce_types"] = ["zero"]
             hf["use_zce_mask"] = self.use_zce_mask
+            if self.zero_normalization != "zeda":
+                hf["zce_normalization"] = self.zero_normalization
             hf["architectures"] = [DYNAMIC_ARCHITECTURES[self.model_type]]
         return hf
+
+
+ZERO_NORMALIZATIONS = ("zeda", "adamoe")
+
+
+def _choice(hf: dict, key: str, where: str, choices: tuple[str, ...]) -> str:
+    """hf[key] if present (one of `choices`), else the first choice."""
+    value = hf.get(key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{where}: '{key}' is {value!r}; expected one of {', '.join(choices)}")
+    return value
 
 
 def experts_key(hf: dict) -> str | None:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from zeda.checkpoint import (INDEX_NAME, copy_side_files, mtp_layer, read_shard, replace_folder, shard_files,
                              shard_metadata, temporary_sibling)
-from zeda.config import DYNAMIC_ARCHITECTURES, ModelConfig, experts_key
+from zeda.config import DYNAMIC_ARCHITECTURES, ZERO_NORMALIZATIONS, ModelConfig, experts_key
 from zeda.errors import CheckpointError, ConfigError, UsageError
 
 ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
@@ -60,13 +60,17 @@ def layer_generator(seed: int, layer: int, kind: str) -> torch.Generator:
 
 def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: int | None = None,
                        new_num_experts: int | None = None, seed: int = 0, overwrite: bool = False,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, normalization: str = "zeda") -> dict:
     """Convert a checkpoint folder; returns a summary dict.
 
-    Give exactly one of num_zero (Z) and new_num_experts (N + Z, the authors' flag). The input is never
+    Give exactly one of num_zero (Z) and new_num_experts (N + Z, the authors' flag). normalization "adamoe" makes
+    the new experts the AdaMoE baseline's null experts (real weights renormalised over the real slots; written
+    as config.json's "zce_normalization"); "zeda" is the method's own. The input is never
     modified. Raises ConfigError / CheckpointError / UsageError (all ZedaError) for what the user can fix, and
     OSError from the filesystem."""
     t0 = time.time()
+    if normalization not in ZERO_NORMALIZATIONS:
+        raise UsageError(f"--normalization {normalization!r}: choose one of {', '.join(ZERO_NORMALIZATIONS)}")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     cfg = ModelConfig.from_hf_config(input_dir)  # refuses unsupported architectures with a clear message
     hf = cfg.hf_config
@@ -131,6 +135,8 @@ def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: 
         new_hf[experts_key(hf)] = N  # keep N under the key the input used
         new_hf.update(zce_nums=[Z], zce_types=["zero"], use_zce_mask=False,
                       architectures=[DYNAMIC_ARCHITECTURES[cfg.model_type]])
+        if normalization != "zeda":
+            new_hf["zce_normalization"] = normalization
         (tmp / "config.json").write_text(json.dumps(new_hf, indent=2) + "\n")
         replace_folder(tmp, output_dir)
     except BaseException:

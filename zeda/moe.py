@@ -63,6 +63,7 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.use_zce_mask = cfg.use_zce_mask
+        self.renormalize_real = cfg.zero_normalization == "adamoe"  # the AdaMoE baseline (config.py)
         self.zero_bias = 0.0
         self.keep_rule: tuple[str, float] | None = None
         self.weight = nn.Parameter(torch.empty(cfg.num_router_outputs, cfg.hidden_size))  # [E, H]
@@ -96,8 +97,11 @@ class Router(nn.Module):
             keep_TK = keep_slots(raw_TK, *self.keep_rule)
             raw_TK = raw_TK * keep_TK
             ids_TK = torch.where(keep_TK, ids_TK, scored_TE.shape[1])  # id E: skipped, costs nothing
+        if self.renormalize_real:  # AdaMoE: null slots carry no weight, the real ones share all of it
+            raw_TK = raw_TK * (ids_TK < self.num_experts)
+            eps = max(eps, 1e-20)  # a token whose K slots are all null gets all-zero weights, not NaN
         weights_TK = raw_TK
-        if self.norm_topk_prob:  # zero slots stay in the sum: real experts are not renormalised (§2)
+        if self.norm_topk_prob:  # ZEDA: zero slots stay in the sum, real experts are not renormalised (§2)
             weights_TK = raw_TK / (raw_TK.sum(dim=-1, keepdim=True) + eps)
         if self.scoring == "sigmoid":
             weights_TK = weights_TK * self.routed_scaling_factor

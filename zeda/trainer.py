@@ -317,6 +317,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float_range(min=0), default=0.1, help="Group Auxiliary Loss weight")
     p.add_argument("--w", type=float_range(above=0), default=2.0,
                    help="GA zero-group weight: targets zero share wZ/(N+wZ)")
+    p.add_argument("--aux-loss", default="ga", choices=["ga", "switch"],
+                   help="ga: ZEDA's Group Auxiliary Loss; switch: a Switch-style balance loss over all N+Z experts "
+                        "(the AdaMoE baseline), weighted by --alpha")
     p.add_argument("--ga-counts", default="scores", choices=["scores", "routing"],
                    help="what the GA loss's f counts: a fresh top-K of the normalised scores, without GLM's "
                         "correction bias (the authors'), or the slots actually routed")
