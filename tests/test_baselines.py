@@ -255,6 +255,7 @@ def test_trained_baselines_run_two_steps_and_reload(converted, tmp_path, baselin
 def test_a_static_student_needs_a_rule(converted, tmp_path, capsys):
     import train_sft
 
-    code = train_sft.main(["--student", str(converted / "static"), "--rollouts", str(rollouts_file(tmp_path / "r.jsonl")),
-                           "--out", str(tmp_path / "o"), "--global-batch-size", "2", "--micro-batch-size", "2"])
+    rollouts = rollouts_file(tmp_path / "r.jsonl")
+    code = train_sft.main(["--student", str(converted / "static"), "--rollouts", str(rollouts), "--out",
+                           str(tmp_path / "o"), "--global-batch-size", "2", "--micro-batch-size", "2"])
     assert code == 2 and "not a converted checkpoint" in capsys.readouterr().err
