@@ -200,7 +200,7 @@ def make_generator(seed: int | list[int] | None, device):
 
 
 def check_prompts(prompts: list[list[int]], max_new_tokens: int | list[int], max_positions: int) -> None:
-    """ValueError for no prompts, an empty prompt, or one that leaves no room for its max_new_tokens (one for all
+    """UsageError for no prompts, an empty prompt, or one that leaves no room for its max_new_tokens (one for all
     prompts, or one each)."""
     if not prompts:
         raise UsageError("generate() needs at least one prompt")
