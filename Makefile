@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench frontier clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# The accuracy-compute frontier of both shipped teachers (about an hour each on a 2-core CPU; resumable).
+frontier: install
+	$(PY) -m pip install -q -e '.[plot]'
+	$(PY) frontier.py --arch qwen3_moe
+	$(PY) frontier.py --arch glm4_moe_lite
 
 bench: install
 	$(PY) bench/convert_memory.py

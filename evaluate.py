@@ -12,7 +12,8 @@ per line), with the model's own tokenizer and chat template, and prints a summar
 as JSON (atomically); its top-level fields:
 
     accuracy                  {family or "benchmark": correct / total, ..., "average": mean over them}
-    counts                    {group: {correct, total, finished, tokens_generated, zero_expert_ratio_generated}}
+    counts                    {group: {correct, total, finished, tokens_generated, zero_expert_ratio_generated,
+                                       correct_items: "1"/"0" per item in order, for paired comparisons}}
     zero_expert_ratio         zero slots / routed slots over every processed token (prompts + generated)
     zero_expert_ratio_generated   the same over the generated tokens only
     expert_flops              {dynamic, static};  expert_flops_reduction = 1 - dynamic / static

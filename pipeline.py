@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,28 +31,16 @@ import torch
 
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.data import check_writable, write_jsonl_atomic
+from zeda.data import check_writable
 from zeda.errors import ZedaError
-from zeda.evaluation import EVAL_SPLITS, evaluate_model, write_json_atomic
+from zeda.evaluation import EVAL_SPLITS, write_json_atomic
 from zeda.flags import float_range, int_range
-from zeda.generation import SamplingParams, add_sampling_args
-from zeda.loading import load_for_inference
+from zeda.generation import add_sampling_args
+from zeda.stages import SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
 
 ROOT = Path(__file__).resolve().parent
-TEACHERS = {"qwen3_moe": ROOT / "assets" / "qwen3_moe_teacher",
-            "glm4_moe_lite": ROOT / "assets" / "glm4_moe_lite_teacher"}
+TEACHERS = SHIPPED_TEACHERS
 STAGES = ("convert", "rollouts", "sft", "opd", "eval")
-
-
-def evaluate_folder(folder: Path, args) -> dict:
-    model, tokenizer = load_for_inference(folder)
-    print(f"\n[eval] {folder}: {args.n} {args.eval_split} items per family, greedy")
-    with torch.no_grad():
-        report = evaluate_model(model, tokenizer, list(tasks.FAMILIES), args.n,
-                                SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens),
-                                args.batch_size, args.seed, split=args.eval_split)
-    report["model"] = str(folder)
-    return report
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -67,21 +53,6 @@ def table(rows: dict[str, dict]) -> str:
         lines.append(f"{name:<24}{acc}{100 * r['zero_expert_ratio']:>7.1f}%{100 * r['expert_flops_reduction']:>15.1f}%"
                      f"{100 * r['forward_flops_reduction']:>12.1f}%{r['tokens_per_second']:>8.0f}")
     return "\n".join(lines)
-
-
-class StageFailed(Exception):
-    def __init__(self, script: str, code: int):
-        super().__init__(f"stage `{script}` exited with code {code}")
-        self.script, self.code = script, code
-
-
-def run(cmd: list[str], threads: int | None) -> None:
-    """Run a stage's script as its own process, exactly as a user would, printing the command."""
-    print(f"\n$ python {' '.join(cmd)}", flush=True)
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    code = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env).returncode
-    if code:
-        raise StageFailed(cmd[0], code)
 
 
 def main(argv=None) -> int:
@@ -174,20 +145,16 @@ def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict)
     prompts_sft, prompts_opd, rollouts = out / "prompts_sft.jsonl", out / "prompts_opd.jsonl", out / "rollouts.jsonl"
     if "convert" in stages:
         t = time.time()
-        run(["convert.py", "--input-dir", str(teacher), "--output-dir", str(student), "--num-zero-experts", str(zero),
+        run_script(["convert.py", "--input-dir", str(teacher), "--output-dir", str(student), "--num-zero-experts", str(zero),
              "--seed", str(args.seed), "--overwrite"], args.threads)
         seconds["convert"] = time.time() - t
     if "rollouts" in stages:
         t = time.time()
         # Train-split prompts, minus the held-out slice that settings are chosen on (--eval-split heldout).
-        heldout = tasks.heldout_prompts()
-        items = tasks.mixture("train", args.sft_prompts, seed=args.seed + 1, exclude=heldout)
-        write_jsonl_atomic(prompts_sft, [tasks.to_prompt_record(x) for x in items])
-        opd_items = tasks.mixture("train", args.opd_prompts, seed=args.seed + 2, exclude=heldout)
-        write_jsonl_atomic(prompts_opd, [tasks.to_prompt_record(x) for x in opd_items])
+        write_prompt_files(out, args.sft_prompts, args.opd_prompts, args.seed)
         if not args.resume:
             rollouts.unlink(missing_ok=True)  # rollout.py appends to what is there (that is its resume)
-        run(["rollout.py", "--teacher", str(teacher), "--prompts", str(prompts_sft), "--out", str(rollouts),
+        run_script(["rollout.py", "--teacher", str(teacher), "--prompts", str(prompts_sft), "--out", str(rollouts),
              "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
              "--seed", str(args.seed), "--temperature", str(args.rollout_temperature),
              "--top-p", str(args.rollout_top_p), "--top-k", str(args.rollout_top_k)], args.threads)
@@ -196,7 +163,7 @@ def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict)
         t = time.time()
         if not args.resume:
             shutil.rmtree(sft_out, ignore_errors=True)  # the pipeline's own earlier SFT run: a fresh one replaces it
-        run(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
+        run_script(["train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out", str(sft_out),
              "--epochs", str(args.sft_epochs), "--global-batch-size", str(args.sft_batch_size),
              "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)),
              "--lr", str(args.sft_lr), "--alpha", str(args.alpha), "--w", str(args.w), "--seed", str(args.seed)]
@@ -206,7 +173,7 @@ def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict)
         t = time.time()
         if not args.resume:
             shutil.rmtree(opd_out, ignore_errors=True)
-        run(["train_opd.py", "--student", str(sft_out / "final"), "--teacher", str(teacher), "--prompts",
+        run_script(["train_opd.py", "--student", str(sft_out / "final"), "--teacher", str(teacher), "--prompts",
              str(prompts_opd), "--out", str(opd_out), "--max-steps", str(args.opd_steps), "--lr", str(args.opd_lr),
              "--max-new-tokens", str(args.max_new_tokens), "--alpha", str(args.alpha), "--w", str(args.w),
              "--seed", str(args.seed)] + ["--resume"] * args.resume, args.threads)
@@ -218,7 +185,8 @@ def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict)
                       "after SFT": sft_out / "final", "after SFT + OPD": opd_out / "final"}
         for name, folder in candidates.items():
             if (folder / "config.json").exists():
-                rows[name] = evaluate_folder(folder, args)
+                rows[name] = evaluate_folder(folder, args.n, args.max_new_tokens, args.batch_size, args.seed,
+                                             args.eval_split)
         seconds["eval"] = time.time() - t
         print("\n" + table(rows))
     return rows

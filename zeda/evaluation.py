@@ -262,6 +262,8 @@ def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, 
             "finished": sum(out.finished for out in done),
             "tokens_generated": sum(out.new_tokens for out in done),
             "zero_expert_ratio_generated": _ratio(sum(o.zero_slots for o in done), sum(o.real_slots for o in done)),
+            # one character per item, in item order: paired comparisons of two models on the same items
+            "correct_items": "".join("1" if out.correct else "0" for out in done),
         }
         samples[group] = [{"where": item.where, "prompt": item.messages[-1]["content"], "output": out.output,
                            "reference": item.reference, "correct": out.correct}
