@@ -315,8 +315,26 @@ def plot(path: Path, arch: str, rows: dict[str, dict]) -> bool:
     return True
 
 
+RESUME_KEYS = ("n", "max_new_tokens", "sft_prompts", "sft_epochs", "sft_lr", "sft_batch_size", "opd_prompts",
+               "opd_steps", "opd_lr", "alpha", "w_scale")
+
+
+def committed_rows(args) -> dict[str, dict]:
+    """The points already in RESULTS/frontier-<arch>.json, when it was made with the same settings: a fresh clone
+    continues a frontier from the committed results instead of measuring those points again."""
+    path = args.results / f"frontier-{args.arch}.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        same = all(data["settings"].get(k) == getattr(args, k) for k in RESUME_KEYS)
+        return {r["name"]: r for r in data["points"]} if same else {}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {}  # not ours to trust: measure again (the file is rewritten atomically at the end)
+
+
 def report(args, teacher: Path, out: Path, points: list[Point], seconds: float) -> int:
-    rows = {}
+    rows = {name: r for name, r in committed_rows(args).items() if name in {p.name for p in points}}
     for p in points:
         f = out / "evals" / f"{p.name}.json"
         if f.exists():
@@ -418,6 +436,8 @@ def main(argv=None) -> int:
         return 2
     clock = out / "seconds.json"  # run time summed over resumed runs
     spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
+    if not spent and committed_rows(args):
+        spent = json.loads((args.results / f"frontier-{args.arch}.json").read_text()).get("seconds", 0.0)
     t0 = time.time()
     if not args.report:
         try:
@@ -435,21 +455,16 @@ def main(argv=None) -> int:
 
 
 def run_all(args, teacher: Path, out: Path, points: list[Point], tick) -> None:
-    """Rollouts once, then for each point its missing jobs and its evaluation, in plan order."""
+    """For each point not yet measured: the jobs it still needs (the rollouts before the first), then its
+    evaluation, in plan order."""
     out.mkdir(parents=True, exist_ok=True)
-    rollouts = out / "rollouts.jsonl"
-    if not (out / "rollouts.done").exists():
-        write_prompt_files(out, args.sft_prompts, args.opd_prompts, 0)
-        run_script(["rollout.py", "--teacher", str(teacher), "--prompts", str(out / "prompts_sft.jsonl"), "--out",
-                    str(rollouts), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
-                    str(args.batch_size), "--seed", "0"], args.threads)  # appends to what is there: its resume
-        (out / "rollouts.done").touch()
-        tick()
     (out / "evals").mkdir(exist_ok=True)
-    todo = [p for p in points if not (out / "evals" / f"{p.name}.json").exists()]
+    known = committed_rows(args)
+    todo = [p for p in points if p.name not in known and not (out / "evals" / f"{p.name}.json").exists()]
     for point in tqdm(todo, desc=f"frontier {args.arch}", unit="point"):
         for job in point.needs:
             if not job.done:
+                make_rollouts(args, teacher, out, tick)
                 # --resume continues a run a signal stopped; on an empty folder it starts at step 0
                 run_script(job.cmd + (["--resume"] if job.cmd[0].startswith("train_") else []), args.threads)
                 tick()
@@ -460,6 +475,17 @@ def run_all(args, teacher: Path, out: Path, points: list[Point], tick) -> None:
               f"{100 * rep['expert_flops_reduction']:.1f}% expert FLOPs saved", flush=True)
         tick()
 
+
+def make_rollouts(args, teacher: Path, out: Path, tick) -> None:
+    """The teacher's answers to the SFT prompts, once: every SFT run of the frontier trains on the same ones."""
+    if (out / "rollouts.done").exists():
+        return
+    write_prompt_files(out, args.sft_prompts, args.opd_prompts, 0)
+    run_script(["rollout.py", "--teacher", str(teacher), "--prompts", str(out / "prompts_sft.jsonl"), "--out",
+                str(out / "rollouts.jsonl"), "--max-new-tokens", str(args.max_new_tokens), "--batch-size",
+                str(args.batch_size), "--seed", "0"], args.threads)  # appends to what is there: its resume
+    (out / "rollouts.done").touch()
+    tick()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,7 @@
 that a second run continues without retraining or re-evaluating anything."""
 
 import json
+import shutil
 
 import pytest
 
@@ -89,3 +90,10 @@ def test_a_tiny_frontier_runs_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "$ python" not in printed and "[eval]" not in printed
     assert stamps == {f.name: f.stat().st_mtime_ns for f in (out / "evals").iterdir()}
+
+    # A fresh clone has the committed results but no work folder: it measures nothing again either
+    shutil.rmtree(out)
+    assert frontier.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[eval]" not in printed
+    assert {p["name"] for p in json.loads((results / "frontier-qwen3_moe.json").read_text())["points"]} == names
