@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from zeda.baselines import set_routing
+from zeda.compute_use import render_terminal, token_pieces
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flags import float_range, int_range
@@ -64,9 +65,10 @@ class TokenPrinter:
 
 
 def answer(model, tokenizer, prompt: str, sampling: SamplingParams, seed: int | None, where: str = "--prompt",
-           out=None) -> Generation:
-    """Stream one answer to `out`, then its summary line. EvaluationError naming `where` if the prompt does not
-    fit in the context."""
+           out=None, show_compute: bool = False) -> Generation:
+    """Stream one answer to `out`, then its summary line; with show_compute, the answer once more, each token
+    coloured by the real experts that produced it. EvaluationError naming `where` if the prompt does not fit in
+    the context."""
     cfg, out = model.config, out or sys.stdout
     item = Item("serve", where, [{"role": "user", "content": prompt}], "", None)
     ids = encode_items(tokenizer, [item], sampling.max_new_tokens, cfg.max_position_embeddings)[0]
@@ -74,6 +76,12 @@ def answer(model, tokenizer, prompt: str, sampling: SamplingParams, seed: int | 
     printer = TokenPrinter(tokenizer, eos, out)
     gen = generate(model, [ids], sampling, eos, pad_id(tokenizer, cfg), seed=seed, on_token=printer)
     printer.flush()
+    if show_compute:
+        shown = [i for i, t in enumerate(gen.tokens[0]) if t not in eos]  # EOS produced no text
+        tokens = [gen.tokens[0][i] for i in shown]
+        real = [gen.real_slots[0][i] for i in shown]
+        out.write("\n" + render_terminal(token_pieces(tokenizer, tokens), real,
+                                         cfg.num_experts_per_tok * cfg.num_moe_layers))
     out.write("\n" + summary_line(cfg, gen) + "\n")
     out.flush()
     return gen
@@ -111,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zero-bias", type=float_range(), default=0.0,
                    help="added to every zero-expert router logit: a converted model's compute dial, more zero "
                         "experts (cheaper) above 0, fewer below (default 0: as trained)")
+    p.add_argument("--show-compute", action="store_true",
+                   help="after each answer, show it again with every token coloured by the real experts it used "
+                        "(summed over MoE layers; 24-bit colour terminal)")
     http = p.add_argument_group("HTTP server (zeda/server.py)")
     http.add_argument("--port", type=int_range(min=0, max=65535), default=None,
                       help="serve the OpenAI-compatible API on this port instead of chatting (0: any free port)")
@@ -151,7 +162,7 @@ def main(argv=None) -> int:
 
     if args.prompt is not None:
         try:
-            answer(model, tokenizer, args.prompt, sampling, seed)
+            answer(model, tokenizer, args.prompt, sampling, seed, show_compute=args.show_compute)
         except EvaluationError as e:
             return error(str(e))
         except KeyboardInterrupt:
@@ -163,7 +174,7 @@ def main(argv=None) -> int:
     print(f"{model_dir}: {cfg.model_type}, {cfg.num_experts} experts + {cfg.num_zero_experts} zero experts, "
           f"top-{cfg.num_experts_per_tok}. One prompt per line; Ctrl-D to quit.", file=sys.stderr)
     try:
-        return chat(model, tokenizer, sampling, seed)
+        return chat(model, tokenizer, sampling, seed, args.show_compute)
     except KeyboardInterrupt:  # Ctrl-C: end the answer's line and leave quietly, as a shell does
         print(file=sys.stderr)
         return 130
@@ -206,7 +217,7 @@ def run_server(args: argparse.Namespace, model_dir: Path) -> int:
     return serve_forever(create_app(model, tokenizer, name, options), sock)
 
 
-def chat(model, tokenizer, sampling: SamplingParams, seed: int | None) -> int:
+def chat(model, tokenizer, sampling: SamplingParams, seed: int | None, show_compute: bool = False) -> int:
     """The interactive loop: one prompt a line on stdin until EOF."""
     turn = 0
     for lineno in itertools.count(1):
@@ -219,7 +230,8 @@ def chat(model, tokenizer, sampling: SamplingParams, seed: int | None) -> int:
         if not prompt.strip():
             continue
         try:
-            answer(model, tokenizer, prompt, sampling, None if seed is None else seed + turn, f"stdin line {lineno}")
+            answer(model, tokenizer, prompt, sampling, None if seed is None else seed + turn, f"stdin line {lineno}",
+                   show_compute=show_compute)
         except EvaluationError as e:  # too long: say so and wait for the next prompt
             print(f"serve.py: {e}", file=sys.stderr)
         turn += 1

@@ -141,3 +141,28 @@ def test_interactive_too_long_prompt_is_skipped(tiny, monkeypatch, capsys):
                               "x" * 200 + "\nCompute 1+2.\n")
     assert code == 0 and len(SUMMARY.findall(out)) == 1
     assert "stdin line 1: the prompt has" in err
+
+
+def test_show_compute_colours_each_answer_token_by_the_real_experts_generation_counted(tiny, tmp_path, monkeypatch,
+                                                                                      capsys):
+    import convert
+    from zeda.compute_use import colour, token_pieces
+
+    converted = tmp_path / "converted"
+    assert convert.main(["--input-dir", str(tiny), "--output-dir", str(converted), "--num-zero-experts", "4"]) == 0
+    code, out, _ = run_main(["--model", str(converted), "--prompt", "Compute 12+30.", "--max-new-tokens", "8",
+                             "--temperature", "0", "--show-compute"], monkeypatch, capsys)
+    assert code == 0
+    # the same greedy answer, generated directly: its per-token real slots must be what the colours show
+    model, tokenizer = load_for_inference(converted)
+    cfg = model.config
+    ids = encode_chat(tokenizer, [{"role": "user", "content": "Compute 12+30."}]).ids
+    eos = stop_ids(tokenizer, cfg)
+    gen = generate(model, [ids], SamplingParams(temperature=0.0, max_new_tokens=8), eos, pad_id(tokenizer, cfg))
+    kept = [(t, r) for t, r in zip(gen.tokens[0], gen.real_slots[0]) if t not in eos]
+    max_real = cfg.num_experts_per_tok * cfg.num_moe_layers
+    spans = re.findall(r"\x1b\[48;2;(\d+);(\d+);(\d+)m\x1b\[30m", out)
+    assert [tuple(map(int, s)) for s in spans] == [colour(r / max_real) for _, r in kept]
+    assert len(set(spans)) > 1 or len(kept) < 2  # a random router varies its compute from token to token
+    pieces = token_pieces(tokenizer, [t for t, _ in kept])
+    assert f"green 0 .. red {max_real}" in out and all(p.replace("\n", "\u21b5\n") in out for p in pieces)
