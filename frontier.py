@@ -238,7 +238,32 @@ def headline(rows: dict[str, dict]) -> dict | None:
             "window": f"expert FLOPs saved within {100 * HEADLINE_WINDOW:g} points of {100 * HEADLINE_SHARE:g}%"}
 
 
-def markdown(arch: str, rows: dict[str, dict], opd: list[dict], head: dict | None, n: int) -> str:
+TRAINED_BASELINES = ("static top-k' (fine-tuned)", "AdaMoE (null experts + Switch loss)")
+
+
+def margins(rows: dict[str, dict]) -> list[dict]:
+    """Per ZEDA target share: SFT+OPD (every seed) against the best trained baseline aimed at the same share, paired
+    over the same items; the mean over seeds, with the item-level standard error of that mean."""
+    found = []
+    for s in sorted({r["target"] for r in rows.values() if r["method"] == "ZEDA SFT+OPD"}):
+        rivals = [r for r in rows.values() if r["method"] in TRAINED_BASELINES and r["target"] == s]
+        if not rivals:
+            continue
+        best = max(rivals, key=lambda r: r["accuracy"]["average"])
+        seeds = [r for r in rows.values() if r["method"] == "ZEDA SFT+OPD" and r["target"] == s]
+        pairs = [paired(best, z) for z in seeds]
+        found.append({"target": s, "baseline": best["name"], "baseline_method": best["method"],
+                      "baseline_accuracy": 100 * best["accuracy"]["average"],
+                      "baseline_saved": 100 * best["expert_flops_reduction"],
+                      "zeda_accuracy": [100 * z["accuracy"]["average"] for z in seeds],
+                      "zeda_saved": [100 * z["expert_flops_reduction"] for z in seeds],
+                      "mean_gap": sum(g for g, _ in pairs) / len(pairs),
+                      "item_se": math.sqrt(sum(se ** 2 for _, se in pairs)) / len(pairs)})
+    return found
+
+
+def markdown(arch: str, rows: dict[str, dict], opd: list[dict], head: dict | None, n: int,
+             margin: list[dict] = ()) -> str:
     lines = [f"# Accuracy-compute frontier: {arch} teacher", "",
              (f"{n} test items per family ({', '.join(tasks.FAMILIES)}), greedy; accuracy in %; expert FLOPs saved "
              "against the static teacher on the same tokens. Made by `python frontier.py`."), "",
@@ -262,6 +287,15 @@ def markdown(arch: str, rows: dict[str, dict], opd: list[dict], head: dict | Non
             lines.append(f"- ZEDA SFT+OPD minus the best baseline: {head['gap_points']:+.1f} points")
         if head["gap_points_trained"] is not None:
             lines.append(f"- ZEDA SFT+OPD minus the best trained baseline: {head['gap_points_trained']:+.1f} points")
+    if margin:
+        lines += ["", ("ZEDA SFT+OPD against the best trained baseline at the same target (paired over the same items; "
+                  "mean over ZEDA's seeds):"), "",
+                  "| target | baseline | baseline acc (saved) | ZEDA acc per seed (saved) | gap, points | item SE |",
+                  "|---:|---|---:|---|---:|---:|"]
+        for m in margin:
+            per_seed = ", ".join(f"{a:.1f} ({v:.1f}%)" for a, v in zip(m["zeda_accuracy"], m["zeda_saved"]))
+            lines.append(f"| {100 * m['target']:g}% | {m['baseline']} | {m['baseline_accuracy']:.1f} "
+                         f"({m['baseline_saved']:.1f}%) | {per_seed} | {m['mean_gap']:+.2f} | {m['item_se']:.2f} |")
     if opd:
         lines += ["", "Where OPD pays (SFT+OPD minus SFT on the same items, accuracy points):", "",
                   ("| target share | seeds | per seed (SFT -> SFT+OPD, gain ± paired SE) | mean gain | noise SE | "
@@ -342,7 +376,7 @@ def report(args, teacher: Path, out: Path, points: list[Point], seconds: float) 
     if not rows:
         print(f"frontier.py: nothing measured yet in {out / 'evals'}", file=sys.stderr)
         return 1
-    opd, head = where_opd_pays(rows), headline(rows)
+    opd, head, margin = where_opd_pays(rows), headline(rows), margins(rows)
     results = args.results
     results.mkdir(parents=True, exist_ok=True)
     stem = results / f"frontier-{args.arch}"
@@ -351,9 +385,9 @@ def report(args, teacher: Path, out: Path, points: list[Point], seconds: float) 
             "settings": {k: (v if isinstance(v, (int, float, list)) else str(v)) for k, v in vars(args).items()
                          if k not in ("out", "results", "report")},
             "seconds": round(seconds, 1), "missing": [p.name for p in points if p.name not in rows],
-            "headline": head, "where_opd_pays": opd, "points": list(rows.values())}
+            "headline": head, "margins": margin, "where_opd_pays": opd, "points": list(rows.values())}
     write_json_atomic(stem.with_suffix(".json"), data)
-    md = markdown(args.arch, rows, opd, head, args.n)
+    md = markdown(args.arch, rows, opd, head, args.n, margin)
     tmp = stem.with_suffix(".md.tmp")
     tmp.write_text(md)
     tmp.replace(stem.with_suffix(".md"))

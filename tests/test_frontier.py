@@ -56,6 +56,19 @@ def test_headline_picks_the_best_baseline_inside_the_window():
     assert head["gap_points"] == pytest.approx(25.0) and head["gap_points_trained"] == pytest.approx(50.0)
 
 
+def test_margins_compare_every_zeda_seed_with_the_best_trained_baseline_at_its_share():
+    rows = {"static-ft-top1": row("static-ft-top1", "static top-k' (fine-tuned)", 0.75, "1100"),
+            "adamoe-75": row("adamoe-75", "AdaMoE (null experts + Switch loss)", 0.75, "1000"),
+            "topk1": row("topk1", "static top-k' (training-free)", 0.75, "1110"),  # not trained: not a rival here
+            "zeda-opd-75-s0": row("zeda-opd-75-s0", "ZEDA SFT+OPD", 0.75, "1110"),
+            "zeda-opd-75-s1": row("zeda-opd-75-s1", "ZEDA SFT+OPD", 0.75, "1111", seed=1),
+            "zeda-opd-50-s0": row("zeda-opd-50-s0", "ZEDA SFT+OPD", 0.5, "1111")}  # no trained baseline at 50%
+    (m,) = frontier.margins(rows)
+    assert m["target"] == 0.75 and m["baseline"] == "static-ft-top1"
+    assert m["mean_gap"] == pytest.approx((25.0 + 50.0) / 2)
+    assert m["item_se"] > 0
+
+
 def test_bad_frontier_flags_are_refused():
     for argv in (["--shares", "0.5,1.2"], ["--seed-shares", "0.3"], ["--top-p", "0"], ["--dial", "nan"]):
         with pytest.raises(SystemExit):
