@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zeda.evaluation import EvaluationError, Item, encode_items, run_batches
+from zeda.divergence import shared_prompts
+from zeda.evaluation import EvaluationError, Item, run_batches
 from zeda.generation import SamplingParams
 from zeda.model import CausalLM
 
@@ -66,11 +67,7 @@ def real_experts_per_position(model: CausalLM, ids: list[int]) -> tuple[np.ndarr
 def measure(student: CausalLM, teacher: CausalLM, tokenizer, items: list[Item], max_new_tokens: int,
             batch_size: int = 32, progress: bool = True) -> list[AnswerCompute]:
     """The student's greedy answer to every item, and per answer token its compute and the teacher's view."""
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise EvaluationError(f"the models' vocabularies differ ({teacher.config.vocab_size} against "
-                              f"{student.config.vocab_size}): they cannot be compared token by token")
-    positions = min(student.config.max_position_embeddings, teacher.config.max_position_embeddings)
-    prompts = encode_items(tokenizer, items, max_new_tokens, positions)
+    prompts = shared_prompts(teacher, student, tokenizer, items, max_new_tokens)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     outcomes = run_batches(student, tokenizer, items, prompts, greedy, batch_size, None, progress)
     out = []

@@ -68,6 +68,16 @@ def next_token_logprobs(model: CausalLM, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids], device=device))[0, -1].float().log_softmax(-1).cpu()
 
 
+def shared_prompts(reference: CausalLM, model: CausalLM, tokenizer, items: list[Item], max_new_tokens: int):
+    """Prompt ids for two models compared token by token: EvaluationError if their vocabularies differ or a prompt
+    does not fit the shorter context."""
+    if reference.config.vocab_size != model.config.vocab_size:
+        raise EvaluationError(f"the models' vocabularies differ ({reference.config.vocab_size} against "
+                              f"{model.config.vocab_size}): they cannot be compared token by token")
+    positions = min(reference.config.max_position_embeddings, model.config.max_position_embeddings)
+    return encode_items(tokenizer, items, max_new_tokens, positions)
+
+
 def compare_models(reference: CausalLM, model: CausalLM, tokenizer, items: list[Item], max_new_tokens: int,
                    batch_size: int = 32, progress: bool = True) -> dict:
     """Greedy answers of both models on items, and a Divergence for every item exactly one of them gets right.
@@ -75,11 +85,7 @@ def compare_models(reference: CausalLM, model: CausalLM, tokenizer, items: list[
     Returns {"accuracy": {"reference": {...}, "model": {...}}, "discordant", "reference_right", "model_right",
     "buckets": {name: {"reference_right", "model_right"}}, "divergences": [Divergence as dict, ...]}, the
     divergences sorted by KL, largest first. Raises EvaluationError if the vocabularies differ."""
-    if reference.config.vocab_size != model.config.vocab_size:
-        raise EvaluationError(f"the models' vocabularies differ ({reference.config.vocab_size} against "
-                              f"{model.config.vocab_size}): they cannot be compared token by token")
-    positions = min(reference.config.max_position_embeddings, model.config.max_position_embeddings)
-    prompts = encode_items(tokenizer, items, max_new_tokens, positions)
+    prompts = shared_prompts(reference, model, tokenizer, items, max_new_tokens)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     ref_out = run_batches(reference, tokenizer, items, prompts, greedy, batch_size, None, progress)
     model_out = run_batches(model, tokenizer, items, prompts, greedy, batch_size, None, progress)
@@ -128,8 +134,8 @@ def divergence_table(report: dict, rows: int = 10) -> str:
     lines = [f"{'':<12}" + "".join(f"{g:>9}" for g in ref),
              f"{'reference':<12}" + "".join(f"{v:>9.1%}" for v in ref.values()),
              f"{'model':<12}" + "".join(f"{v:>9.1%}" for v in mod.values()),
-             f"{report['discordant']} of {report['items']} items right for exactly one of them: the reference "
-             f"{report['reference_right']}, the model {report['model_right']}",
+             (f"{report['discordant']} of {report['items']} items right for exactly one of them: the reference "
+             f"{report['reference_right']}, the model {report['model_right']}"),
              f"{'reference p of its token':<28}{'reference right':>16}{'model right':>12}"]
     for (name, lo, hi) in BUCKETS:
         b = report["buckets"][name]
