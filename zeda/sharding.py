@@ -18,9 +18,17 @@ def apply_fsdp(model, d: Dist) -> None:
         return
     from torch.distributed.fsdp import fully_shard
 
+    from zeda.moe import Router
+
     dp_mesh = d.mesh["dp"]
     experts = {p for p in model.parameters() if getattr(p, "expert_shard", False)} or None
     for block in model.model.layers:
+        # FSDP2 keeps one dtype per unit; a router kept in fp32 (router_fp32, the training recipe) in a bf16
+        # block becomes its own unit, or fully_shard refuses the block ("uniform original parameter dtype").
+        if len({p.dtype for p in block.parameters() if not experts or p not in experts}) > 1:
+            for module in block.modules():
+                if isinstance(module, Router):
+                    fully_shard(module, mesh=dp_mesh)
         fully_shard(block, mesh=dp_mesh, ignored_params=experts)
     fully_shard(model, mesh=dp_mesh, ignored_params=experts)
 
@@ -37,7 +45,9 @@ def apply_activation_checkpointing(model) -> None:
 def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as one whole tensor on CPU, under the single-process names (collective: all
     ranks call it). DTensors (tp, fsdp) are gathered with full_tensor(); expert shards with an all-gather over
-    their ep group."""
+    their ep group. Only rank 0, which writes the checkpoint, keeps them (the others get {}): every rank keeping
+    a whole copy put the whole model in each rank's host RAM at every save (8 copies of Qwen3-30B-A3B's 61 GB
+    on an 8-GPU node)."""
     out = {}
     for name, t in model.state_dict().items():
         name = name.replace("_checkpoint_wrapped_module.", "")
@@ -47,7 +57,9 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
             parts = [torch.empty_like(t) for _ in range(d.dims.ep)]
             dist.all_gather(parts, t.contiguous(), group=d.ep_group)
             t = torch.cat(parts)
-        out[name] = t.detach().cpu()
+        if d.is_main:
+            out[name] = t.detach().cpu()
+        del t  # a gathered whole tensor, on a rank that does not write: freed before the next one
     return out
 
 

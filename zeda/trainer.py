@@ -85,28 +85,46 @@ def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def rank_optimizer_file(rank: int) -> str:
+    """The file of one rank's optimizer shard in a checkpoint saved on a sharding mesh (tp, ep, fsdp)."""
+    return f"optimizer-rank{rank}.safetensors"
+
+
 def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dict, d: Dist | None = None) -> Path:
     """HF-layout checkpoint + optimizer (safetensors) + trainer state (JSON), all in one atomic rename.
 
-    With a Dist of several ranks every rank must call this: the weights are gathered whole (one folder that a
-    single process loads), and when the mesh shards parameters (tp, ep, fsdp) each rank's optimizer shard is
-    kept under 'rank<r>/', for a resume on the same mesh. Rank 0 writes."""
+    With a Dist of several ranks every rank must call this: the weights are gathered whole onto rank 0 (one
+    folder that a single process loads). When the mesh shards parameters (tp, ep, fsdp) each rank writes its own
+    optimizer shard, `optimizer-rank<r>.safetensors`, for a resume on the same mesh: next to the checkpoint
+    first, then rank 0 moves the shards into the folder before its atomic rename. (Gathering every rank's state
+    onto rank 0, as we once did, pickled it twice there: ~3x the whole model's AdamW state in rank 0's RAM, which
+    the real-shape rehearsal, bench/real_shape.py, could not fit.) Rank 0 writes the rest."""
     distributed = d is not None and d.world > 1
     whole = full_state_dict(model, d) if distributed else None
     optim = _optimizer_tensors(model, opt)
-    if distributed and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp):
-        import torch.distributed as dist
+    per_rank = distributed and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
+    staged = [path.parent / f".{path.name}.{rank_optimizer_file(r)}" for r in range(d.world)] if per_rank else []
+    try:
+        if per_rank:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(optim, str(staged[d.rank]))
+            optim = None  # this rank's shard is on disk; rank 0 moves it into the folder
+            d.barrier()
 
-        parts = [None] * d.world if d.is_main else None
-        dist.gather_object(optim, parts, dst=0)
-        optim = {f"rank{r}/{k}": v for r, part in enumerate(parts or []) for k, v in part.items()}
+        def write_state(folder: Path):
+            if per_rank:
+                for r, shard in enumerate(staged):
+                    shard.replace(folder / rank_optimizer_file(r))
+            else:
+                save_file(optim, str(folder / OPTIM_FILE))
+            (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    def write_state(folder: Path):
-        save_file(optim, str(folder / OPTIM_FILE))
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-
-    if not distributed or d.is_main:
-        save_checkpoint(model, path, copy_from=copy_from, extra=write_state, state=whole)
+        if not distributed or d.is_main:
+            save_checkpoint(model, path, copy_from=copy_from, extra=write_state, state=whole)
+    finally:
+        if per_rank and d.is_main:  # after rank 0's save: moved into the folder, or left over by a failure
+            for shard in staged:
+                shard.unlink(missing_ok=True)
     if distributed:
         d.barrier()
     return path
@@ -126,10 +144,14 @@ def read_trainer_state(folder: Path) -> dict:
 
 def load_optimizer_state(opt, model, folder: Path, d: Dist | None = None) -> None:
     """The inverse of save_training_checkpoint, onto a model already parallelized the same way."""
+    file = folder / OPTIM_FILE
+    if d is not None and (folder / rank_optimizer_file(d.rank)).exists():  # a sharding mesh: this rank's own shard
+        file = folder / rank_optimizer_file(d.rank)
     try:
-        tensors = load_file(str(folder / OPTIM_FILE))
+        tensors = load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for a corrupt file
-        raise CheckpointError(f"{folder / OPTIM_FILE}: cannot read the optimizer state ({e})") from None
+        raise CheckpointError(f"{file}: cannot read the optimizer state ({e})") from None
+    # Checkpoints of older zeda versions hold every rank's shard in one file, under 'rank<r>/'.
     prefix = f"rank{d.rank}/" if d is not None and any(k.startswith("rank") for k in tensors) else ""
     params = {_clean_name(n): p for n, p in model.named_parameters()}
     for key, value in tensors.items():
@@ -137,7 +159,7 @@ def load_optimizer_state(opt, model, folder: Path, d: Dist | None = None) -> Non
             continue
         name, _, field = key[len(prefix):].partition("::")
         if name not in params:
-            raise CheckpointError(f"{folder / OPTIM_FILE}: state for '{name}', which the model does not have")
+            raise CheckpointError(f"{file}: state for '{name}', which the model does not have")
         p = params[name]
         if hasattr(p, "device_mesh") and value.dim() > 0:  # a DTensor parameter: its state is a DTensor too
             from torch.distributed.tensor import DTensor
