@@ -20,7 +20,10 @@ How it works (gpt-fast / nanochat style):
 - The only host sync per decode step is the `all done?` check (marked `# host sync`), plus the token transfer
   when an `on_token` streaming callback is given. Routing statistics (per-token real/zero slots, per-expert
   counts, attended keys) are accumulated on the device and moved to the host once, after the loop; they are
-  statistics only and never feed back into generation.
+  statistics only and never feed back into generation. The eager routed path syncs inside the dispatch
+  (nonzero(): the number of real slots sets its shapes); generate(compile=True) runs each decode step through
+  torch.compile(decode_step) instead, static shapes and no sync (see "The compiled decode step" below), and
+  stop_check_every=k makes the `all done?` check every k steps.
 
 `Decoder` is the same decode loop kept open for a server: rows join between steps (continuous batching) and leave
 as they finish, each with its own params and seed. `generate_naive` recomputes the whole sequence without a
@@ -39,11 +42,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from zeda.errors import UsageError
 from zeda.flags import float_range, int_range
 from zeda.flops import LayerStats, attended_keys, expert_counts, layer_stats, routing_stats
-from zeda.model import CausalLM, KVCache
+from zeda.model import CausalLM, KVCache, rope_cos_sin
 
 # How a teacher samples its answers for SFT: the paper's sampling settings (docs/method.md §6), which are also Qwen3's
 # recommended thinking-mode ones. At temperature 1 a small teacher's answers are markedly less accurate than its
@@ -63,7 +67,7 @@ def add_sampling_args(parser, prefix: str = "") -> None:
                         help=f"top-k sampling (0 = off; default {k})")
 
 
-def sampling_from_args(args, max_new_tokens: int, prefix: str = "") -> "SamplingParams":
+def sampling_from_args(args, max_new_tokens: int, prefix: str = "") -> SamplingParams:
     """The SamplingParams of the flags add_sampling_args(parser, prefix) added."""
     attr = prefix.replace("-", "_")
     return SamplingParams(temperature=getattr(args, f"{attr}temperature"), top_p=getattr(args, f"{attr}top_p"),
@@ -104,6 +108,7 @@ class Generation:
     prompt_tokens: int
     new_tokens: int
     seconds: float
+    prefill_seconds: float = 0.0  # of `seconds`, the prompt forward (the rest is decoding)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +243,151 @@ def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The compiled decode step (gpt-fast style): one token per row over a static KV cache, static shapes throughout,
+# so torch.compile traces it once per (batch, cache width) and nothing in it waits for the host.
+#
+# What differs from the eager decode step (CausalLM.forward over KVCache), and why:
+# - The cache is written at a position held in a device tensor (index_copy_) and attention always spans the
+#   cache's full width W, with columns not yet written masked out: the eager step slices the cache to the
+#   filled length, a shape that changes every step and would recompile every step.
+# - RoPE positions come in as a tensor (each row's count of real tokens so far) instead of a cumsum of the mask.
+# - The routed experts run over all T*K slots sorted by expert, with the slots that must not be computed (zero
+#   experts, finished rows) sorted past the last expert's group: the grouped GEMM computes only rows inside
+#   the groups, so zero slots still cost no expert FLOPs, but every buffer is [T*K, ...] whatever the zero share,
+#   instead of [M real slots, ...] found by nonzero() (a host sync and a data-dependent shape).
+# The result is the eager step's up to floating-point reduction order (Inductor fuses and reorders sums), so the
+# sampled tokens are the same unless two logits tie to within rounding; tests/test_decode.py checks the tokens.
+
+
+@torch.library.custom_op("zeda::grouped_swiglu", mutates_args=())
+def grouped_swiglu(x_SH: torch.Tensor, ends_N: torch.Tensor, gate_NIH: torch.Tensor, up_NIH: torch.Tensor,
+                   down_NHI: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of expert e over rows [ends_N[e-1], ends_N[e]) of x_SH; rows past ends_N[-1] are not computed.
+
+    An opaque op to torch.compile (its meta function wants bf16, and Inductor has no CPU lowering), so the
+    compiled graph calls it as it is. Rows past ends_N[-1] of the result are left uninitialised: the caller
+    masks them with torch.where (not a multiply: uninitialised memory may hold NaN). On CPU torch._grouped_mm
+    runs one GEMM per non-empty group, reading the group offsets itself (no sync on CPU); on CUDA it needs bf16
+    and 16-byte aligned group starts, which this path does not pad to: it has not been run on a GPU."""
+    if (x_SH.shape[1] * x_SH.element_size()) % 16 or (gate_NIH.shape[1] * x_SH.element_size()) % 16:
+        # torch._grouped_mm wants 16-byte aligned rows: one SwiGLU per expert instead (reads the offsets).
+        out_SH, start = x_SH.new_zeros(x_SH.shape[0], down_NHI.shape[1]), 0
+        for e, end in enumerate(ends_N.tolist()):
+            if end > start:
+                rows = x_SH[start:end]
+                out_SH[start:end] = F.linear(F.silu(F.linear(rows, gate_NIH[e])) * F.linear(rows, up_NIH[e]),
+                                             down_NHI[e])
+            start = end
+        return out_SH
+    offs = ends_N.to(torch.int32)
+    gate = torch._grouped_mm(x_SH, gate_NIH.transpose(-2, -1), offs=offs)  # [S, I]
+    up = torch._grouped_mm(x_SH, up_NIH.transpose(-2, -1), offs=offs)
+    h = (F.silu(gate) * up).contiguous()
+    return torch._grouped_mm(h, down_NHI.transpose(-2, -1), offs=offs)  # [S, H]
+
+
+@grouped_swiglu.register_fake
+def _(x_SH, ends_N, gate_NIH, up_NIH, down_NHI):
+    return x_SH.new_empty(x_SH.shape[0], down_NHI.shape[1])
+
+
+def sorted_routed_experts(x_TH, weights_TK, ids_TK, keep_TK, experts) -> torch.Tensor:
+    """y_TH = sum over kept slots of w * SwiGLU_e(x) with static shapes (LocalDispatcher + combine without
+    nonzero): all T*K slots are sorted by expert, dropped ones (keep False) last, past every group."""
+    T, K = ids_TK.shape
+    N = experts.gate_proj.shape[0]
+    key_S = torch.where(keep_TK, ids_TK, N).flatten()  # [T*K] dropped slots sort as expert N, after all groups
+    order_S = key_S.argsort(stable=True)  # stable: the eager dispatcher's row order within an expert
+    counts_N = torch.zeros(N + 1, dtype=torch.long, device=x_TH.device).scatter_add_(
+        0, key_S, torch.ones_like(key_S))[:N]  # rows per expert (bincount's output size is data-dependent)
+    y_SH = grouped_swiglu(x_TH[order_S // K], counts_N.cumsum(0), experts.gate_proj, experts.up_proj,
+                          experts.down_proj)  # [T*K, H], rows of dropped slots uninitialised
+    y_SH = torch.empty_like(y_SH).index_copy_(0, order_S, y_SH)  # back to slot order t * K + k
+    y_SH = torch.where(keep_TK.reshape(-1, 1), y_SH, 0.0)  # dropped slots: exactly zero
+    y_TKH = y_SH.view(T, K, -1) * weights_TK.unsqueeze(-1)  # fp32 weights, as LocalDispatcher.combine
+    return y_TKH.sum(dim=1).to(x_TH.dtype)
+
+
+class StaticCache:
+    """A KVCache's buffers [B, heads, W, D] written at `position_1` (a device tensor), read whole: what the
+    attention modules see during the compiled decode (they only call update())."""
+
+    def __init__(self, cache: KVCache, position_1: torch.Tensor):
+        self.k, self.v, self.position_1 = cache.k, cache.v, position_1
+
+    def update(self, layer: int, k_BhTD, v_BhTD):
+        self.k[layer].index_copy_(2, self.position_1, k_BhTD)
+        self.v[layer].index_copy_(2, self.position_1, v_BhTD)
+        return self.k[layer], self.v[layer]
+
+
+def decode_step(model: CausalLM, ids_B: torch.Tensor, positions_B: torch.Tensor, mask_BW: torch.Tensor,
+                live_B: torch.Tensor, cache: StaticCache):
+    """One decode token per row over the static cache: (logits [B, V], real slots [B] summed over MoE layers,
+    slots per router output [L, E + 1] over live rows), the same quantities the eager loop collects.
+
+    mask_BW: the keys each row may attend to, the column being written included (a finished row attends to its
+    own padding key only, so its softmax is never empty). live_B: rows whose token is real; the others are
+    routed for shapes but compute no expert row, as padding is in the eager step. Block.forward and MoE.forward
+    written out for static shapes (see the section comment above)."""
+    cfg = model.config
+    x_B1H = model.model.embed_tokens(ids_B[:, None])
+    cos, sin = rope_cos_sin(positions_B[:, None], cfg.head_dim, cfg.rope_theta, x_B1H.dtype)
+    mask_B1W = mask_BW[:, None, :]
+    ids_per_layer = []
+    for block in model.model.layers:
+        x_B1H = x_B1H + block.self_attn(block.input_layernorm(x_B1H), cos, sin, mask_B1W, cache)
+        h_BH = block.post_attention_layernorm(x_B1H)[:, 0]
+        if block.is_moe:
+            moe = block.mlp
+            r = moe.gate(h_BH)
+            keep_BK = (r.ids_TK < moe.num_experts) & live_B[:, None]
+            y_BH = sorted_routed_experts(h_BH, r.weights_TK, r.ids_TK, keep_BK, moe.experts)
+            if moe.shared_experts is not None:
+                y_BH = y_BH + moe.shared_experts(h_BH)
+            ids_per_layer.append(r.ids_TK)
+        else:
+            y_BH = block.mlp(h_BH)
+        x_B1H = x_B1H + y_BH[:, None]
+    logits_BV = model.lm_head(model.model.norm(x_B1H)[:, 0])
+    B = ids_B.shape[0]
+    if not ids_per_layer:
+        return logits_BV, torch.zeros(B, dtype=torch.long, device=ids_B.device), None
+    ids_LBK = torch.stack(ids_per_layer)
+    real_B = (ids_LBK < cfg.num_experts).sum(dim=(0, 2))
+    E = cfg.num_router_outputs
+    live_LX = live_B.long().repeat_interleave(ids_LBK.shape[2]).expand(len(ids_per_layer), -1)  # [L, B*K]
+    counts_LE = torch.zeros(len(ids_per_layer), E + 1, dtype=torch.long, device=ids_B.device).scatter_add_(
+        1, ids_LBK.reshape(len(ids_per_layer), -1), live_LX)  # expert_counts over this step's live rows
+    return logits_BV, real_B, counts_LE
+
+
+CACHE_WIDTH_MULTIPLE = 64  # the compiled path rounds its cache width up to this: fewer distinct graphs
+
+
+def check_compilable(model: CausalLM) -> None:
+    """UsageError for what decode_step does not cover: tensor or expert parallelism (collectives and a swapped
+    dispatcher inside the step)."""
+    if getattr(model, "tensor_parallel", 1) > 1:
+        raise UsageError("generate(compile=True) does not support tensor parallelism")
+    if any(block.is_moe and block.mlp.experts.dispatcher is not None for block in model.model.layers):
+        raise UsageError("generate(compile=True) does not support expert parallelism")
+
+
+_compiled_decode_step = None  # torch.compile(decode_step), made on first use (compiling is lazy anyway)
+
+
+def compiled_decode_step():
+    """torch.compile(decode_step): static shapes (dynamic=False, one graph per batch size and cache width);
+    on CUDA mode="reduce-overhead" adds CUDA graphs (gpt-fast), which has not been run here (no GPU)."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _compiled_decode_step = torch.compile(decode_step, dynamic=False, mode=mode)
+    return _compiled_decode_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The engine.
 
 
@@ -245,7 +395,8 @@ def _last_logits(model: CausalLM, ids_BT, mask_BS, cache, routing) -> torch.Tens
 def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
              eos_ids: list[int] | set[int], pad_id: int = 0, seed: int | list[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             all_done: Callable[[bool], bool] | None = None) -> Generation:
+             all_done: Callable[[bool], bool] | None = None, compile: bool = False,
+             stop_check_every: int = 1) -> Generation:
     """Generate for a batch of prompts with a static KV cache (see the module docstring).
 
     params: one SamplingParams for every prompt, or a list with one per prompt (each row its own temperature,
@@ -256,41 +407,57 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
     unfinished row as soon as it is sampled (streaming; one transfer a step). all_done(mine): whether every
     process is done, given whether this one is. Expert parallelism needs it: every rank of an all-to-all group
     must run the same number of forwards, so a finished rank keeps feeding padding.
+    compile: run each decode step through torch.compile(decode_step) (static shapes, no host sync; the prefill
+    stays eager). The first call for a batch size and cache width compiles (tens of seconds on a CPU).
+    stop_check_every: look at `all done?` (a host sync) only every that many steps. Results do not change: a
+    finished row is masked and counts nothing, so the extra steps are wasted work only. Worth it where a sync
+    stalls a queue of device work (a GPU); on a CPU the check is free and 1 is fastest.
     """
     cfg = model.config
     B = len(prompts)
     rows = params if isinstance(params, list) else [params] * B
     if len(rows) != B:
         raise UsageError(f"generate() got {len(rows)} SamplingParams for {B} prompts")
+    if stop_check_every < 1:
+        raise UsageError(f"stop_check_every must be >= 1, got {stop_check_every}")
+    if compile:
+        check_compilable(model)
     limits = [p.max_new_tokens for p in rows]
     check_prompts(prompts, limits, cfg.max_position_embeddings)
     t0 = time.perf_counter()
     device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
     N, E, K = cfg.num_experts, cfg.num_router_outputs, cfg.num_experts_per_tok
     M, P = max(limits), max(len(p) for p in prompts)
+    # The compiled step is traced for one cache width: round it up so that batches of similar prompt lengths
+    # share a graph (the extra columns stay masked).
+    W = -(-(P + M) // CACHE_WIDTH_MULTIPLE) * CACHE_WIDTH_MULTIPLE if compile else P + M
     generator = make_generator(seed, device)
     eos_X = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     limit_B = torch.tensor(limits, dtype=torch.long, device=device)
 
     ids_BP, prompt_mask_BP = left_pad(prompts, pad_id, device)
-    mask_BS = torch.zeros(B, P + M, dtype=torch.bool, device=device)  # grows one column per fed token
+    mask_BS = torch.zeros(B, W, dtype=torch.bool, device=device)  # grows one column per fed token
     mask_BS[:, :P] = prompt_mask_BP
-    cache = KVCache(cfg, B, P + M, dtype, device, getattr(model, "tensor_parallel", 1))
+    cache = KVCache(cfg, B, W, dtype, device, getattr(model, "tensor_parallel", 1))
     tokens_BM = torch.full((B, M), pad_id, dtype=torch.long, device=device)
     logprobs_BM = torch.zeros(B, M, dtype=torch.float32, device=device)
     real_BM = torch.zeros(B, M, dtype=torch.long, device=device)
-    zero_BM = torch.zeros(B, M, dtype=torch.long, device=device)
     emitted_BM = torch.zeros(B, M, dtype=torch.bool, device=device)  # a real generated token at (row, step)
     stopped_B = torch.zeros(B, dtype=torch.bool, device=device)  # produced EOS
     done_B = torch.zeros(B, dtype=torch.bool, device=device)  # stopped, or at its own max_new_tokens
 
     routing = []
-    logits_BV = _last_logits(model, ids_BP, mask_BS[:, :P], cache, routing)  # prefill
+    logits_BV = _last_logits(model, ids_BP, mask_BS[:, :P], cache, routing)  # prefill (eager in both modes)
+    prefill_seconds = time.perf_counter() - t0
     counts_LE = expert_counts(routing, prompt_mask_BP, E)
+    # Statistics only: the real slots of the forward that produced the next token (device ops, no sync).
+    real_B = last_token_slots(routing, B, N)[0].to(device)
+    if compile:
+        step, position_1 = compiled_decode_step(), torch.zeros(1, dtype=torch.long, device=device)
+        static_cache = StaticCache(cache, position_1)
+        positions_B = prompt_mask_BP.sum(dim=1)  # RoPE position of each row's next token: its real tokens so far
     for t in range(M):
-        # Statistics only: the routing of the forward that produced this token (device ops, no sync).
-        real_B, zero_B = last_token_slots(routing, B, N)
-        real_BM[:, t], zero_BM[:, t] = real_B, zero_B
+        real_BM[:, t] = real_B
         next_B, logp_B = sample(logits_BV, params, generator)
         live_B = ~done_B
         tokens_BM[:, t] = torch.where(live_B, next_B, pad_id)
@@ -302,31 +469,45 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
             for row, tok in enumerate(torch.where(live_B, next_B, -1).tolist()):  # host sync (streaming only)
                 if tok >= 0:
                     on_token(row, tok)
-        finished = bool(done_B.all())  # host sync: the one per step
-        if t == M - 1 or (all_done(finished) if all_done is not None else finished):
+        if t == M - 1:
             break
-        mask_BS[:, P + t] = ~done_B  # a finished row feeds pad with its mask bit off
-        routing = []
-        logits_BV = _last_logits(model, torch.where(done_B, pad_id, next_B)[:, None], mask_BS[:, :P + t + 1], cache,
-                                 routing)
-        counts_LE = counts_LE + expert_counts(routing, mask_BS[:, P + t], E)
+        if (t + 1) % stop_check_every == 0:
+            finished = bool(done_B.all())  # host sync: the one per step (per stop_check_every steps)
+            if all_done(finished) if all_done is not None else finished:
+                break
+        fed_B = torch.where(done_B, pad_id, next_B)  # a finished row feeds pad with its mask bit off
+        if compile:
+            position_1.fill_(P + t)
+            mask_BS[:, P + t] = True  # this step's key: a finished row attends to its own padding key only
+            logits_BV, real_B, step_counts_LE = step(model, fed_B, positions_B, mask_BS, ~done_B, static_cache)
+            positions_B = positions_B + ~done_B
+        else:
+            routing = []
+            mask_BS[:, P + t] = ~done_B
+            logits_BV = _last_logits(model, fed_B[:, None], mask_BS[:, :P + t + 1], cache, routing)
+            real_B = last_token_slots(routing, B, N)[0]
+            step_counts_LE = expert_counts(routing, mask_BS[:, P + t], E)
+        mask_BS[:, P + t] = ~done_B  # what the statistics count: real tokens only
+        counts_LE = counts_LE + step_counts_LE
 
     # Everything to the host once.
     lengths = emitted_BM.sum(dim=1).tolist()  # host sync
     tokens, logprobs = tokens_BM.tolist(), logprobs_BM.tolist()
-    real, zero = real_BM.tolist(), zero_BM.tolist()
+    real = real_BM.tolist()
+    slots = cfg.num_moe_layers * K  # every routed slot of a token is real or zero (or skipped, and counted zero)
     num_tokens = int(mask_BS.sum())  # prompts + fed tokens (the last token of a row is never fed)
     return Generation(
         tokens=[row[:n] for row, n in zip(tokens, lengths)],
         logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
         finished=stopped_B.tolist(),
         real_slots=[row[:n] for row, n in zip(real, lengths)],
-        zero_slots=[row[:n] for row, n in zip(zero, lengths)],
+        zero_slots=[[slots - r for r in row[:n]] for row, n in zip(real, lengths)],
         stats=layer_stats(counts_LE, num_tokens, N, K),
         attended_keys=attended_keys(mask_BS),
         prompt_tokens=sum(len(p) for p in prompts),
         new_tokens=sum(lengths),
         seconds=time.perf_counter() - t0,
+        prefill_seconds=prefill_seconds,
     )
 
 
