@@ -87,7 +87,10 @@ def test_ctrl_c_in_the_chat_exits_130_without_a_traceback(tiny):
             banner += proc.stderr.readline()
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        # wait() before reading: communicate() would close stdin, and on a loaded machine the chat could read
+        # that EOF (a clean exit 0) before the signal arrives
+        proc.wait(timeout=60)
+        out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
