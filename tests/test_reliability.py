@@ -76,9 +76,12 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
 
 
 def test_ctrl_c_in_the_chat_exits_130_without_a_traceback(tiny):
+    # SIGINT back to its default in the child: a test run started in the background inherits it ignored, and
+    # Python then installs no KeyboardInterrupt handler (Ctrl-C would do nothing, as it should under nohup)
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(tiny), "--max-new-tokens", "4"], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         banner = ""
