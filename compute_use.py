@@ -16,13 +16,12 @@ unknown family, a static --student, different vocabularies) exits with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from zeda.baselines import set_routing
 from zeda.compute_use import correlations, measure, pick_example, plot, render_html, render_terminal, token_pieces
-from zeda.data import check_writable
+from zeda.data import check_writable, write_text_atomic
 from zeda.errors import EvaluationError, UsageError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_atomic
 from zeda.flags import float_range, int_range
@@ -71,16 +70,6 @@ def summary(report: dict) -> str:
     return "\n".join(rows)
 
 
-def write_atomic(path: str, write) -> bool:
-    """write(tmp) then rename: an interrupted run leaves no half-written file where the output goes. False when
-    write(tmp) returned False (it wrote nothing)."""
-    tmp = f"{path}.tmp{Path(path).suffix}"  # the same suffix: matplotlib picks the format from it
-    if write(tmp) is False:
-        return False
-    os.replace(tmp, path)
-    return True
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -119,12 +108,11 @@ def main(argv=None) -> int:
         write_json_atomic(args.out, report)
         print(f"wrote {args.out}")
     if args.html:
-        write_atomic(args.html, lambda tmp: Path(tmp).write_text(
-            render_html(pieces, real_T, report["static_real_per_token"], example.where)))
+        write_text_atomic(args.html, render_html(pieces, real_T, report["static_real_per_token"], example.where))
         print(f"wrote {args.html}")
     if args.png:
         title = f"{Path(args.student).name} ({student.config.model_type})"
-        if write_atomic(args.png, lambda tmp: plot(tmp, example, pieces, report, title)):
+        if plot(args.png, example, pieces, report, title):
             print(f"wrote {args.png}")
         else:
             print("compute_use.py: no plot: matplotlib is missing (pip install -e '.[plot]')", file=sys.stderr)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.data import check_writable
+from zeda.data import check_writable, save_figure_atomic, write_text_atomic
 from zeda.errors import UsageError, ZedaError
 from zeda.evaluation import write_json_atomic
 from zeda.flags import float_range, int_range
@@ -342,10 +342,8 @@ def plot(path: Path, arch: str, rows: dict[str, dict]) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
     return True
 
 
@@ -353,22 +351,24 @@ RESUME_KEYS = ("n", "max_new_tokens", "sft_prompts", "sft_epochs", "sft_lr", "sf
                "opd_steps", "opd_lr", "alpha", "w_scale")
 
 
-def committed_rows(args) -> dict[str, dict]:
-    """The points already in RESULTS/frontier-<arch>.json, when it was made with the same settings: a fresh clone
-    continues a frontier from the committed results instead of measuring those points again."""
+def committed(args) -> tuple[dict[str, dict], float]:
+    """The points already in RESULTS/frontier-<arch>.json, and the seconds they took, when it was made with the
+    same settings: a fresh clone continues a frontier from the committed results instead of measuring those
+    points again. ({}, 0.0) when there is none to trust."""
     path = args.results / f"frontier-{args.arch}.json"
     if not path.exists():
-        return {}
+        return {}, 0.0
     try:
         data = json.loads(path.read_text())
-        same = all(data["settings"].get(k) == getattr(args, k) for k in RESUME_KEYS)
-        return {r["name"]: r for r in data["points"]} if same else {}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return {}  # not ours to trust: measure again (the file is rewritten atomically at the end)
+        if not all(data["settings"].get(k) == getattr(args, k) for k in RESUME_KEYS):
+            return {}, 0.0
+        return {r["name"]: r for r in data["points"]}, float(data.get("seconds", 0.0))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}, 0.0  # not ours to trust: measure again (the file is rewritten atomically at the end)
 
 
-def report(args, teacher: Path, out: Path, points: list[Point], seconds: float) -> int:
-    rows = {name: r for name, r in committed_rows(args).items() if name in {p.name for p in points}}
+def report(args, teacher: Path, out: Path, points: list[Point], seconds: float, known: dict[str, dict]) -> int:
+    rows = {name: r for name, r in known.items() if name in {p.name for p in points}}
     for p in points:
         f = out / "evals" / f"{p.name}.json"
         if f.exists():
@@ -388,9 +388,7 @@ def report(args, teacher: Path, out: Path, points: list[Point], seconds: float) 
             "headline": head, "margins": margin, "where_opd_pays": opd, "points": list(rows.values())}
     write_json_atomic(stem.with_suffix(".json"), data)
     md = markdown(args.arch, rows, opd, head, args.n, margin)
-    tmp = stem.with_suffix(".md.tmp")
-    tmp.write_text(md)
-    tmp.replace(stem.with_suffix(".md"))
+    write_text_atomic(stem.with_suffix(".md"), md)
     drew = plot(stem.with_suffix(".png"), args.arch, rows)
     print("\n" + md)
     print(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if drew else " (no plot: pip install matplotlib)"))
@@ -469,13 +467,12 @@ def main(argv=None) -> int:
         print(f"frontier.py: error: {e}", file=sys.stderr)
         return 2
     clock = out / "seconds.json"  # run time summed over resumed runs
-    spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
-    if not spent and committed_rows(args):
-        spent = json.loads((args.results / f"frontier-{args.arch}.json").read_text()).get("seconds", 0.0)
+    known, known_seconds = committed(args)
+    spent = json.loads(clock.read_text())["seconds"] if clock.exists() else known_seconds
     t0 = time.time()
     if not args.report:
         try:
-            run_all(args, teacher, out, points, lambda: write_json_atomic(
+            run_all(args, teacher, out, points, known, lambda: write_json_atomic(
                 clock, {"seconds": spent + time.time() - t0}))
         except StageFailed as e:
             stopped = e.code in (130, 143)
@@ -485,15 +482,14 @@ def main(argv=None) -> int:
         except (ZedaError, OSError) as e:
             print(f"frontier.py: error: {e}", file=sys.stderr)
             return 2
-    return report(args, teacher, out, points, spent + (0 if args.report else time.time() - t0))
+    return report(args, teacher, out, points, spent + (0 if args.report else time.time() - t0), known)
 
 
-def run_all(args, teacher: Path, out: Path, points: list[Point], tick) -> None:
+def run_all(args, teacher: Path, out: Path, points: list[Point], known: dict[str, dict], tick) -> None:
     """For each point not yet measured: the jobs it still needs (the rollouts before the first), then its
     evaluation, in plan order."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "evals").mkdir(exist_ok=True)
-    known = committed_rows(args)
     todo = [p for p in points if p.name not in known and not (out / "evals" / f"{p.name}.json").exists()]
     for point in tqdm(todo, desc=f"frontier {args.arch}", unit="point"):
         for job in point.needs:

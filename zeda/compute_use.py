@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from zeda.data import save_figure_atomic
 from zeda.divergence import shared_prompts
 from zeda.evaluation import EvaluationError, Item, run_batches
 from zeda.generation import SamplingParams
@@ -261,7 +262,7 @@ def plot(path, example: AnswerCompute, pieces: Sequence[str], report: dict, titl
     low.legend(fontsize=8)
     low.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
     return True
 

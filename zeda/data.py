@@ -197,6 +197,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure saved like write_text_atomic: to a temporary name beside `path` (with the same suffix,
+    from which matplotlib takes the format), then renamed over it."""
+    path = os.fspath(path)
+    tmp_path = f"{path}.tmp{os.path.splitext(path)[1]}"
+    try:
+        fig.savefig(tmp_path, dpi=dpi)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Write all records as JSONL atomically (write_text_atomic)."""
     write_text_atomic(path, "".join(_line(r) for r in records))
