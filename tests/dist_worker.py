@@ -34,7 +34,7 @@ def gradient_difference(reference, sharded, d) -> float:
     """Largest |single-process grad - sharded grad| over all parameters, after the training scripts' own reduction
     (Dist.average_gradients: means over dp, tp's partial head gradients summed). Times dp, every gradient is then
     the whole batch's sum: DTensors (tp, fsdp) are gathered, expert shards compared with their slice."""
-    d.average_gradients(sharded)
+    d.average_gradients(sharded.named_parameters())
     ref = {n: p.grad for n, p in reference.named_parameters()}
     worst = 0.0
     for name, p in sharded.named_parameters():

@@ -121,21 +121,23 @@ class Dist:
             dist.all_reduce(out, group=self._dp_group())
         return out
 
-    def average_gradients(self, model: torch.nn.Module) -> None:
-        """After backward. Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss:
-        average every replicated gradient over dp. An expert shard's gradient already holds its ep group's
+    def average_gradients(self, named_params) -> None:
+        """After backward, over (name, parameter) pairs: the parameters the optimizer steps (a model's own, or the
+        fp32 masters of a bf16 model, zeda/precision.py), each with .grad and, for an expert shard, .expert_shard.
+        Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss: average every replicated gradient over dp. An expert shard's gradient already holds its ep group's
         tokens (the all-to-all carried them back), so it is summed over the replicas of that shard and divided by
         dp. FSDP2 reduces its own parameters in backward; they are skipped here. Under tp, Qwen3's per-head q/k
         RMSNorm weights (replicated, but each rank applies them to its own heads only) hold a partial gradient:
         it is summed over tp. (A hook on the parameter would not do: FSDP2 and to_empty replace Parameters.)"""
+        named_params = list(named_params)
         if self.dims.tp > 1:
-            for name, p in model.named_parameters():
+            for name, p in named_params:
                 if p.grad is not None and name.endswith(TP_PARTIAL_GRAD):
                     grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
                     dist.all_reduce(grad, group=self.mesh["tp"].get_group())
         if self.dp == 1:
             return
-        for p in model.parameters():
+        for _, p in named_params:
             if not p.requires_grad or (self.dims.fsdp and not getattr(p, "expert_shard", False)):
                 continue
             if p.grad is None:  # no token reached this parameter on this rank: it counts as zero

@@ -63,11 +63,11 @@ def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
     return out
 
 
-def clip_grad_norm(model, max_norm: float, d: Dist) -> torch.Tensor:
-    """clip_grad_norm_ for any mesh: DTensor gradients (tp, fsdp) are reduced over their mesh, and expert
+def clip_grad_norm(params, max_norm: float, d: Dist) -> torch.Tensor:
+    """clip_grad_norm_ for any mesh, over the parameters the optimizer steps: DTensor gradients (tp, fsdp) are reduced over their mesh, and expert
     shards (ep) over their ep group, so every rank clips by the same norm, the single-process one."""
     grads, expert_sq, other_sq = [], [], []
-    for p in model.parameters():
+    for p in params:
         if p.grad is None:
             continue
         grads.append(p.grad)

@@ -37,7 +37,8 @@ from zeda.losses import load_balancing_loss
 from zeda.model import CausalLM
 from zeda.tiny import tiny_hf_config
 from zeda.tokenizer import build_tokenizer, save_tokenizer
-from zeda.trainer import lr_at, make_optimizer
+from zeda.optim import make_optimizer
+from zeda.trainer import lr_at
 
 # ~1.8M parameters each (~7 MB fp32): the size a probe trained to ~86% on 2 cores in 15 minutes.
 TEACHER_SHAPES = {
@@ -112,7 +113,7 @@ def train(arch: str, out: Path, steps: int, minutes: float | None, batch_size: i
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     examples = build_examples(tokenizer, n_per_family, seed)
-    opt = make_optimizer(model, lr, betas=(0.9, 0.98), weight_decay=0.1)
+    opt = make_optimizer(model.named_parameters(), lr, betas=(0.9, 0.98), weight_decay=0.1)
     t0 = time.time()
     losses = []
     # With a time budget, the first 20 steps are timed and fix the step count (and so the cosine schedule);

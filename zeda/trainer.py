@@ -41,6 +41,7 @@ from zeda.distributed import Dist, init_distributed, shutdown
 from zeda.errors import CheckpointError, UsageError, ZedaError
 from zeda.flags import float_range, int_range
 from zeda.loading import load_model
+from zeda.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors, set_lr
 from zeda.sharding import clip_grad_norm, full_state_dict
 
 STATE_FILE, OPTIM_FILE, METRICS_FILE = "trainer_state.json", "optimizer.safetensors", "metrics.jsonl"
@@ -59,30 +60,14 @@ def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: s
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, lr: float, betas=(0.9, 0.98), weight_decay: float = 0.1, eps: float = 1e-8):
-    """AdamW; decay on matrices and expert tensors (ndim >= 2), none on norms and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def _clean_name(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing's wrapper adds this
 
 
-def _optimizer_tensors(model, opt) -> dict[str, torch.Tensor]:
-    """This rank's optimizer state keyed '<parameter name>::<field>' (the local shard of a DTensor)."""
-    names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
-    tensors = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                value = value.to_local() if hasattr(value, "to_local") else value
-                tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().contiguous().reshape(value.shape)
-    return tensors
+def _named(model):
+    return [(_clean_name(n), p) for n, p in model.named_parameters()]
 
 
 def rank_optimizer_file(rank: int) -> str:
@@ -101,7 +86,7 @@ def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dic
     the real-shape rehearsal, bench/real_shape.py, could not fit.) Rank 0 writes the rest."""
     distributed = d is not None and d.world > 1
     whole = full_state_dict(model, d) if distributed else None
-    optim = _optimizer_tensors(model, opt)
+    optim = optimizer_tensors(opt, _named(model))
     per_rank = distributed and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
     staged = [path.parent / f".{path.name}.{rank_optimizer_file(r)}" for r in range(d.world)] if per_rank else []
     try:
@@ -151,23 +136,7 @@ def load_optimizer_state(opt, model, folder: Path, d: Dist | None = None) -> Non
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for a corrupt file
         raise CheckpointError(f"{file}: cannot read the optimizer state ({e})") from None
-    # Checkpoints of older zeda versions hold every rank's shard in one file, under 'rank<r>/'.
-    prefix = f"rank{d.rank}/" if d is not None and any(k.startswith("rank") for k in tensors) else ""
-    params = {_clean_name(n): p for n, p in model.named_parameters()}
-    for key, value in tensors.items():
-        if not key.startswith(prefix) or (not prefix and key.startswith("rank")):
-            continue
-        name, _, field = key[len(prefix):].partition("::")
-        if name not in params:
-            raise CheckpointError(f"{file}: state for '{name}', which the model does not have")
-        p = params[name]
-        if hasattr(p, "device_mesh") and value.dim() > 0:  # a DTensor parameter: its state is a DTensor too
-            from torch.distributed.tensor import DTensor
-
-            value = DTensor.from_local(value.to(p.to_local().device), p.device_mesh, p.placements, run_check=False)
-        else:
-            value = value.to(p.device)
-        opt.state[p][field] = value
+    load_optimizer_tensors(opt, _named(model), tensors, file)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -260,7 +229,7 @@ class Trainer:
         self.model = load_model(self.resume_from or self.init_from, dtype=a.dtype, dist=self.d,
                                 expert_backend=a.expert_backend, router_fp32=True,
                                 activation_checkpointing=a.activation_checkpointing)
-        self.opt = make_optimizer(self.model, a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay)
+        self.opt = make_optimizer(self.model.named_parameters(), a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay)
         if self.resume_from is not None:
             saved = read_trainer_state(self.resume_from)
             if saved.get("mesh", self.d.dims.describe()) != self.d.dims.describe():
@@ -293,15 +262,14 @@ class Trainer:
         for step in bar:
             t0 = time.time()
             lr = lr_fn(step)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
             metrics = step_fn(step)
-            d.average_gradients(model)
+            d.average_gradients(model.named_parameters())
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step + 1} ({metrics}); stopping without saving. "
                                          f"Last good checkpoint: {latest_checkpoint(self.out)}")
-            grad_norm = clip_grad_norm(model, a.grad_clip, d)
+            grad_norm = clip_grad_norm(model.parameters(), a.grad_clip, d)
             opt.step()
             seconds = time.time() - t0
             last = {"step": step + 1, "lr": lr, **metrics, "grad_norm": float(grad_norm), "step_seconds": seconds}
