@@ -291,8 +291,7 @@ def test_final_checkpoint_is_converted_and_loads(assets, basic_run):
     assert cfg.num_zero_experts == Z and cfg.num_experts == 8 and cfg.vocab_size == VOCAB
     assert json.loads((final / "config.json").read_text())["zce_nums"] == [Z]
     assert (final / "tokenizer.json").exists()  # the side files travel with the student
-    state = json.loads((final / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["total_steps"] == 2
+    assert not (final / "trainer_state.json").exists() and not (final / "optimizer.safetensors").exists()
     with torch.no_grad():
         logits = model(torch.tensor([[2, 10, 11, 3]]))
     assert logits.shape == (1, 4, VOCAB) and torch.isfinite(logits).all()

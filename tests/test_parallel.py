@@ -8,14 +8,12 @@ checkpoint they save is one folder that a single process loads.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 import train_sft
 import zeda
@@ -28,14 +26,6 @@ from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
 from zeda.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun(*args, timeout=600, nproc=2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +193,7 @@ def test_sharded_run_saves_one_folder_a_single_process_loads(sft_runs, mesh):
     assert single.keys() == gathered.keys()
     for name, t in single.items():
         torch.testing.assert_close(gathered[name], t, atol=2e-4, rtol=0, msg=name)
-    state = json.loads((sft_runs[mesh] / "final" / "trainer_state.json").read_text())
+    state = json.loads((sft_runs[mesh] / "summary.json").read_text())
     assert state["mesh"] == {"ep": "dp=2 tp=1 ep=2", "tp": "dp=1 tp=2 ep=1", "fsdp": "dp=2 tp=1 ep=1 fsdp",
                              "ep-fsdp": "dp=2 tp=1 ep=2 fsdp", "ep-tp": "dp=1 tp=2 ep=2",
                              "tp-fsdp": "dp=2 tp=2 ep=1 fsdp", "ep-tp-fsdp": "dp=2 tp=2 ep=2 fsdp"}[mesh]

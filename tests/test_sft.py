@@ -147,9 +147,10 @@ def test_metrics_fields(run4, data):
 
 def test_final_checkpoint_is_a_converted_model(run4, data):
     final = run4 / "final"
-    state = json.loads((final / STATE_FILE).read_text())
-    assert state["step"] == 4 and state["total_steps"] == 4
-    assert (final / "optimizer.safetensors").exists()
+    summary = json.loads((run4 / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["steps"] == 4
+    # final/ is what a user keeps: weights, config, tokenizer; no optimizer or trainer state (3x the weights)
+    assert not (final / "optimizer.safetensors").exists() and not (final / STATE_FILE).exists()
     model = zeda.load_model(final)
     assert model.config.num_zero_experts == NUM_ZERO and model.config.num_experts == 8
     assert json.loads((final / "config.json").read_text())["zce_nums"] == [NUM_ZERO]
@@ -351,7 +352,7 @@ def test_sigterm_saves_and_resume_continues(data, tmp_path):
 
     assert sft(data, out, "--global-batch-size", "2", "--max-steps", str(n + 1), "--resume") == 0
     assert [m["step"] for m in read_metrics(out)] == list(range(1, n + 2))
-    assert json.loads((out / "final" / STATE_FILE).read_text())["step"] == n + 1
+    assert json.loads((out / "summary.json").read_text())["step"] == n + 1
 
 
 def whole_lines(out: Path) -> list[str]:

@@ -17,6 +17,7 @@ power cut) cannot clean up after itself, so the sibling is named after its host 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -96,6 +97,26 @@ def shard_metadata(path: Path) -> dict | None:
             return f.metadata()
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def checkpoint_dtype(folder: str | Path) -> torch.dtype:
+    """The floating dtype that holds most of a checkpoint's weights, read from the shards' headers (no tensor is
+    read): what a training run writes its checkpoints in, so a bf16 model stays a bf16 checkpoint."""
+    elements: dict[torch.dtype, int] = {}
+    for path in shard_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    s = f.get_slice(key)
+                    if s.get_dtype() in SAFETENSORS_DTYPES:
+                        dtype = SAFETENSORS_DTYPES[s.get_dtype()]
+                        elements[dtype] = elements.get(dtype, 0) + math.prod(s.get_shape())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
+    return max(elements, key=elements.get, default=torch.float32)
 
 
 def load_weights(model: torch.nn.Module, folder: str | Path) -> int:

@@ -21,6 +21,7 @@ combination is checked against the world size and the model before any work star
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
@@ -146,6 +147,17 @@ class Dist:
             group = self.edp_group if getattr(p, "expert_shard", False) else self._dp_group()
             dist.all_reduce(grad, group=group)
             grad /= self.dp
+
+    def agreed_signal(self, mine: str | None) -> str | None:
+        """The stop signal that reached any rank (SIGTERM over SIGINT; None: none did), agreed by the whole world.
+        Every rank calls it after the same step, so a signal that reaches one rank, or each rank at another
+        moment, stops every rank after the same step with one checkpoint, instead of leaving the others waiting
+        in a collective for a rank that left."""
+        if self.world == 1:
+            return mine
+        code = torch.tensor([signal.Signals[mine].value if mine else 0], device=self.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(code.item())).name if code.item() else None
 
     def ep_all_done(self, mine: bool) -> bool:
         """True when every rank of this expert-parallel group is done (generation's lockstep)."""

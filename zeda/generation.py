@@ -425,7 +425,7 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
     limits = [p.max_new_tokens for p in rows]
     check_prompts(prompts, limits, cfg.max_position_embeddings)
     t0 = time.perf_counter()
-    device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+    device, dtype = model.lm_head.weight.device, model.compute_dtype
     N, E, K = cfg.num_experts, cfg.num_router_outputs, cfg.num_experts_per_tok
     M, P = max(limits), max(len(p) for p in prompts)
     # The compiled step is traced for one cache width: round it up so that batches of similar prompt lengths
@@ -554,7 +554,7 @@ class Decoder:
                  initial_width: int = 256):
         cfg = model.config
         self.model, self.capacity, self.eos_ids, self.pad_id = model, capacity, set(eos_ids), pad_id
-        self.device, self.dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+        self.device, self.dtype = model.lm_head.weight.device, model.compute_dtype
         self.tp = getattr(model, "tensor_parallel", 1)
         self.cache = KVCache(cfg, capacity, initial_width, self.dtype, self.device, self.tp)
         self.mask_BS = torch.zeros(capacity, initial_width, dtype=torch.bool, device=self.device)

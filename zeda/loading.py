@@ -65,13 +65,16 @@ def materialize(model: CausalLM, device: str | torch.device) -> None:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", *,
                dist: Dist | None = None, expert_backend: str = "auto", trainable: bool = True,
-               router_fp32: bool = False, activation_checkpointing: bool = False, **overrides) -> CausalLM:
+               router_fp32: bool = False, activation_checkpointing: bool = False, fp32_masters: bool = False,
+               **overrides) -> CausalLM:
     """An HF checkpoint folder (static or converted, qwen3_moe or glm4_moe_lite) as a model in eval mode.
 
     device/dtype: "auto" (cuda + bfloat16 when there is a GPU, else cpu + float32), a name, or a torch object;
     under a mesh (`dist`, from zeda.distributed.init_distributed) the rank's own device is used. router_fp32:
     the router weights in fp32 whatever dtype (the paper's training recipe). trainable=False freezes every
-    parameter (the OPD teacher). Keyword overrides (e.g. use_zce_mask=True) win over config.json. The router's
+    parameter (the OPD teacher). fp32_masters (training in a low-precision dtype under FSDP2): the parameters
+    are kept in fp32 and FSDP2 computes in `dtype` (zeda/precision.py); expert shards left out of FSDP2 (ep) take
+    `dtype` and get their masters from the trainer. Without FSDP2 it changes nothing. Keyword overrides (e.g. use_zce_mask=True) win over config.json. The router's
     e_score_correction_bias stays fp32."""
     path = Path(path)
     if not path.is_dir():
@@ -80,7 +83,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
     dt = resolve_dtype(dtype, d.device)
     cfg = ModelConfig.from_hf_config(path, **overrides)  # refuses unsupported architectures before any weight
     d.dims.check_model(cfg, where=str(path))
-    model = empty_model(cfg, dt)
+    fsdp_masters = fp32_masters and d.dims.fsdp and d.dims.dp > 1 and dt != torch.float32
+    model = empty_model(cfg, torch.float32 if fsdp_masters else dt)
     if router_fp32:
         for block in model.model.layers:
             if block.is_moe:
@@ -90,11 +94,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
     mark_expert_shards(model)
     model.bytes_read = load_weights(model, path)  # what this rank read: a test checks it is only its share
     model.requires_grad_(trainable)
+    if fsdp_masters and d.dims.ep > 1:  # the expert shards FSDP2 leaves out compute in dtype like the rest
+        for block in model.model.layers:
+            if block.is_moe:
+                block.mlp.experts.to(dt)
     model.set_expert_backend(resolve_backend(expert_backend, cfg, dt))
     apply_tensor_parallel(model, d)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    apply_fsdp(model, d)
+    apply_fsdp(model, d, compute_dtype=dt if fsdp_masters else None)
     return model.eval()
 
 

@@ -215,6 +215,13 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.mixed_precision_dtype: torch.dtype | None = None  # set when FSDP2 gathers fp32 parameters as bf16
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of activations and of the KV cache: the parameters' own, or under FSDP2's mixed precision
+        (zeda/sharding.py:apply_fsdp) the dtype the fp32 parameters are gathered in."""
+        return self.mixed_precision_dtype or self.model.embed_tokens.weight.dtype
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

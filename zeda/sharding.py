@@ -10,27 +10,36 @@ import torch.distributed as dist
 from zeda.distributed import Dist
 
 
-def apply_fsdp(model, d: Dist) -> None:
+def apply_fsdp(model, d: Dist, compute_dtype: torch.dtype | None = None) -> None:
     """FSDP2 fully_shard over dp: one unit per block plus the root; parameters, gradients and optimizer state
     are sharded dp ways and gathered per block in forward and backward. Expert shards (ep) are left out: ep
-    already splits them, and their gradients are reduced over their replicas by Dist.average_gradients."""
+    already splits them, and their gradients are reduced over their replicas by Dist.average_gradients.
+    compute_dtype (training in bf16, zeda/precision.py): the model's fp32 parameters are the masters; each unit
+    is gathered in compute_dtype for its forward and backward, and gradients are reduced in fp32."""
     if not d.dims.fsdp or d.dims.dp == 1:
         return
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from zeda.moe import Router
 
     dp_mesh = d.mesh["dp"]
     experts = {p for p in model.parameters() if getattr(p, "expert_shard", False)} or None
+    # No input casting: the inputs already are what they must be (token ids, activations in compute_dtype), and
+    # casting rebuilds the arguments, which would replace the `routing` list forward appends to with a copy.
+    mixed = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+             if compute_dtype else None)
+    kwargs = {"mesh": dp_mesh, "ignored_params": experts} | ({"mp_policy": mixed} if mixed else {})
     for block in model.model.layers:
-        # FSDP2 keeps one dtype per unit; a router kept in fp32 (router_fp32, the training recipe) in a bf16
-        # block becomes its own unit, or fully_shard refuses the block ("uniform original parameter dtype").
-        if len({p.dtype for p in block.parameters() if not experts or p not in experts}) > 1:
+        # The router computes in fp32 (the training recipe): it is its own unit with no cast. FSDP2 also keeps
+        # one dtype per unit, so an fp32 router in a bf16 block must be apart or fully_shard refuses the block.
+        if mixed or len({p.dtype for p in block.parameters() if not experts or p not in experts}) > 1:
             for module in block.modules():
                 if isinstance(module, Router):
                     fully_shard(module, mesh=dp_mesh)
-        fully_shard(block, mesh=dp_mesh, ignored_params=experts)
-    fully_shard(model, mesh=dp_mesh, ignored_params=experts)
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    if mixed:
+        model.mixed_precision_dtype = compute_dtype
 
 
 def apply_activation_checkpointing(model) -> None:
@@ -42,15 +51,17 @@ def apply_activation_checkpointing(model) -> None:
         layers[i] = checkpoint_wrapper(block)
 
 
-def full_state_dict(model, d: Dist) -> dict[str, torch.Tensor]:
+def full_state_dict(model, d: Dist, replace: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as one whole tensor on CPU, under the single-process names (collective: all
     ranks call it). DTensors (tp, fsdp) are gathered with full_tensor(); expert shards with an all-gather over
     their ep group. Only rank 0, which writes the checkpoint, keeps them (the others get {}): every rank keeping
     a whole copy put the whole model in each rank's host RAM at every save (8 copies of Qwen3-30B-A3B's 61 GB
-    on an 8-GPU node)."""
+    on an 8-GPU node). replace: tensors to write in place of the model's, by name (this rank's fp32 masters of
+    a bf16 model, zeda/precision.py, laid out as the parameters they stand for)."""
     out = {}
     for name, t in model.state_dict().items():
         name = name.replace("_checkpoint_wrapped_module.", "")
+        t = (replace or {}).get(name, t)
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
         elif d.dims.ep > 1 and name.rpartition(".")[0].endswith("mlp.experts"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -35,13 +36,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from zeda.checkpoint import save_checkpoint
+from zeda.checkpoint import checkpoint_dtype, save_checkpoint
 from zeda.data import check_writable, write_text_atomic
 from zeda.distributed import Dist, init_distributed, shutdown
 from zeda.errors import CheckpointError, UsageError, ZedaError
 from zeda.flags import float_range, int_range
 from zeda.loading import load_model
 from zeda.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors, set_lr
+from zeda.precision import MasterWeights
 from zeda.sharding import clip_grad_norm, full_state_dict
 
 STATE_FILE, OPTIM_FILE, METRICS_FILE = "trainer_state.json", "optimizer.safetensors", "metrics.jsonl"
@@ -62,32 +64,34 @@ def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: s
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _clean_name(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing's wrapper adds this
-
-
-def _named(model):
-    return [(_clean_name(n), p) for n, p in model.named_parameters()]
-
-
 def rank_optimizer_file(rank: int) -> str:
     """The file of one rank's optimizer shard in a checkpoint saved on a sharding mesh (tp, ep, fsdp)."""
     return f"optimizer-rank{rank}.safetensors"
 
 
-def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dict, d: Dist | None = None) -> Path:
-    """HF-layout checkpoint + optimizer (safetensors) + trainer state (JSON), all in one atomic rename.
+def save_training_checkpoint(model, masters: MasterWeights, opt, path: Path, copy_from: Path, state: dict | None,
+                             d: Dist | None = None) -> Path:
+    """HF-layout checkpoint (+ optimizer and trainer state when `state` is given: a resumable step-N), all in one
+    atomic rename.
 
-    With a Dist of several ranks every rank must call this: the weights are gathered whole onto rank 0 (one
-    folder that a single process loads). When the mesh shards parameters (tp, ep, fsdp) each rank writes its own
-    optimizer shard, `optimizer-rank<r>.safetensors`, for a resume on the same mesh: next to the checkpoint
-    first, then rank 0 moves the shards into the folder before its atomic rename. (Gathering every rank's state
-    onto rank 0, as we once did, pickled it twice there: ~3x the whole model's AdamW state in rank 0's RAM, which
-    the real-shape rehearsal, bench/real_shape.py, could not fit.) Rank 0 writes the rest."""
-    distributed = d is not None and d.world > 1
-    whole = full_state_dict(model, d) if distributed else None
-    optim = optimizer_tensors(opt, _named(model))
-    per_rank = distributed and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
+    The weights are the fp32 masters, written in the dtype of the checkpoint the run started from (`copy_from`),
+    so a bf16 model stays a bf16 checkpoint and config.json says so. When that rounds them (a bf16 checkpoint), a
+    resumable checkpoint also holds the exact fp32 masters beside the optimizer state ('<name>::master'), so
+    --resume continues bit for bit. With a Dist of several ranks every rank must call this: the weights are
+    gathered whole onto rank 0 (one folder that a single process loads). When the mesh shards parameters (tp,
+    ep, fsdp) each rank writes its own optimizer shard, `optimizer-rank<r>.safetensors`, for a resume on the same
+    mesh: next to the checkpoint first, then rank 0 moves the shards into the folder before its atomic rename
+    (never the whole model's AdamW state on one rank)."""
+    d = d or Dist()
+    dtype = checkpoint_dtype(copy_from)
+    separate = {name: master for name, p, master in masters.pairs if master is not p}
+    whole = full_state_dict(model, d, replace=separate)
+    optim = None
+    if state is not None:
+        optim = optimizer_tensors(opt, masters.named_params())
+        if dtype != torch.float32:  # the weights are rounded: keep the exact masters for a resume
+            optim |= {f"{name}::master": t for name, t in masters.master_tensors().items()}
+    per_rank = state is not None and d.world > 1 and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
     staged = [path.parent / f".{path.name}.{rank_optimizer_file(r)}" for r in range(d.world)] if per_rank else []
     try:
         if per_rank:
@@ -97,6 +101,8 @@ def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dic
             d.barrier()
 
         def write_state(folder: Path):
+            if state is None:
+                return
             if per_rank:
                 for r, shard in enumerate(staged):
                     shard.replace(folder / rank_optimizer_file(r))
@@ -104,14 +110,13 @@ def save_training_checkpoint(model, opt, path: Path, copy_from: Path, state: dic
                 save_file(optim, str(folder / OPTIM_FILE))
             (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-        if not distributed or d.is_main:
-            save_checkpoint(model, path, copy_from=copy_from, extra=write_state, state=whole)
+        if d.is_main:
+            save_checkpoint(model, path, copy_from=copy_from, dtype=dtype, extra=write_state, state=whole)
     finally:
         if per_rank and d.is_main:  # after rank 0's save: moved into the folder, or left over by a failure
             for shard in staged:
                 shard.unlink(missing_ok=True)
-    if distributed:
-        d.barrier()
+    d.barrier()
     return path
 
 
@@ -127,8 +132,9 @@ def read_trainer_state(folder: Path) -> dict:
     return state
 
 
-def load_optimizer_state(opt, model, folder: Path, d: Dist | None = None) -> None:
-    """The inverse of save_training_checkpoint, onto a model already parallelized the same way."""
+def load_optimizer_state(opt, masters: MasterWeights, folder: Path, d: Dist | None = None) -> None:
+    """The inverse of save_training_checkpoint, onto a model already parallelized the same way: the optimizer
+    state, and the exact fp32 masters where the checkpoint's weights were rounded."""
     file = folder / OPTIM_FILE
     if d is not None and (folder / rank_optimizer_file(d.rank)).exists():  # a sharding mesh: this rank's own shard
         file = folder / rank_optimizer_file(d.rank)
@@ -136,15 +142,41 @@ def load_optimizer_state(opt, model, folder: Path, d: Dist | None = None) -> Non
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises its own error type for a corrupt file
         raise CheckpointError(f"{file}: cannot read the optimizer state ({e})") from None
-    load_optimizer_tensors(opt, _named(model), tensors, file)
+    saved_masters = {k.removesuffix("::master"): tensors.pop(k) for k in list(tensors) if k.endswith("::master")}
+    if saved_masters:
+        masters.load_masters(saved_masters, file)
+    elif checkpoint_dtype(folder) != torch.float32:
+        raise CheckpointError(f"{file}: the weights in {folder} are rounded to {checkpoint_dtype(folder)} and no fp32 "
+                              f"masters were saved beside them: cannot resume exactly")
+    load_optimizer_tensors(opt, masters.named_params(), tensors, file)
+
+
+def step_folders(out: Path) -> list[Path]:
+    """OUT/step-N folders that hold a trainer state, oldest first."""
+    found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: read_trainer_state(p)["step"])
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest OUT/step-N (or OUT/final) that has a trainer state."""
-    found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
-    if (out / "final" / STATE_FILE).exists():
-        found.append(out / "final")
-    return max(found, key=lambda p: read_trainer_state(p)["step"], default=None)
+    """The newest resumable OUT/step-N."""
+    found = step_folders(out)
+    return found[-1] if found else None
+
+
+def remove_old_checkpoints(out: Path, keep_last: int) -> list[Path]:
+    """After a successful save: all but the newest keep_last step-N folders go (0 keeps every one)."""
+    old = step_folders(out)[:-keep_last] if keep_last else []
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
+
+
+def finished_steps(out: Path) -> int | None:
+    """The steps of the finished run in OUT (its summary.json), or None."""
+    try:
+        return int(json.loads((out / "summary.json").read_text())["steps"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def check_fresh_out(out: Path, resume: bool) -> None:
@@ -176,9 +208,12 @@ def trim_metrics(path: Path, last_step: int) -> None:
 # ----------------------------------------------------------------------------- signals
 
 @contextmanager
-def stop_on_signals():
+def stop_on_signals(restore: bool = True):
     """Within the block, SIGTERM / Ctrl-C set flag["signal"] instead of killing the run, so the training loop
-    can finish the current step, save a checkpoint and exit cleanly. The previous handlers come back after."""
+    can finish the current step, save a checkpoint and exit cleanly. The previous handlers come back after;
+    with restore=False the signals are ignored from then on instead (a torchrun worker: once one worker has
+    exited, torchrun SIGTERMs the others, which are exiting too and must not die of it, even while the
+    interpreter shuts down, when Python's own handlers are gone)."""
     flag = {"signal": None}
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -191,7 +226,7 @@ def stop_on_signals():
         yield flag
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if restore else signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -206,8 +241,8 @@ def zero_share_metrics(counts_LE: torch.Tensor, num_experts: int, d: Dist) -> di
 
 
 class Trainer:
-    """One training run in args.out: the output folder, resume, the optimizer, the step loop and its metrics,
-    checkpoints, clean stops. The stage script supplies what one step computes."""
+    """One training run in args.out: the output folder, resume, the optimizer (over fp32 masters), the step loop
+    and its metrics, checkpoints, clean stops. The stage script supplies what one step computes."""
 
     def __init__(self, name: str, args, d: Dist, stop: dict, init_from: Path, total_steps: int):
         self.name, self.args, self.d, self.stop = name, args, d, stop
@@ -216,26 +251,35 @@ class Trainer:
         check_fresh_out(self.out, args.resume)
         if d.is_main:
             check_writable(self.out, "--out", folder=True)
-        self.resume_from = latest_checkpoint(self.out) if args.resume else None
-        if args.resume and self.resume_from is None:
+        # A finished run (final/ and summary.json, written last, for these steps) is not trained again by --resume;
+        # one asked for more steps continues from its newest step-N (final/ holds no optimizer state).
+        self.finished = args.resume and (self.out / "final").is_dir() and finished_steps(self.out) == total_steps
+        self.resume_from = latest_checkpoint(self.out) if args.resume and not self.finished else None
+        if args.resume and not self.finished and self.resume_from is None:
             d.print(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
-        self.model = self.opt = None
+        self.model = self.opt = self.masters = None
         self.start_step = 0
 
     def load_student(self):
         """The model being trained, split over the mesh as it loads (router in fp32: the paper's recipe), from
-        the newest checkpoint when resuming; with its optimizer (and the optimizer's state when resuming)."""
+        the newest checkpoint when resuming, with its fp32 masters and optimizer (and their state when resuming).
+        A finished run's final model, for --resume of a run that has nothing left to do."""
         a = self.args
+        if self.finished:
+            self.model = load_model(self.out / "final", dtype=a.dtype, dist=self.d, expert_backend=a.expert_backend)
+            return self.model
         self.model = load_model(self.resume_from or self.init_from, dtype=a.dtype, dist=self.d,
-                                expert_backend=a.expert_backend, router_fp32=True,
+                                expert_backend=a.expert_backend, router_fp32=True, fp32_masters=True,
                                 activation_checkpointing=a.activation_checkpointing)
-        self.opt = make_optimizer(self.model.named_parameters(), a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay)
+        self.masters = MasterWeights(self.model)
+        self.opt = make_optimizer(self.masters.named_params(), a.lr, betas=(a.beta1, a.beta2),
+                                  weight_decay=a.weight_decay)
         if self.resume_from is not None:
             saved = read_trainer_state(self.resume_from)
             if saved.get("mesh", self.d.dims.describe()) != self.d.dims.describe():
                 raise UsageError(f"{self.resume_from / STATE_FILE}: saved on mesh {saved['mesh']}, resumed on "
                                  f"{self.d.dims.describe()}; resume on the same mesh")
-            load_optimizer_state(self.opt, self.model, self.resume_from, self.d)
+            load_optimizer_state(self.opt, self.masters, self.resume_from, self.d)
             self.start_step = int(saved["step"])
             self.d.print(f"resuming from {self.resume_from} at step {self.start_step}")
         if self.d.is_main:
@@ -247,15 +291,26 @@ class Trainer:
         return {"step": step, "total_steps": self.total_steps, "seed": self.args.seed, "mesh": self.d.dims.describe(),
                 "args": {k: str(v) for k, v in vars(self.args).items()}}
 
-    def save(self, folder: Path, step: int) -> Path:
-        return save_training_checkpoint(self.model, self.opt, folder, self.init_from, self.state(step), self.d)
+    def save(self, step: int) -> Path:
+        """A resumable OUT/step-N; then older ones beyond --keep-last go."""
+        folder = save_training_checkpoint(self.model, self.masters, self.opt, self.out / f"step-{step}",
+                                          self.init_from, self.state(step), self.d)
+        if self.d.is_main:
+            remove_old_checkpoints(self.out, self.args.keep_last)
+        return folder
 
     def run(self, step_fn: Callable[[int], dict], lr_fn: Callable[[int], float], postfix=("loss",),
-            summary_extra: dict | None = None) -> dict:
+            summary_extra: dict | None = None, save_multiple: int = 1) -> dict:
         """For each step from the start (or resume) step: set the lr, zero the gradients, step_fn(step) (forward
-        and backward on this rank; returns metrics already reduced over ranks, with "loss"), average the
-        gradients over the mesh, clip, optimizer step, log, checkpoint. Returns the summary."""
-        a, d, model, opt = self.args, self.d, self.model, self.opt
+        and backward on this rank; returns metrics already reduced over ranks, with "loss"), move the gradients
+        to the fp32 masters, average them over the mesh, clip, optimizer step, masters back into the model, log,
+        checkpoint. A signal on any rank stops every rank after the same step (checked once per step, over the
+        whole world), with one checkpoint. save_multiple: checkpoints (periodic and on a signal) only after steps
+        that are a multiple of it (several optimizer steps that share one rollout). Returns the summary."""
+        if self.finished:
+            self.d.print(f"{self.out / 'final'} exists: this run is finished, nothing to resume")
+            return json.loads((self.out / "summary.json").read_text())
+        a, d, model, opt, masters = self.args, self.d, self.model, self.opt, self.masters
         bar = tqdm(range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps,
                    desc=self.name, unit="step", disable=not d.is_main)
         last: dict = {}
@@ -265,12 +320,14 @@ class Trainer:
             set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
             metrics = step_fn(step)
-            d.average_gradients(model.named_parameters())
+            masters.grads_to_masters()
+            d.average_gradients(masters.named_params())
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"non-finite loss at step {step + 1} ({metrics}); stopping without saving. "
                                          f"Last good checkpoint: {latest_checkpoint(self.out)}")
-            grad_norm = clip_grad_norm(model.parameters(), a.grad_clip, d)
+            grad_norm = clip_grad_norm(masters.params(), a.grad_clip, d)
             opt.step()
+            masters.masters_to_model()
             seconds = time.time() - t0
             last = {"step": step + 1, "lr": lr, **metrics, "grad_norm": float(grad_norm), "step_seconds": seconds}
             if "tokens" in metrics:
@@ -280,17 +337,17 @@ class Trainer:
                     f.write(json.dumps(last) + "\n")
             bar.set_postfix({k: f"{last[k]:.3f}" for k in postfix if k in last})
             done = step + 1
-            signalled = self.stop["signal"] is not None
-            if signalled or (a.save_every and done % a.save_every == 0 and done < self.total_steps):
-                d.print(f"\nsaved {self.save(self.out / f'step-{done}', done)}")
+            at_boundary = done % save_multiple == 0
+            signalled = d.agreed_signal(self.stop["signal"]) if at_boundary else None
+            if signalled or (a.save_every and at_boundary and done % a.save_every == 0 and done < self.total_steps):
+                d.print(f"\nsaved {self.save(done)}")
             if signalled:
-                d.print(f"stopped by {self.stop['signal']} after step {done}; continue with the same command and "
-                        f"--resume")
-                return {"stopped": self.stop["signal"], **last}
+                d.print(f"stopped by {signalled} after step {done}; continue with the same command and --resume")
+                return {"stopped": signalled, **last}
         bar.close()
-        final = self.out / "final"
-        self.save(final, self.total_steps)
-        summary = {"final": str(final), "steps": self.total_steps, **(summary_extra or {}), **last}
+        final = save_training_checkpoint(model, masters, opt, self.out / "final", self.init_from, None, d)
+        summary = {"final": str(final), "steps": self.total_steps, "mesh": d.dims.describe(),
+                   **(summary_extra or {}), **last}
         if d.is_main:
             write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
@@ -315,8 +372,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "correction bias (the authors'), or the slots actually routed")
     p.add_argument("--save-every", type=int_range(min=0), default=0,
                    help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int_range(min=0), default=2,
+                   help="resumable step-N checkpoints kept; older ones are removed after a save (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype; the optimizer always steps fp32 masters (zeda/precision.py)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--expert-backend", default="grouped_mm", choices=["auto", "loop", "grouped_mm", "triton"],
                    help="routed-expert implementation")
@@ -339,7 +399,7 @@ def run_training(script: str, train, args) -> int:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
     try:
-        with stop_on_signals() as stop:
+        with stop_on_signals(restore=d.world == 1) as stop:
             summary = train(args, d, stop)
     except (ZedaError, OSError, FloatingPointError) as e:
         print(f"{script}: error: {e}", file=sys.stderr)
