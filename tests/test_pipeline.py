@@ -5,8 +5,15 @@ output to the next, and that the results file has a row per stage with the repor
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import pipeline
 from zeda.tiny import make_tiny_checkpoint
@@ -79,3 +86,33 @@ def test_a_failing_stage_stops_the_pipeline_with_its_code(tiny_teacher, tmp_path
     err = capsys.readouterr().err
     assert "stage `train_sft.py` exited with code 2" in err and "--resume" in err
     assert not (out / "opd").exists() and not (out / "results.json").exists()
+
+
+def test_sigterm_reaches_the_running_stage_and_leaves_no_orphan(tiny_teacher, tmp_path):
+    """SIGTERM to the pipeline during SFT: the stage gets it, saves a step, exits 143, and so does the pipeline;
+    nothing is left running (a stage that kept training would write sft/final later)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--teacher", str(tiny_teacher), "--out", str(out), "--stages",
+           "convert,rollouts,sft", "--sft-prompts", "2", "--sft-epochs", "1000", "--sft-batch-size", "2",
+           "--max-new-tokens", "4", "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    try:
+        metrics, deadline = out / "sft" / "metrics.jsonl", time.time() + 180
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "SFT did not start within 180 s"
+            time.sleep(0.05)
+        stage = [int(p) for p in os.listdir("/proc") if p.isdigit() and
+                 Path(f"/proc/{p}/stat").exists() and
+                 Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()[1] == str(proc.pid)]
+        assert len(stage) == 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stage `train_sft.py` exited with code 143" in err and "Traceback" not in err
+    assert not Path(f"/proc/{stage[0]}").exists() or "Z" in Path(f"/proc/{stage[0]}/stat").read_text().split()[2]
+    assert list((out / "sft").glob("step-*")) and not (out / "sft" / "final").exists()

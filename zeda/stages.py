@@ -9,6 +9,7 @@ chain them (pipeline.py, the main job; frontier.py, the accuracy-compute frontie
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,24 @@ class StageFailed(Exception):
 
 
 def run_script(cmd: list[str], threads: int | None) -> None:
-    """Run one of the repository's scripts (cmd[0], relative to the root) as its own process, printing the command."""
+    """Run one of the repository's scripts (cmd[0], relative to the root) as its own process, printing the command.
+
+    SIGTERM and Ctrl-C reach the stage exactly once, through us: it runs in its own process group (a terminal's
+    Ctrl-C goes to ours only), and we forward what we receive and wait for it, so a training stage saves and exits
+    143 / 130 and the caller gets that code (StageFailed), never an orphan that trains on."""
     print(f"\n$ python {' '.join(cmd)}", flush=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    code = subprocess.run([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], check=False, env=env).returncode
+    proc = subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], env=env, process_group=0)
+    forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:  # we are leaving for another reason (an error in this process): do not orphan it
+            proc.terminate()
+            proc.wait()
     if code:
         raise StageFailed(cmd[0], code)
 
