@@ -12,6 +12,7 @@ conversion itself is zeda.conversion.convert_checkpoint; this script is its comm
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -35,12 +36,22 @@ def main(argv=None) -> int:
                    help="zeda (zero slots keep their weight share; the method) or adamoe (the AdaMoE baseline: "
                         "real-expert weights renormalised over the real slots)")
     args = p.parse_args(argv)
+    # SIGTERM ends the conversion like Ctrl-C: as an exception, so the temporary folder is removed on the way out.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         s = convert_checkpoint(args.input_dir, args.output_dir, args.num_zero_experts, args.new_num_experts,
                                args.seed, args.overwrite, normalization=args.normalization)
     except (ZedaError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("convert.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        print("convert.py: stopped by SIGTERM; nothing was written", file=sys.stderr)
+        return e.code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     mtp = f", {s['mtp_tensors_changed']} of them in the MTP layer" if s["mtp_tensors_changed"] else ""
     print(f"converted {s['model_type']} {s['input_dir']} -> {s['output_dir']}")
     print(f"  experts: {s['real_experts']} real -> {s['real_experts']} real + {s['zero_experts']} zero "

@@ -505,8 +505,28 @@ def output_contains_input(static_ckpt, converted, tmp_path):
     return src, tmp_path / "models", dict(num_zero=Z, overwrite=True), r"not contain it"
 
 
+def output_inside_input(static_ckpt, converted, tmp_path):
+    """Accepted, a nested output was copied into every later conversion of the same input."""
+    src = copy_input(static_ckpt, tmp_path)
+    return src, src / "converted", dict(num_zero=Z), r"is inside --input-dir"
+
+
+def output_is_a_link(static_ckpt, converted, tmp_path):
+    """--overwrite onto a link used to fail after writing everything, leaving a backup folder behind."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    return static_ckpt("qwen3_moe"), tmp_path / "link", dict(num_zero=Z, overwrite=True), r"is a symbolic link"
+
+
+def too_many_zero_experts(static_ckpt, converted, tmp_path):
+    """10^8 zero experts was a 51 GB allocation and a traceback."""
+    return static_ckpt("qwen3_moe"), tmp_path / "out", dict(new_num_experts=100_000_000), r"at most 64 \(8 per real"
+
+
 REFUSALS = [existing_output, already_converted, unsupported_model_type, missing_shard, truncated_shard,
-            garbage_shard, m_equals_n, m_below_n, zero_zero_experts, output_is_input, output_contains_input]
+            garbage_shard, m_equals_n, m_below_n, zero_zero_experts, output_is_input, output_contains_input,
+            output_inside_input, output_is_a_link, too_many_zero_experts]
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=lambda f: f.__name__)
@@ -643,6 +663,41 @@ def test_killed_conversion_is_cleaned_up_by_the_next_run(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # the dead run's folder is gone
     assert ModelConfig.from_hf_config(out).num_zero_experts == 8 and len(list(out.glob("*.safetensors"))) == 32
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_conversion_removes_its_temporary_folder(tmp_path, how):
+    """SIGTERM (and Ctrl-C) mid-write: exit 143 (130), one line, no traceback, no output and no temporary folder
+    left (SIGTERM used to kill the process and leave the folder for the next run to find)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    convert_memory.build_checkpoint(src, size_mb=256, shards=32)
+    argv = [sys.executable, "convert.py", "--input-dir", str(src), "--output-dir", str(out), "--num-zero-experts", "8"]
+    # SIGINT restored in the child: a suite run in the background starts its children with SIGINT ignored
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.glob("*.safetensors") for p in tmp_path.glob(".out.tmp-*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "finished before it could be stopped"
+            time.sleep(0.001)
+        proc.send_signal(how)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + how, err[-2000:]
+    assert "Traceback" not in err and "nothing was written" in err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+    # No shard is left behind. (In about 1 run in 10 an empty temporary folder stays; the next run removes it.)
+    assert [p for p in tmp_path.glob(".out.tmp-*") if any(p.iterdir())] == []
+
+
+def test_a_linked_folder_in_the_input_is_not_followed(static_ckpt, tmp_path):
+    """A side folder that links elsewhere (here: to a system folder) is not copied into the output."""
+    src = copy_input(static_ckpt, tmp_path)
+    (src / "extras").symlink_to("/usr/share")
+    convert_checkpoint(src, tmp_path / "out", num_zero=Z, progress=False)
+    assert not (tmp_path / "out" / "extras").exists()
 
 
 # Saves a tiny checkpoint in many small shards, sleeping after each: a save of a big model, slowed so that the

@@ -368,13 +368,17 @@ def mtp_tensors(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy everything that is not weights or config.json (tokenizer, chat template, generation config...)."""
+    """Copy everything that is not weights or config.json (tokenizer, chat template, generation config...).
+    A linked file is copied as the file it points to (the Hub's cache links every file into its blob store); a
+    linked folder is not followed (it may be anything: a system folder), and links inside folders stay links."""
     copied = []
     for p in sorted(src.iterdir()):
         if p.name == "config.json" or p.name == INDEX_NAME or p.suffix == ".safetensors" or p.name.startswith("."):
             continue
+        if p.is_dir() and p.is_symlink():
+            continue
         if p.is_dir():
-            shutil.copytree(p, dst / p.name)
+            shutil.copytree(p, dst / p.name, symlinks=True)
         else:
             shutil.copy2(p, dst / p.name)
         copied.append(p.name)

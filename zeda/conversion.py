@@ -34,6 +34,7 @@ from zeda.checkpoint import (INDEX_NAME, copy_side_files, mtp_layer, read_shard,
 from zeda.config import DYNAMIC_ARCHITECTURES, ZERO_NORMALIZATIONS, ModelConfig, experts_key
 from zeda.errors import CheckpointError, ConfigError, UsageError
 
+MAX_ZERO_PER_REAL = 8  # Z above 8 N is no adaptation of the model any more, and a typo's 10^8 would allocate GBs
 ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
@@ -83,9 +84,16 @@ def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: 
     Z = num_zero if num_zero is not None else new_num_experts - N
     if Z <= 0:
         raise UsageError(f"--new-num-experts must exceed the {N} real experts of {config_path} (got {N + Z})")
+    if Z > MAX_ZERO_PER_REAL * N:
+        raise UsageError(f"{Z} zero experts for {N} real ones: at most {MAX_ZERO_PER_REAL * N} ({MAX_ZERO_PER_REAL} per "
+                         f"real expert; the method uses N/2)")
     if input_dir.resolve().is_relative_to(output_dir.resolve()):  # equal, or --overwrite would delete the input
         raise UsageError("--output-dir must differ from --input-dir and not contain it (the input is never "
                          "overwritten)")
+    if output_dir.resolve().is_relative_to(input_dir.resolve()):  # later conversions would copy it along
+        raise UsageError(f"--output-dir {output_dir} is inside --input-dir {input_dir}; write it elsewhere")
+    if output_dir.is_symlink():  # --overwrite would replace the link, not what it points to
+        raise UsageError(f"--output-dir {output_dir} is a symbolic link; give the folder it points to, or another")
     if output_dir.exists() and not overwrite:
         raise UsageError(f"{output_dir} exists; pass --overwrite to replace it")
     shards = shard_files(input_dir)  # every shard the index lists must exist before we start
