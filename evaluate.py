@@ -24,8 +24,17 @@ as JSON (atomically); its top-level fields:
     sampling {temperature, top_p, top_k, max_new_tokens, seed}, batch_size,
     samples                   {group: [{where, prompt, output, reference, correct}, ...]} (first 3 per group)
 
+    skipped_too_long, too_long    prompts that did not fit the context with --max-new-tokens (file:line), left
+                              out of the accuracy (--strict refuses them instead)
+    chat_template_kwargs, answer_regex
+
+Benchmark answers are scored by data.score_answer's rules (docs/usage.md: "Answer: X", "The answer is X.",
+\boxed{X}, bold, LaTeX dollars, thousands separators, a trailing period; reasoning before </think> ignored);
+--answer-regex PATTERN (one capture group) picks the answer instead. Task-family items keep tasks.verify.
+
 Bad input (missing model folder, unsupported architecture, unknown family, bad --n, a malformed benchmark line,
-a prompt longer than the context) exits with status 2 and a message naming the culprit; nothing is written.
+a bad --answer-regex, with --strict a prompt longer than the context) exits with status 2 and a message naming
+the culprit; nothing is written.
 The evaluation logic lives in zeda/evaluation.py (evaluate_model), so the pipeline can run it in-process.
 """
 
@@ -36,10 +45,10 @@ import sys
 
 from zeda.baselines import parse_routing, set_routing
 from zeda.config import ModelConfig
-from zeda.data import check_writable
+from zeda.data import check_writable, compile_answer_regex
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_atomic
-from zeda.flags import float_range, int_range
+from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.generation import SamplingParams
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
@@ -80,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "skipped slots count as skipped expert FLOPs, as zero slots do")
     p.add_argument("--zero-bias", type=float_range(), default=0.0,
                    help="added to every zero-expert router logit (a converted model's compute dial; 0 = as trained)")
+    add_chat_template_kwargs(p)
+    p.add_argument("--answer-regex", default=None, metavar="PATTERN",
+                   help="a regular expression with one capture group: the answer of a benchmark line is group 1 of "
+                        "its last match (default: the built-in rules, docs/usage.md)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a prompt that does not fit the context (default: skip it, counted and named)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -96,6 +111,7 @@ def main(argv=None) -> int:
             check_heldout_size(args.n)
         if not families and not args.benchmark:
             raise EvaluationError("nothing to evaluate: --tasks is empty and no --benchmark given")
+        answer_regex = compile_answer_regex(args.answer_regex) if args.answer_regex is not None else None
         if args.out:
             check_writable(args.out, "--out")
         if args.routing != "native":  # a bad rule fails before the weights are read
@@ -106,7 +122,8 @@ def main(argv=None) -> int:
         set_routing(model, args.routing, args.zero_bias)
         report = evaluate_model(model, tokenizer, families, args.n, sampling, args.batch_size, args.seed,
                                 args.benchmark, task_seed=args.task_seed, split=args.split,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, chat_template_kwargs=args.chat_template_kwargs,
+                                strict=args.strict, answer_regex=answer_regex)
     except (ZedaError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2

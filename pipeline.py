@@ -167,7 +167,10 @@ def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict)
              "--epochs", str(args.sft_epochs), "--global-batch-size", str(args.sft_batch_size),
              "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)),
              "--lr", str(args.sft_lr), "--alpha", str(args.alpha), "--w", str(args.w), "--seed", str(args.seed)]
-            + ["--drop-incorrect"] * args.sft_drop_incorrect + ["--resume"] * args.resume, args.threads)
+            # every rollout, as before cut-off answers were dropped by default (the shipped teachers' answers end
+            # well within --max-new-tokens; a tiny random teacher's never do)
+            + ["--keep-unfinished"] + ["--drop-incorrect"] * args.sft_drop_incorrect + ["--resume"] * args.resume,
+            args.threads)
         seconds["sft"] = time.time() - t
     if "opd" in stages:
         t = time.time()

@@ -4,12 +4,17 @@
 
 Prompts: JSONL or Parquet in the authors' format (`{"messages": [...]}`) or with a plain `{"prompt": "..."}`.
 Output: the same messages with the teacher's answer appended (zeda/rollout.py says exactly what a line holds).
-Resumable: a rerun skips the answers already written and appends the rest.
+Resumable by content: a rerun skips the answers already written (keyed by a hash of the prompt's messages and
+the sample index, so an edited or reordered prompt file is answered exactly --samples-per-prompt times per prompt)
+and appends the rest. Prompts that do not fit the context with --max-new-tokens are skipped and named (--strict
+refuses them). The last line printed is the run's counts as JSON (`unfinished`: answers that hit
+--max-new-tokens, marked "finished": false, which train_sft.py drops unless --keep-unfinished).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +22,7 @@ import torch
 
 from zeda.data import check_writable
 from zeda.errors import ZedaError
-from zeda.flags import int_range
+from zeda.flags import add_chat_template_kwargs, int_range
 from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference
 from zeda.rollout import rollout
@@ -34,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int_range(min=1), default=64, help="prompts per generation batch")
     p.add_argument("--seed", type=int_range(min=0), default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    add_chat_template_kwargs(p)
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a prompt that does not fit the context (default: skip it, counted and named)")
     args = p.parse_args(argv)
     try:
         check_writable(args.out, "--out")
@@ -41,15 +49,19 @@ def main(argv=None) -> int:
         params = sampling_from_args(args, args.max_new_tokens)
         with torch.no_grad():
             stats = rollout(model, tokenizer, args.prompts, args.out, params, args.samples_per_prompt,
-                            args.batch_size, args.seed)
+                            args.batch_size, args.seed, chat_template_kwargs=args.chat_template_kwargs,
+                            strict=args.strict)
     except (ZedaError, OSError) as e:
         print(f"rollout.py: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {stats['written']} rollouts to {args.out} ({stats['skipped_existing']} already there, "
-          f"{stats['truncated']} hit --max-new-tokens, {stats['new_tokens']} tokens, {stats['seconds']} s)")
+          f"{stats['unfinished']} unfinished: hit --max-new-tokens, {stats['new_tokens']} tokens, {stats['seconds']} s)")
+    if stats["skipped_too_long"]:
+        print(f"skipped {stats['skipped_too_long']} prompt(s) too long for the context: {', '.join(stats['too_long'])}")
     if stats["checked"]:
         print(f"{stats['correct']} of the {stats['checked']} answers with a reference are correct "
               f"({stats['correct'] / stats['checked']:.1%})")
+    print(json.dumps(stats))
     return 0
 
 

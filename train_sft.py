@@ -15,11 +15,17 @@ to prompts with a reference; not in the paper's recipe). Checkpoints (HF layout 
 written atomically) go to OUT/step-N every --save-every steps and OUT/final at the end; --resume continues from
 the newest with the same data order. OUT/metrics.jsonl gets one line per step. SIGTERM or Ctrl-C stops after
 the current step with a checkpoint; a non-finite loss stops the run naming the step, before anything is saved.
+
+Data: every rollout is rendered through the student's chat template (data.encode_conversations: a thinking
+model's <think> reasoning as its template writes it; loss on the answer and its end-of-turn token). Lines marked
+`"finished": false` (cut at the answer limit) are dropped and counted unless --keep-unfinished, which trains on
+them with no end token. --show-examples N prints the first N examples, loss tokens marked, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from pathlib import Path
@@ -28,10 +34,10 @@ import torch
 
 import zeda
 from zeda.baselines import parse_routing, set_routing
-from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages, response_of
+from zeda.data import Example, collate, encode_conversations, iter_records, messages_of
 from zeda.distributed import Dist
-from zeda.errors import DataError, UsageError
-from zeda.flags import float_range, int_range
+from zeda.errors import DataError, UsageError, ZedaError
+from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference, load_tokenizer
@@ -42,38 +48,49 @@ from zeda.trainer import Trainer, add_training_args, lr_at, run_training, zero_s
 # ----------------------------------------------------------------------------- data
 
 def load_rollouts(path: Path, tokenizer, vocab_size: int, max_seq_len: int, truncate: bool,
-                  drop_incorrect: bool = False):
-    """Rollout JSONL -> encoded examples. Returns (examples, counts of dropped/truncated/too-long).
-    drop_incorrect skips lines marked `"correct": false` (rollout.py marks answers to prompts with a reference)."""
-    prompts, responses, lines = [], [], []
-    marked = incorrect = 0
+                  drop_incorrect: bool = False, keep_unfinished: bool = False,
+                  chat_template_kwargs: dict | None = None):
+    """Rollout JSONL -> examples rendered by the chat template (data.encode_conversations). Returns (examples,
+    counts of dropped/truncated/too-long). Lines marked `"finished": false` (answers cut at the answer limit) are
+    dropped unless keep_unfinished, which trains on them with no end token; drop_incorrect skips lines marked
+    `"correct": false` (rollout.py marks answers to prompts with a reference)."""
+    conversations, finished, where = [], [], []
+    marked = incorrect = unfinished = total = 0
     for lineno, rec in iter_records(path):
-        response = response_of(rec, path, lineno)
-        if response is None:
+        total += 1
+        messages = messages_of(rec, path, lineno)
+        if messages[-1]["role"] != "assistant":
             raise DataError(f"{path}:{lineno}: no assistant message at the end (a rollout needs the teacher's answer)")
-        if "correct" in rec:
-            marked += 1
-            if not isinstance(rec["correct"], bool):
-                raise DataError(f"{path}:{lineno}: 'correct' must be true or false, not {rec['correct']!r}")
+        for field in ("correct", "finished"):
+            if field in rec and not isinstance(rec[field], bool):
+                raise DataError(f"{path}:{lineno}: '{field}' must be true or false, not {rec[field]!r}")
+        marked += "correct" in rec
         if drop_incorrect and rec.get("correct") is False:
             incorrect += 1
             continue
-        prompts.append(prompt_messages(rec, path, lineno))
-        responses.append(response)
-        lines.append(lineno)
+        done = rec.get("finished", True)
+        if not done and not keep_unfinished:
+            unfinished += 1
+            continue
+        conversations.append(messages)
+        finished.append(done)
+        where.append(f"{path}:{lineno}")
     if drop_incorrect and not marked:
         raise DataError(f"{path}: --drop-incorrect, but no line has a 'correct' field (rollout.py writes one when "
                          f"the prompt record has a reference answer)")
-    if not prompts:
-        raise DataError(f"{path}: empty dataset (no rollouts" + (", or none correct)" if incorrect else ")"))
-    examples = encode_chats(tokenizer, prompts, responses)
+    if not conversations:
+        reasons = [f"{unfinished} unfinished (\"finished\": false; --keep-unfinished keeps them)"] if unfinished else []
+        reasons += [f"{incorrect} incorrect"] if incorrect else []
+        raise DataError(f"{path}: no usable rollouts" + (f": of {total}, dropped {' and '.join(reasons)}"
+                                                          if reasons else " (empty dataset)"))
+    examples = encode_conversations(tokenizer, conversations, finished, chat_template_kwargs, where)
     biggest = max(max(e.ids) for e in examples)
     if biggest >= vocab_size:
-        bad = next(line for line, e in zip(lines, examples) if max(e.ids) == biggest)
-        raise DataError(f"{path}:{bad}: token id {biggest} >= the model's vocab_size {vocab_size}: the rollouts' "
+        bad = next(e.where for e in examples if max(e.ids) == biggest)
+        raise DataError(f"{bad}: token id {biggest} >= the model's vocab_size {vocab_size}: the rollouts' "
                          f"tokenizer does not fit the student")
-    kept, counts = [], {"rollouts": len(examples) + incorrect, "dropped_incorrect": incorrect, "truncated": 0,
-                        "dropped_too_long": 0}
+    kept, counts = [], {"rollouts": total, "dropped_incorrect": incorrect, "dropped_unfinished": unfinished,
+                        "kept_unfinished": finished.count(False), "truncated": 0, "dropped_too_long": 0}
     for e in examples:
         if len(e.ids) > max_seq_len:
             if truncate and e.num_prompt < max_seq_len:
@@ -86,6 +103,44 @@ def load_rollouts(path: Path, tokenizer, vocab_size: int, max_seq_len: int, trun
     if not kept:
         raise DataError(f"{path}: every rollout is longer than --max-seq-len {max_seq_len}")
     return kept, counts
+
+
+def describe_counts(path: Path, counts: dict, used: int) -> str:
+    """The data line a run starts with: how many rollouts it trains on and why the others are left out."""
+    return (f"{path}: {counts['rollouts']} rollouts, {used} used; dropped {counts['dropped_unfinished']} unfinished "
+            f"(cut at the answer limit; --keep-unfinished keeps them), {counts['dropped_incorrect']} incorrect, "
+            f"{counts['dropped_too_long']} too long; {counts['truncated']} truncated, {counts['kept_unfinished']} "
+            f"unfinished kept without an end token")
+
+
+LOSS_OPEN, LOSS_CLOSE = "[[loss>", "<loss]]"  # around the loss tokens when stdout is not a terminal
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def render_example(tokenizer, e: Example, color: bool) -> str:
+    """One training example as text, its loss tokens (answer + end token) marked: green on a terminal, between
+    [[loss> and <loss]] otherwise."""
+    prompt = tokenizer.decode(e.ids[:e.num_prompt], skip_special_tokens=False)
+    answer = tokenizer.decode(e.ids[e.num_prompt:], skip_special_tokens=False)
+    return prompt + (f"{GREEN}{answer}{RESET}" if color else f"{LOSS_OPEN}{answer}{LOSS_CLOSE}")
+
+
+def show_examples(args) -> int:
+    """--show-examples N: print the first N training examples as rendered, loss tokens marked; no weights read."""
+    try:
+        cfg = zeda.ModelConfig.from_hf_config(args.student)
+        tokenizer = load_tokenizer(args.student)
+        examples, counts = load_rollouts(args.rollouts, tokenizer, cfg.vocab_size, args.max_seq_len, args.truncate,
+                                         args.drop_incorrect, args.keep_unfinished, args.chat_template_kwargs)
+    except (ZedaError, OSError) as e:
+        print(f"train_sft.py: error: {e}", file=sys.stderr)
+        return 2
+    print(describe_counts(args.rollouts, counts, len(examples)))
+    color = sys.stdout.isatty()
+    for i, e in enumerate(examples[:args.show_examples], start=1):
+        print(f"--- example {i} ({e.where}): {e.num_prompt} prompt tokens, {len(e.ids) - e.num_prompt} loss tokens")
+        print(render_example(tokenizer, e, color))
+    return 0
 
 
 def global_batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
@@ -145,8 +200,9 @@ def sample_rollouts(args, d: Dist) -> Path:
         teacher, tokenizer = load_for_inference(args.teacher, d.device)
         params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-")
         with torch.no_grad():
-            stats = rollout(teacher, tokenizer, args.prompts, rollouts, params, seed=args.seed)
-        d.print(f"rollouts: {stats}")
+            stats = rollout(teacher, tokenizer, args.prompts, rollouts, params, seed=args.seed,
+                            chat_template_kwargs=args.chat_template_kwargs)
+        d.print(f"rollouts: {json.dumps(stats)}")
         del teacher
     d.barrier()
     return rollouts
@@ -161,7 +217,9 @@ def train(args, d: Dist, stop: dict) -> dict:
     tokenizer = load_tokenizer(args.student)
     rollouts = args.rollouts or sample_rollouts(args, d)
     examples, data_counts = load_rollouts(rollouts, tokenizer, student_cfg.vocab_size, args.max_seq_len,
-                                          args.truncate, args.drop_incorrect)
+                                          args.truncate, args.drop_incorrect, args.keep_unfinished,
+                                          args.chat_template_kwargs)
+    d.print(describe_counts(rollouts, data_counts, len(examples)))
     G, micro = args.global_batch_size, args.micro_batch_size
     if G % (micro * d.dp):
         raise UsageError(f"--global-batch-size {G} must be a multiple of --micro-batch-size {micro} x {d.dp} ranks")
@@ -205,6 +263,13 @@ def parse_args(argv=None):
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
     p.add_argument("--drop-incorrect", action="store_true",
                    help="skip rollouts marked \"correct\": false (answers checked against the prompt's reference)")
+    p.add_argument("--keep-unfinished", action="store_true",
+                   help="train on rollouts marked \"finished\": false too (cut at the answer limit), with no end "
+                        "token in the loss (default: they are dropped and counted)")
+    add_chat_template_kwargs(p)
+    p.add_argument("--show-examples", type=int_range(min=1), default=None, metavar="N",
+                   help="print the first N training examples as rendered, loss tokens marked, and exit (reads no "
+                        "weights; needs --rollouts)")
     p.add_argument("--routing", default="native",
                    help="native, or a training-free rule the student is fine-tuned under (topk:K' for the static "
                         "top-k' baseline, on the static teacher; evaluate with evaluate.py --routing the same)")
@@ -214,12 +279,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.rollouts is None) == (args.teacher is None or args.prompts is None):
         p.error("give --rollouts FILE, or --teacher DIR with --prompts FILE")
+    if args.show_examples and args.rollouts is None:
+        p.error("--show-examples needs --rollouts FILE (it shows training data without sampling any)")
     args.dtype = getattr(torch, args.dtype)
     return args
 
 
 def main(argv=None) -> int:
-    return run_training("train_sft.py", train, parse_args(argv))
+    args = parse_args(argv)
+    if args.show_examples:
+        return show_examples(args)
+    return run_training("train_sft.py", train, args)
 
 
 if __name__ == "__main__":

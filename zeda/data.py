@@ -30,8 +30,7 @@ from typing import BinaryIO
 
 import torch
 
-from zeda.errors import DataError
-from zeda.tasks import ANSWER_PREFIX, extract_answer
+from zeda.errors import DataError, UsageError
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 ROLES = ("system", "user", "assistant", "tool")
@@ -93,7 +92,8 @@ def messages_of(record: dict, path: str | os.PathLike = "<record>", lineno: int 
 
     Accepts `{"messages": [...]}` and `{"prompt": "..."}` (or `{"prompt": [messages]}`, TRL's
     conversational form). Every message needs a known role and string content; at least one user
-    message must come before the last turn, and no user message may be empty."""
+    message must come before the last turn, and no user message may be empty. An assistant message keeps its
+    `reasoning_content` (a thinking model's reasoning, which chat templates such as Qwen3's render in <think>)."""
     where = f"{path}:{lineno}"
     if "messages" in record:
         field, raw = "messages", record["messages"]
@@ -118,7 +118,13 @@ def messages_of(record: dict, path: str | os.PathLike = "<record>", lineno: int 
         if role == "user" and not content.strip():
             label = "prompt" if field == "prompt" and isinstance(record["prompt"], str) else f"{name}.content"
             raise DataError(f"{where}: {label} is empty")
-        messages.append({"role": role, "content": content})
+        kept = {"role": role, "content": content}
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None:  # a thinking model's reasoning, kept apart (Qwen3's chat format)
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise DataError(f"{where}: {name}.reasoning_content must be a string on an assistant message")
+            kept["reasoning_content"] = reasoning
+        messages.append(kept)
     prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
     if not any(m["role"] == "user" for m in prompt):
         raise DataError(f"{where}: '{field}' has no user message before the final turn")
@@ -290,25 +296,77 @@ def _boxed(text: str) -> str | None:
     return None
 
 
-def final_answer(text: str) -> str:
-    """The answer part of a model output: after the last "Answer:", else the last \\boxed{...}, else the
-    last non-blank line."""
-    if ANSWER_PREFIX in text:
-        return extract_answer(text) or ""
+# final_answer's rules, in this order (docs/usage.md has them as a table, with an example of each):
+#   1. only the text after the last "</think>" counts: a thinking model's reasoning is not its answer;
+#   2. with --answer-regex, group 1 of its last match (no match: an empty answer, scored wrong);
+#   3. the rest of the line after the last answer marker: "Answer:", "**Answer:**", "**Answer**:",
+#      "The answer is", "The final answer is" (any case);
+#   4. else the contents of the last \boxed{...};
+#   5. else the last non-blank line, or the last **bold** part of it when it has one.
+# normalise_answer then takes off, until nothing changes, what wraps an answer: surrounding spaces, one trailing
+# period, **bold**, $...$ / $$...$$ / \(...\) / \[...\], and a \boxed{...} around all of it. Numbers compare
+# as numbers ("1,234" == "1234.0"), everything else as text with runs of whitespace collapsed.
+_MARKER_RE = re.compile(r"\banswer(?:\*\*)?\s*(?::|\bis\b)(?:\*\*)?", re.IGNORECASE)
+_BOLD_RE = re.compile(r"\*\*(.+?)\*\*")
+_WRAPPERS = (("**", "**"), ("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def compile_answer_regex(pattern: str, flag: str = "--answer-regex") -> re.Pattern:
+    """A user's answer pattern, compiled; it must have exactly one capture group (the answer)."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{flag} {pattern!r}: not a valid regular expression ({e})") from None
+    if compiled.groups != 1:
+        raise UsageError(f"{flag} {pattern!r}: needs exactly one capture group (the answer), has {compiled.groups}")
+    return compiled
+
+
+def normalise_answer(text: str) -> str:
+    """An answer without what wraps it: spaces, one trailing period, **bold**, LaTeX dollars or brackets, and a
+    \\boxed{...} around the whole of it, taken off until nothing changes ("**$\\boxed{42}$.**" -> "42")."""
+    while True:
+        before = text
+        text = text.strip()
+        if text.endswith(".") and not text.endswith(".."):
+            text = text[:-1]
+        for left, right in _WRAPPERS:
+            if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
+                text = text[len(left):-len(right)]
+                break
+        if text.startswith("\\boxed{") and _boxed(text) is not None and text.endswith("}") \
+                and len(_boxed(text)) == len(text) - len("\\boxed{}"):
+            text = _boxed(text)
+        if text == before:
+            return text
+
+
+def final_answer(text: str, answer_regex: re.Pattern | None = None) -> str:
+    """The answer part of a model output, by the rules above (before normalise_answer)."""
+    text = text.rsplit(THINK_CLOSE, 1)[-1]
+    if answer_regex is not None:
+        matches = list(answer_regex.finditer(text))
+        return matches[-1].group(1) or "" if matches else ""
+    markers = list(_MARKER_RE.finditer(text))
+    if markers:
+        return text[markers[-1].end():].split("\n", 1)[0]
     boxed = _boxed(text)
     if boxed is not None:
         return boxed
     lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
+    last = lines[-1] if lines else ""
+    bold = _BOLD_RE.findall(last)
+    return bold[-1] if bold else last
 
 
-def score_answer(prediction: str, reference: str) -> bool:
-    """Whether a model output answers like the reference.
+def score_answer(prediction: str, reference: str, answer_regex: re.Pattern | None = None) -> bool:
+    """Whether a model output answers like the reference (both sides normalised by normalise_answer).
 
     Numbers compare numerically when both sides parse ("1,234" == "1234.0"), within 1e-6 absolute or
-    relative to the reference, whichever is looser; anything else must match exactly after stripping
-    and collapsing runs of whitespace."""
-    predicted, reference = final_answer(prediction).strip(), reference.strip()
+    relative to the reference, whichever is looser; anything else must match exactly after collapsing runs of
+    whitespace."""
+    predicted, reference = normalise_answer(final_answer(prediction, answer_regex)), normalise_answer(reference)
     p, r = _as_number(predicted), _as_number(reference)
     if p is not None and r is not None:
         return abs(p - r) <= NUMERIC_TOLERANCE * max(1.0, abs(r))
@@ -324,16 +382,20 @@ class Example:
     ids: list[int]  # prompt + response (+ EOS)
     num_prompt: int  # the first num_prompt ids are the prompt: no loss there
     family: str = ""
+    where: str = ""  # the record it came from ("rollouts.jsonl:12"), for messages
 
 
 def encode_chats(tokenizer, prompts: list[list[Message]], responses: list[str | None] | None = None,
-                 families: list[str] | None = None) -> list[Example]:
+                 families: list[str] | None = None, chat_template_kwargs: dict | None = None) -> list[Example]:
     """Chat-template each prompt (with the assistant header), then append its response and EOS.
 
     Prompts and responses are tokenised separately and concatenated, so the boundary is exact for any
     tokenizer (a BPE merge across it would blur which tokens are the response's). Batched: one call to the
-    fast tokenizer per list, which matters for the ~100k examples of teacher training."""
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    fast tokenizer per list, which matters for the ~100k examples of teacher training. chat_template_kwargs
+    (e.g. {"enable_thinking": False}) go to the template. SFT data goes through encode_conversations instead,
+    which renders the answer through the template too."""
+    kwargs = chat_template_kwargs or {}
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kwargs) for m in prompts]
     prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     responses = responses or [None] * len(prompts)
     families = families or [""] * len(prompts)
@@ -346,9 +408,78 @@ def encode_chats(tokenizer, prompts: list[list[Message]], responses: list[str | 
     return out
 
 
-def encode_chat(tokenizer, prompt_messages: list[Message], response: str | None = None, family: str = "") -> Example:
+def encode_chat(tokenizer, prompt_messages: list[Message], response: str | None = None, family: str = "",
+                chat_template_kwargs: dict | None = None) -> Example:
     """encode_chats for one example."""
-    return encode_chats(tokenizer, [prompt_messages], [response], [family])[0]
+    return encode_chats(tokenizer, [prompt_messages], [response], [family], chat_template_kwargs)[0]
+
+
+def encode_conversations(tokenizer, conversations: list[list[Message]], finished: list[bool] | None = None,
+                         chat_template_kwargs: dict | None = None, where: list[str] | None = None) -> list[Example]:
+    """SFT examples of conversations that end in the assistant answer to learn, rendered by the chat template.
+
+    The prompt part is the template's rendering of the messages before the answer, with its generation prompt:
+    what the model sees when it answers. The answer part is what the template adds when the answer message is
+    rendered too (the full rendering minus the prompt's), so `reasoning_content`, the template's <think> handling
+    and earlier turns dropping their reasoning come out exactly as the template writes them. The loss covers the
+    answer's tokens up to and including the first end-of-turn token (the tokenizer's EOS, where generation
+    stops; a newline the template writes after it is never generated). A template that ends an assistant turn
+    without the EOS gets one appended. The prompt rendering must be a prefix of the full one, else the answer's
+    tokens cannot be told apart: a DataError names the record (where[i]).
+
+    An answer that opens with <think> after a generation prompt that already ends in <think> loses its own
+    opening tag (a rollout decoded with the tag kept must not teach <think><think>). An unfinished answer
+    (finished[i] False: cut at the answer limit) is the raw continuation of the prompt with no end token:
+    rendered whole, a template would close a thought that never closed. One with `reasoning_content` is rendered
+    by the template (its reasoning did close) with the end token cut off.
+
+    On the toy teachers' template this gives encode_chats' ids and masks exactly (tests/test_thinking.py)."""
+    kwargs = chat_template_kwargs or {}
+    finished = finished if finished is not None else [True] * len(conversations)
+    where = where if where is not None else [f"conversation {i}" for i in range(len(conversations))]
+    eos = tokenizer.eos_token_id
+    prompt_texts, answer_texts = [], []
+    for messages, done, name in zip(conversations, finished, where):
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataError(f"{name}: no assistant message at the end to learn")
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True, **kwargs)
+        answer = messages[-1]
+        # The generation prompt already opens a thought and the answer opens one too: the answer without its own.
+        doubled = prompt.rstrip().endswith(THINK_OPEN) and answer["content"].lstrip().startswith(THINK_OPEN)
+        unopened = {**answer, "content": answer["content"].lstrip()[len(THINK_OPEN):].lstrip("\n")}
+        if not done and "reasoning_content" not in answer:
+            prompt_texts.append(prompt)
+            answer_texts.append((unopened if doubled else answer)["content"])
+            continue
+        full = tokenizer.apply_chat_template(messages[:-1] + [answer], tokenize=False, **kwargs)
+        if doubled and full.startswith(prompt) and full[len(prompt):].lstrip().startswith(THINK_OPEN):
+            # The template writes the content as it is after the opened thought: render it without its <think>.
+            full = tokenizer.apply_chat_template(messages[:-1] + [unopened], tokenize=False, **kwargs)
+        if not full.startswith(prompt):
+            raise DataError(f"{name}: the chat template renders the prompt differently with the answer after it (its "
+                            f"rendering of the prompt is not a prefix of the whole), so the answer's tokens cannot "
+                            f"be told apart; check --chat-template-kwargs against the data (e.g. enable_thinking)")
+        prompt_texts.append(prompt)
+        answer_texts.append(full[len(prompt):])
+    # Tokenised apart, like encode_chats: the boundary is exact for any tokenizer.
+    prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"] if prompt_texts else []
+    answer_ids = tokenizer(answer_texts, add_special_tokens=False)["input_ids"] if answer_texts else []
+    out = []
+    for p, a, done, messages, name in zip(prompt_ids, answer_ids, finished, conversations, where):
+        raw = not done and "reasoning_content" not in messages[-1]
+        if not raw:
+            if eos in a:
+                a = a[:a.index(eos) + done]  # through the end-of-turn token, or (unfinished) before it
+            elif done:
+                a = a + [eos]
+        out.append(Example(p + a, len(p), where=name))
+    return out
+
+
+def encode_conversation(tokenizer, messages: list[Message], finished: bool = True,
+                        chat_template_kwargs: dict | None = None, where: str = "<record>") -> Example:
+    """encode_conversations for one conversation."""
+    return encode_conversations(tokenizer, [messages], [finished], chat_template_kwargs, [where])[0]
 
 
 def collate(examples: list[Example], pad_id: int):

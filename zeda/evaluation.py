@@ -15,7 +15,10 @@ What is measured, per run (evaluate.py prints it as a table and writes it as JSO
 
 Prompts are sorted by length before batching, so a batch pads little. Every prompt is checked against the
 context (max_position_embeddings - max_new_tokens) before anything runs, and an error names the item
-(`bench.jsonl:12`), not its position in some batch.
+(`bench.jsonl:12`), not its position in some batch; with strict=False (evaluate.py's default) such prompts are
+skipped instead, counted and named in the report (`skipped_too_long`, `too_long`), and left out of the accuracy.
+chat_template_kwargs (e.g. {"enable_thinking": False}) go to the chat template; answer_regex (data.
+compile_answer_regex) picks the final answer of benchmark lines scored by data.score_answer.
 
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -85,9 +89,12 @@ class Item:
     messages: list[dict]  # the prompt, chat-templated at encode time
     reference: str  # the reference final answer (shown in samples)
     task: tasks.Task | None  # checked with tasks.verify when set, else with data.score_answer
+    answer_regex: re.Pattern | None = None  # score_answer's --answer-regex (None: its built-in rules)
 
     def is_correct(self, output: str) -> bool:
-        return tasks.verify(self.task, output) if self.task is not None else score_answer(output, self.reference)
+        if self.task is not None:
+            return tasks.verify(self.task, output)
+        return score_answer(output, self.reference, self.answer_regex)
 
 
 def check_families(families: Sequence[str]) -> tuple[str, ...]:
@@ -116,7 +123,7 @@ def suite_items(families: Sequence[str], n: int, task_seed: int = 0, split: str 
     return items
 
 
-def record_item(record: dict, messages: list[dict], where: str) -> Item | None:
+def record_item(record: dict, messages: list[dict], where: str, answer_regex: re.Pattern | None = None) -> Item | None:
     """The checkable item of one prompt record (authors' format), or None when it has no reference answer.
 
     A record whose "family" is a zeda task family is checked with tasks.verify (the instruction-following
@@ -132,15 +139,15 @@ def record_item(record: dict, messages: list[dict], where: str) -> Item | None:
             tasks.verify(task, f"{tasks.ANSWER_PREFIX} {reference}")
         except ValueError as e:
             raise EvaluationError(f"{where}: {e}") from None
-    return Item(BENCHMARK, where, messages, reference, task)
+    return Item(BENCHMARK, where, messages, reference, task, answer_regex)
 
 
-def benchmark_items(path: str | os.PathLike) -> list[Item]:
+def benchmark_items(path: str | os.PathLike, answer_regex: re.Pattern | None = None) -> list[Item]:
     """Items of a benchmark JSONL (or Parquet) file in the authors' format (docs/method.md §7): messages + a reference
     answer."""
     items = []
     for lineno, record in iter_records(path):
-        item = record_item(record, prompt_messages(record, path, lineno), f"{path}:{lineno}")
+        item = record_item(record, prompt_messages(record, path, lineno), f"{path}:{lineno}", answer_regex)
         if item is None:
             raise EvaluationError(f"{path}:{lineno}: no reference answer (expected one of "
                                   f"{', '.join(REFERENCE_FIELDS)})")
@@ -150,13 +157,15 @@ def benchmark_items(path: str | os.PathLike) -> list[Item]:
     return items
 
 
-def encode_items(tokenizer, items: list[Item], max_new_tokens: int, max_positions: int) -> list[list[int]]:
-    """Chat-templated prompt ids per item; EvaluationError naming the item if one does not fit the context."""
+def encode_items(tokenizer, items: list[Item], max_new_tokens: int, max_positions: int,
+                 chat_template_kwargs: dict | None = None, strict: bool = True) -> list[list[int]]:
+    """Chat-templated prompt ids per item; EvaluationError naming the item if one does not fit the context (unless
+    strict=False: the caller skips those)."""
     limit = max_positions - max_new_tokens
     encoded = []
     for item in items:
-        ids = encode_chat(tokenizer, item.messages).ids
-        if len(ids) > limit:
+        ids = encode_chat(tokenizer, item.messages, chat_template_kwargs=chat_template_kwargs).ids
+        if strict and len(ids) > limit:
             raise EvaluationError(f"{item.where}: the prompt has {len(ids)} tokens; with max_new_tokens="
                                   f"{max_new_tokens} at most {limit} fit in max_position_embeddings={max_positions}")
         encoded.append(ids)
@@ -222,7 +231,8 @@ def _ratio(zero: int, real: int) -> float:
 def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, sampling: SamplingParams,
                    batch_size: int, seed: int | None, benchmark: str | os.PathLike | None = None, *,
                    task_seed: int = 0, split: str = "test", samples_per_group: int = 3,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, chat_template_kwargs: dict | None = None, strict: bool = True,
+                   answer_regex: re.Pattern | None = None) -> dict:
     """Evaluate in-process; returns the report dict that evaluate.py writes as JSON (see its docstring).
 
     families: task families of the test split (or of split="heldout", the held-out slice of the train split), n
@@ -234,11 +244,24 @@ def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, 
         raise EvaluationError(f"n must be a positive integer, got {n!r}")
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
-    items = suite_items(families, n, task_seed, split) + (benchmark_items(benchmark) if benchmark is not None else [])
+    items = suite_items(families, n, task_seed, split) + (benchmark_items(benchmark, answer_regex)
+                                                          if benchmark is not None else [])
     if not items:
         raise EvaluationError("nothing to evaluate: no task families and no benchmark")
     cfg = model.config
-    prompts = encode_items(tokenizer, items, sampling.max_new_tokens, cfg.max_position_embeddings)
+    prompts = encode_items(tokenizer, items, sampling.max_new_tokens, cfg.max_position_embeddings,
+                           chat_template_kwargs, strict)
+    limit = cfg.max_position_embeddings - sampling.max_new_tokens
+    too_long = [item.where for item, ids in zip(items, prompts) if len(ids) > limit]
+    if too_long:  # only without strict: encode_items has refused them otherwise
+        print(f"skipping {len(too_long)} prompt(s) longer than max_position_embeddings "
+              f"({cfg.max_position_embeddings}) minus max_new_tokens ({sampling.max_new_tokens}): "
+              f"{', '.join(too_long)}", flush=True)
+        kept = [(item, ids) for item, ids in zip(items, prompts) if len(ids) <= limit]
+        if not kept:
+            raise EvaluationError(f"nothing to evaluate: every prompt is longer than the context ({limit} tokens "
+                                  f"with max_new_tokens={sampling.max_new_tokens})")
+        items, prompts = [item for item, _ in kept], [ids for _, ids in kept]
 
     totals = {"stats": [], "keys": 0, "new_tokens": 0, "prompt_tokens": 0, "seconds": 0.0}
 
@@ -287,6 +310,10 @@ def evaluate_model(model: CausalLM, tokenizer, families: Sequence[str], n: int, 
         "benchmark": None if benchmark is None else str(benchmark),
         "sampling": {**dataclasses.asdict(sampling), "seed": seed},
         "batch_size": batch_size,
+        "chat_template_kwargs": chat_template_kwargs or {},
+        "answer_regex": None if answer_regex is None else answer_regex.pattern,
+        "skipped_too_long": len(too_long),
+        "too_long": too_long,
         "accuracy": accuracy,
         "counts": counts,
         "zero_expert_ratio": flops["zero_expert_ratio"],
@@ -331,6 +358,9 @@ def summary_table(report: dict) -> str:
         f"tokens generated    {report['tokens_generated']} in {report['generation_seconds']:.1f} s: "
         f"{report['tokens_per_second']:.1f} tokens/s",
     ]
+    if report.get("skipped_too_long"):
+        lines.append(f"skipped             {report['skipped_too_long']} prompt(s) too long for the context, not "
+                     f"counted: {', '.join(report['too_long'])}")
     return "\n".join(lines)
 
 

@@ -5,11 +5,13 @@ message that names the flag (argparse prints `argument --lr: must be > 0, got -1
     p.add_argument("--batch-size", type=int_range(min=1), default=32, help="prompts per batch")
 
 Floats must also be finite: `nan` compares false with every bound, so without the check it slips through.
+add_chat_template_kwargs(p) adds --chat-template-kwargs JSON, parsed once into a dict for apply_chat_template.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 
@@ -53,3 +55,31 @@ def float_range(min: float | None = None, max: float | None = None, above: float
 
     parse.__name__ = "number"
     return parse
+
+
+# Keys apply_chat_template takes itself: passed again through the template's kwargs they would clash.
+_TEMPLATE_RESERVED = ("conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message")
+
+
+def chat_template_kwargs(text: str) -> dict:
+    """--chat-template-kwargs: a JSON object of variables for the chat template, e.g. '{"enable_thinking": false}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"enable_thinking\": false}}', got {text!r}")
+    clashing = [key for key in value if key in _TEMPLATE_RESERVED]
+    if clashing:
+        raise argparse.ArgumentTypeError(f"{clashing[0]!r} is set by zeda itself, not through the template's kwargs")
+    return value
+
+
+chat_template_kwargs.__name__ = "JSON object"
+
+
+def add_chat_template_kwargs(p: argparse.ArgumentParser) -> None:
+    """The --chat-template-kwargs flag (one line in any script that renders chats)."""
+    p.add_argument("--chat-template-kwargs", type=chat_template_kwargs, default={}, metavar="JSON",
+                   help="variables for the model's chat template, as a JSON object, e.g. '{\"enable_thinking\": "
+                        "false}' for Qwen3 (default: none)")

@@ -1,17 +1,29 @@
 """Teacher rollouts for SFT (docs/method.md §4): the frozen teacher answers the training prompts.
 
 Output lines are the prompt's messages with the teacher's answer appended as the last assistant message (the
-authors' rollout format, which train_sft.py --rollouts reads), plus `id` ("<prompt line>:<sample>"),
-`finished` (False when the answer hit max_new_tokens) and, when the prompt record carries a reference answer,
-`correct` (checked as evaluate.py checks a benchmark line). Batched, sorted by prompt length, with a progress
-bar. Resumable: a rerun skips the ids already in the output file and appends the rest, so an interrupted run
-never duplicates a line (a torn last line is repaired before appending).
+authors' rollout format, which train_sft.py --rollouts reads), plus `id`, `finished` (False when the answer hit
+max_new_tokens: train_sft.py drops those unless --keep-unfinished) and, when the prompt record carries a reference
+answer, `correct` (checked as evaluate.py checks a benchmark line). Batched, sorted by prompt length, with a
+progress bar.
+
+Resumable by content: `id` is "<prompt hash>:<sample>", the hash (prompt_hash) taken over the prompt's messages, so
+a rerun after the prompt file was edited, reordered or added to answers each prompt exactly samples_per_prompt
+times: what is already in the output is skipped, the rest appended (a torn last line is repaired first). A prompt
+that occurs k times in the file gets k x samples_per_prompt answers (the k-th occurrence owns samples
+k*n .. k*n+n-1). Lines written before ids were hashes ("<line>:<sample>") count by their messages: each one is an
+answer to the prompt it holds.
+
+Prompts that do not fit the context with the answer limit are skipped, counted and named (file:line); strict=True
+refuses them instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
+from collections import Counter
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,49 +33,88 @@ from zeda.errors import DataError
 from zeda.evaluation import record_item
 from zeda.generation import SamplingParams, generate
 
+KEY_RE = re.compile(r"[0-9a-f]{16}:\d+")  # the id of a line written by this version: "<prompt hash>:<sample>"
 
-def done_ids(path: Path) -> set[str]:
-    """Ids of the complete lines already written (a torn last line does not count)."""
+
+def prompt_hash(messages: list[dict]) -> str:
+    """16 hex digits of SHA-256 over the prompt messages' canonical JSON: what finished work is keyed by."""
+    text = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def done_keys(path: Path) -> set[str]:
+    """The "<prompt hash>:<sample>" keys of the complete lines already written (a torn last line does not count).
+    An older line without such an id is keyed by its own prompt messages, with the next sample index free for
+    that prompt."""
     if not path.exists():
         return set()
-    ids = set()
+    keys, legacy = set(), []
     with open(path, "rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
                 break
+            if not raw.strip():
+                continue
             try:
-                ids.add(json.loads(raw)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{path}: a line without a valid 'id'; not a rollout file from this tool") from None
-    return ids
+                record = json.loads(raw)
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{lineno}: not valid JSON; not a rollout file from this tool") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object; not a rollout file from this tool")
+            rid = record.get("id")
+            if isinstance(rid, str) and KEY_RE.fullmatch(rid):
+                keys.add(rid)
+            else:
+                legacy.append(prompt_hash(prompt_messages(record, path, lineno)))
+    for digest in legacy:
+        sample = 0
+        while f"{digest}:{sample}" in keys:
+            sample += 1
+        keys.add(f"{digest}:{sample}")
+    return keys
 
 
 def rollout(model, tokenizer, prompts_path: Path, out_path: Path, params: SamplingParams, samples_per_prompt: int = 1,
-            batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
-    """Sample `samples_per_prompt` answers per prompt into out_path (appending, resumable). Returns counts."""
+            batch_size: int = 64, seed: int = 0, progress: bool = True, chat_template_kwargs: dict | None = None,
+            strict: bool = False) -> dict:
+    """Sample `samples_per_prompt` answers per prompt into out_path (appending, resumable). Returns counts:
+    written, skipped_existing, unfinished (answers that hit max_new_tokens), skipped_too_long (+ too_long: their
+    file:line), checked / correct (answers to prompts with a reference), new_tokens, seconds."""
     records = []  # (line, messages, checkable item or None)
     for lineno, rec in iter_records(prompts_path):
         msgs = prompt_messages(rec, prompts_path, lineno)
         records.append((lineno, msgs, record_item(rec, msgs, f"{prompts_path}:{lineno}")))
     if not records:
         raise DataError(f"{prompts_path}: no prompts")
-    already = done_ids(out_path)
-    todo = [(f"{lineno}:{s}", msgs, item) for lineno, msgs, item in records for s in range(samples_per_prompt)
-            if f"{lineno}:{s}" not in already]
-    encoded = encode_chats(tokenizer, [m for _, m, _ in todo])
+    already = done_keys(out_path)
+    todo, occurrences, wanted = [], Counter(), 0  # todo: (key, line, messages, item)
+    for lineno, msgs, item in records:
+        digest = prompt_hash(msgs)
+        k = occurrences[digest]
+        occurrences[digest] += 1
+        for s in range(k * samples_per_prompt, (k + 1) * samples_per_prompt):
+            wanted += 1
+            if f"{digest}:{s}" not in already:
+                todo.append((f"{digest}:{s}", lineno, msgs, item))
+    encoded = encode_chats(tokenizer, [m for _, _, m, _ in todo], chat_template_kwargs=chat_template_kwargs)
     eos = sorted({tokenizer.eos_token_id, *model.config.eos_token_id} - {None})
-    limit = model.config.max_position_embeddings - params.max_new_tokens
+    context = model.config.max_position_embeddings
+    limit = context - params.max_new_tokens
     too_long = [i for i, e in enumerate(encoded) if len(e.ids) > limit]
+    names = list(dict.fromkeys(f"{prompts_path}:{todo[i][1]}" for i in too_long))
+    if too_long and strict:
+        raise DataError(f"{names[0]}: prompt of {len(encoded[too_long[0]].ids)} tokens does not fit the context "
+                         f"({context} - {params.max_new_tokens} new tokens); {len(names)} prompt(s) too long")
     if too_long:
-        first = todo[too_long[0]][0].split(":")[0]
-        raise DataError(f"{prompts_path}:{first}: prompt of {len(encoded[too_long[0]].ids)} tokens does not fit the "
-                         f"context ({model.config.max_position_embeddings} - {params.max_new_tokens} new tokens); "
-                         f"{len(too_long)} prompt(s) too long")
-    order = sorted(range(len(todo)), key=lambda i: len(encoded[i].ids))  # similar lengths batch together
-    stats = {"written": 0, "skipped_existing": len(already), "truncated": 0, "checked": 0, "correct": 0,
-             "new_tokens": 0}
+        print(f"skipping {len(names)} prompt(s) longer than the context ({context}) minus --max-new-tokens "
+              f"({params.max_new_tokens}): {', '.join(names)}", flush=True)
+    skipped = set(too_long)
+    fits = [i for i in range(len(todo)) if i not in skipped]
+    order = sorted(fits, key=lambda i: len(encoded[i].ids))  # similar lengths batch together
+    stats = {"written": 0, "skipped_existing": wanted - len(todo), "unfinished": 0,
+             "skipped_too_long": len(names), "too_long": names, "checked": 0, "correct": 0, "new_tokens": 0}
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc="rollouts", unit="answer", disable=not progress)
+    bar = tqdm(total=len(order), desc="rollouts", unit="answer", disable=not progress)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         gen = generate(model, [encoded[i].ids for i in batch], params, eos, tokenizer.pad_token_id or 0,
@@ -71,14 +122,14 @@ def rollout(model, tokenizer, prompts_path: Path, out_path: Path, params: Sampli
         lines = []
         for i, tokens, finished in zip(batch, gen.tokens, gen.finished):
             text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-            rid, msgs, item = todo[i]
-            line = {"id": rid, "messages": msgs + [{"role": "assistant", "content": text}], "finished": finished}
+            key, _, msgs, item = todo[i]
+            line = {"id": key, "messages": msgs + [{"role": "assistant", "content": text}], "finished": finished}
             if item is not None:
                 line["correct"] = item.is_correct(text)
                 stats["checked"] += 1
                 stats["correct"] += line["correct"]
             lines.append(line)
-            stats["truncated"] += not finished
+            stats["unfinished"] += not finished
         append_jsonl(out_path, lines)  # one fsync per batch: a crash loses at most this batch
         stats["written"] += len(lines)
         stats["new_tokens"] += gen.new_tokens
