@@ -67,30 +67,39 @@ def compare_rows(ours: list[list[int]], theirs: list[list[int]], eos_ids: set[in
 def hf_generate(hf_model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad: int):
     """transformers' greedy generate() on the same left-padded batch: (rows of new ids up to EOS, seconds)."""
     P = max(map(len, prompts))
-    ids_BP = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    mask_BP = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    ids_BP = torch.tensor([[pad] * (P - len(p)) + p for p in prompts]).to(hf_model.device)
+    mask_BP = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts]).to(hf_model.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = hf_model.generate(input_ids=ids_BP, attention_mask=mask_BP, do_sample=False,
                                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids), pad_token_id=pad)
+    if out.is_cuda:
+        torch.cuda.synchronize()  # the clock stops when the tokens exist, as zeda's (whose .tolist() waits)
     seconds = time.perf_counter() - t0
     return [up_to_eos(row, eos_ids) for row in out[:, P:].tolist()], seconds
 
 
 def bench_teacher(arch: str, args) -> dict:
+    return measure_teacher(arch, args.prompts, args.batch, args.max_new_tokens, args.repeats)
+
+
+def measure_teacher(arch: str, n_prompts: int = 32, batch: int = 32, max_new_tokens: int = 64, repeats: int = 3,
+                    device: str = "cpu", dtype: str = "float32", compile: bool = True) -> dict:
+    """Part 1 for one shipped teacher (the module docstring). device/dtype: where and in what both contenders
+    run; compile=False leaves out the compiled runs (the keys of "compiled" with them)."""
     import transformers
 
     path = SHIPPED_TEACHERS[arch]
-    model, tokenizer = load_for_inference(path, device="cpu", dtype="float32")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tokenizer = load_for_inference(path, device=device, dtype=dtype)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     cfg = model.config
-    per_family = -(-args.prompts // len(tasks.FAMILIES))
-    items = suite_items(list(tasks.FAMILIES), per_family, split="test")[:args.prompts]
-    prompts = encode_items(tokenizer, items, args.max_new_tokens, cfg.max_position_embeddings)
-    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    per_family = -(-n_prompts // len(tasks.FAMILIES))
+    items = suite_items(list(tasks.FAMILIES), per_family, split="test")[:n_prompts]
+    prompts = encode_items(tokenizer, items, max_new_tokens, cfg.max_position_embeddings)
+    batches = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
     eos, pad = stop_ids(tokenizer, cfg), pad_id(tokenizer, cfg)
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    log(f"[{arch}] {len(prompts)} test prompts in batches of {args.batch}, max_new_tokens {args.max_new_tokens}, "
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    log(f"[{arch}] {len(prompts)} test prompts in batches of {batch}, max_new_tokens {max_new_tokens}, "
         f"expert backend {model.model.layers[-1].mlp.experts.backend}")
 
     def run_zeda(compile: bool):
@@ -100,38 +109,42 @@ def bench_teacher(arch: str, args) -> dict:
 
     def run_hf():
         rows, seconds = [], 0.0
-        for batch in batches:
-            got, s = hf_generate(hf_model, batch, args.max_new_tokens, eos, pad)
+        for chunk in batches:
+            got, s = hf_generate(hf_model, chunk, max_new_tokens, eos, pad)
             rows, seconds = rows + got, seconds + s
         return rows, seconds
 
-    t0 = time.perf_counter()
-    compiled_rows, _ = run_zeda(compile=True)  # the first call per batch shape compiles
-    compile_seconds = time.perf_counter() - t0
-    log(f"[{arch}] compiled the decode step (first call, all batches): {compile_seconds:.1f} s")
-    runs = {"eager": [], "compiled": [], "transformers": []}
+    if compile:
+        t0 = time.perf_counter()
+        compiled_rows, _ = run_zeda(compile=True)  # the first call per batch shape compiles
+        compile_seconds = time.perf_counter() - t0
+        log(f"[{arch}] compiled the decode step (first call, all batches): {compile_seconds:.1f} s")
+    contenders = ([("eager", lambda: run_zeda(False))] + ([("compiled", lambda: run_zeda(True))] if compile else [])
+                  + [("transformers", run_hf)])
+    runs = {name: [] for name, _ in contenders}
     outputs = {}
-    for r in range(args.repeats):  # in turn, so that the other jobs' load hits all three alike
-        for name, fn in (("eager", lambda: run_zeda(False)), ("compiled", lambda: run_zeda(True)),
-                         ("transformers", run_hf)):
+    for r in range(repeats):  # in turn, so that the other jobs' load hits all three alike
+        for name, fn in contenders:
             rows, seconds = fn()
             outputs[name] = rows
             runs[name].append(sum(map(len, rows)) / seconds)
-        log(f"[{arch}] repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in runs.items()))
+        log(f"[{arch}] repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in runs.items()))
     tok_s = {k: statistics.median(v) for k, v in runs.items()}
-    identical = {k: compare_rows(outputs[k], outputs["transformers"], eos) for k in ("eager", "compiled")}
-    identical["compiled_first_call"] = compare_rows(compiled_rows, outputs["transformers"], eos)
-    return {
-        "prompts": len(prompts), "batch": args.batch, "max_new_tokens": args.max_new_tokens,
+    identical = {k: compare_rows(outputs[k], outputs["transformers"], eos) for k in runs if k != "transformers"}
+    if compile:
+        identical["compiled_first_call"] = compare_rows(compiled_rows, outputs["transformers"], eos)
+    report = {
+        "prompts": len(prompts), "batch": batch, "max_new_tokens": max_new_tokens,
         "generated_tokens": sum(map(len, outputs["transformers"])),
         "zeda_eager_tokens_per_s": round(tok_s["eager"], 1),
-        "zeda_compiled_tokens_per_s": round(tok_s["compiled"], 1),
+        "zeda_compiled_tokens_per_s": round(tok_s["compiled"], 1) if compile else None,
         "transformers_tokens_per_s": round(tok_s["transformers"], 1),
-        "compiled_vs_transformers": round(tok_s["compiled"] / tok_s["transformers"], 2),
+        "compiled_vs_transformers": round(tok_s["compiled"] / tok_s["transformers"], 2) if compile else None,
         "eager_vs_transformers": round(tok_s["eager"] / tok_s["transformers"], 2),
         "identical": all(identical.values()), "identical_by_run": identical,
-        "compile_seconds": round(compile_seconds, 1), "runs_tokens_per_s": runs,
+        "compile_seconds": round(compile_seconds, 1) if compile else None, "runs_tokens_per_s": runs,
     }
+    return {k: v for k, v in report.items() if v is not None}  # without compile: no compiled keys at all
 
 
 def real_width_model(layers: int) -> CausalLM:

@@ -126,6 +126,27 @@ def bench_one(fn, inputs, dy, device, warmup, repeats):
     return time_ms(fwd, device, warmup, repeats), time_ms(fwd_bwd, device, warmup, repeats)
 
 
+def routing_counts(ids_TK: torch.Tensor, N: int) -> tuple[int, int]:
+    """(real slots M, experts with >= 1 real slot) of a routing: host syncs, kept outside any timed region."""
+    real = ids_TK < N
+    return int(real.sum()), int(ids_TK[real].unique().numel())
+
+
+def layer_row(shape_name: str, T: int, share: float, backend: str, f_ms: float, fb_ms: float, M: int, active: int,
+              H: int, I: int, elem: int, base_ms: tuple[float, float]) -> dict:
+    """One result row: times, TFLOP/s on real FLOPs, GB/s of the minimum-traffic model (see the module
+    docstring) and the speedup over base_ms, the same backend's (fwd, f+b) ms at the first zero share."""
+    flops = 2 * 3 * H * I * M
+    act_bytes = 2 * T * H * elem
+    w_bytes = active * 3 * H * I * elem
+    return {"shape": shape_name, "T": T, "zero_share": share, "backend": backend,
+            "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "real_slots": M, "active_experts": active,
+            "fwd_tflops": flops / f_ms / 1e9, "fwd_bwd_tflops": 3 * flops / fb_ms / 1e9,
+            "fwd_gbs": (w_bytes + act_bytes) / f_ms / 1e6,
+            "fwd_bwd_gbs": (3 * w_bytes + 2 * act_bytes) / fb_ms / 1e6,
+            "speedup_fwd": base_ms[0] / f_ms, "speedup_fwd_bwd": base_ms[1] / fb_ms}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -187,22 +208,12 @@ def main():
             base = {}
             for share in shares:
                 ids = make_routing(T, s.K, s.N, share, args.device, gen)
-                real = ids < s.N
-                M = int(real.sum())  # host sync, outside the timed region
-                active = int(ids[real].unique().numel())
-                flops = 2 * 3 * H * I * M
-                act_bytes = 2 * T * H * elem
-                w_bytes = active * 3 * H * I * elem
+                M, active = routing_counts(ids, s.N)
                 for b in backends:
                     f_ms, fb_ms = bench_one(fns[b], (x, weights, ids, gate, up, down), dy, args.device, warmup,
                                             repeats)
                     base.setdefault(b, (f_ms, fb_ms))
-                    row = {"shape": s.name, "T": T, "zero_share": share, "backend": b,
-                           "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms, "real_slots": M, "active_experts": active,
-                           "fwd_tflops": flops / f_ms / 1e9, "fwd_bwd_tflops": 3 * flops / fb_ms / 1e9,
-                           "fwd_gbs": (w_bytes + act_bytes) / f_ms / 1e6,
-                           "fwd_bwd_gbs": (3 * w_bytes + 2 * act_bytes) / fb_ms / 1e6,
-                           "speedup_fwd": base[b][0] / f_ms, "speedup_fwd_bwd": base[b][1] / fb_ms}
+                    row = layer_row(s.name, T, share, b, f_ms, fb_ms, M, active, H, I, elem, base[b])
                     rows.append(row)
                     print(f"{s.name:<14} {T:>6} {share:>5.2f} {b:<11} {f_ms:>9.3f} {fb_ms:>9.3f} "
                           f"{row['fwd_tflops']:>8.3f} {row['fwd_bwd_tflops']:>8.3f} {row['fwd_gbs']:>8.1f} "

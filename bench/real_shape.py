@@ -246,10 +246,10 @@ def mem_available_bytes() -> int:
     return 1 << 62
 
 
-def run_tree(cmd: list[str], env: dict | None = None, min_free: float = 0.0) -> dict:
+def run_tree(cmd: list[str], env: dict | None = None, min_free: float = 0.0, timeout: float | None = None) -> dict:
     """Run `cmd` (its own session), polling the peak RSS of every process under it; kill them all if the
-    machine's MemAvailable falls under `min_free` bytes. Returns seconds, rc, peaks (MB, by rank or by
-    "main" for the top process), stdout and a stderr tail."""
+    machine's MemAvailable falls under `min_free` bytes, or after `timeout` seconds. Returns seconds, rc, peaks
+    (MB, by rank or by "main" for the top process), stdout and a stderr tail."""
     t0 = time.time()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **(env or {})},
@@ -263,8 +263,13 @@ def run_tree(cmd: list[str], env: dict | None = None, min_free: float = 0.0) -> 
                 peaks[pid] = max(peaks.get(pid, 0), vm_hwm_kib(Path(f"/proc/{pid}/status")))
                 if names.get(pid, "pid").startswith("pid"):  # again until it has exec'd with its RANK
                     names[pid] = "main" if pid == proc.pid else (rank_of(pid) or f"pid{pid}")
-            if min_free and mem_available_bytes() < min_free and stopped is None:
-                stopped = f"stopped: the machine's free memory fell under {min_free / GiB:.1f} GiB"
+            reason = None
+            if min_free and mem_available_bytes() < min_free:
+                reason = f"stopped: the machine's free memory fell under {min_free / GiB:.1f} GiB"
+            elif timeout is not None and time.time() - t0 > timeout:
+                reason = f"stopped: still running after {timeout:.0f} s"
+            if reason is not None and stopped is None:
+                stopped = reason
                 for pid in tree:  # by pid: torchrun starts each worker in a session of its own
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -317,6 +322,28 @@ def generate_probe(model_dir: str, prompt_len: int, new_tokens: int, batch: int)
 
 
 # ----------------------------------------------------------------------------- the rehearsal
+
+def training_script(kind: str, student: Path, teacher: Path, rollouts: Path, prompts: Path, out: Path, *,
+                    ranks: int, batch: int, seq: int, answer_tokens: int, steps: int, device: str) -> list[str]:
+    """train_sft.py or train_opd.py and its flags (to follow `python` or `torchrun`) for `steps` bf16 steps of
+    `batch` sequences per rank on `ranks` ranks: SFT micro-batches of `seq` tokens (write_data's rollouts,
+    truncated), OPD one prompt per rank with `batch` answers of `answer_tokens` each."""
+    if kind == "sft":
+        script = ["train_sft.py", "--rollouts", str(rollouts), "--global-batch-size", str(ranks * batch),
+                  "--micro-batch-size", str(batch), "--max-seq-len", str(seq), "--truncate"]
+    else:
+        script = ["train_opd.py", "--teacher", str(teacher), "--prompts", str(prompts),
+                  "--prompts-per-step", str(ranks), "--samples-per-prompt", str(batch),
+                  "--max-new-tokens", str(answer_tokens)]
+    return script + ["--student", str(student), "--out", str(out), "--max-steps", str(steps), "--dtype", "bfloat16",
+                     "--device", device]
+
+
+def read_metrics(out: Path) -> dict:
+    """The step times and losses of a finished training run's metrics.jsonl."""
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_seconds": [round(s["step_seconds"], 2) for s in steps], "loss": [round(s["loss"], 4) for s in steps]}
+
 
 MESHES = {"ep2": (["--ep", "2"], Mesh(2, 1, 2, False)), "fsdp": (["--fsdp"], Mesh(2, 1, 1, True))}
 OPD_PROMPT_TOKENS = 20  # the chat-templated prompts of write_data, ~20 tokens with the shipped tokenizer
@@ -425,13 +452,8 @@ def rehearse(arch: str, layers: int, workdir: Path, seq: int = 128, batch: int =
             name = f"{kind}_{mesh_name}"
             out = workdir / f"run-{name}"
             print(f"[{step}/5] {name}: 2 steps, torchrun --nproc_per_node=2 {' '.join(flags)}, bf16", flush=True)
-            if kind == "sft":
-                script = ["train_sft.py", "--rollouts", str(rollouts), "--global-batch-size", str(2 * batch),
-                          "--micro-batch-size", str(batch), "--max-seq-len", str(seq), "--truncate"]
-            else:
-                script = ["train_opd.py", "--teacher", str(teacher), "--prompts", str(prompts),
-                          "--prompts-per-step", "2", "--samples-per-prompt", str(batch),
-                          "--max-new-tokens", str(answer_tokens)]
+            script = training_script(kind, student, teacher, rollouts, prompts, out, ranks=2, batch=batch, seq=seq,
+                                     answer_tokens=answer_tokens, steps=2, device="cpu")
             pred = predict(result, name)
             phase = {"predicted_mb": pred}
             if skip_reason(pred, budget_gb):
@@ -439,15 +461,12 @@ def rehearse(arch: str, layers: int, workdir: Path, seq: int = 128, batch: int =
                 print(f"  skipped: {phase['skipped']}", flush=True)
             else:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script,
-                       "--student", str(student), "--out", str(out), "--max-steps", "2", "--dtype", "bfloat16",
-                       "--device", "cpu", *flags]
+                       *flags]
                 r = run_tree(cmd, env={"OMP_NUM_THREADS": "1"}, min_free=min_free)
                 phase |= {"peak_rss_mb": {k: v for k, v in r["peak_rss_mb"].items() if k.startswith("rank")},
                           "seconds": r["seconds"], "rc": r["rc"]}
                 if r["rc"] == 0:
-                    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-                    phase["step_seconds"] = [round(s["step_seconds"], 2) for s in steps]
-                    phase["loss"] = [round(s["loss"], 4) for s in steps]
+                    phase |= read_metrics(out)
                 else:
                     phase["error"] = r["stopped"] or r["stderr_tail"][-1500:]
                 print(f"  {json.dumps(phase)}", flush=True)
