@@ -9,7 +9,9 @@ With --port, the model is served over HTTP on 127.0.0.1 (--host to change it): P
 /v1/completions (streamed or not), GET /v1/models and /health. Concurrent requests are batched into shared
 decode steps (up to --max-batch-size; at most --max-queue wait, beyond that 503); --temperature, --top-p,
 --top-k and --max-new-tokens become the defaults of requests that do not set them, and each response's
-`usage` reports its zero-expert ratio and expert FLOPs saved. Ctrl-C or SIGTERM stops it (exit 130 / 143).
+`usage` reports its zero-expert ratio and expert FLOPs saved. --max-request-bytes, --request-timeout, --keep-alive
+and --limit-concurrency bound what one client can hold (zeda/server.py). Ctrl-C or SIGTERM stops it (exit 130 /
+143).
 
 Each prompt is a fresh single-turn chat (the model's own chat template). Tokens are printed as they are sampled
 (generation's on_token callback); after each answer one line reports the tokens, tokens/s, the zero-expert ratio
@@ -132,6 +134,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="requests decoded together in one batch (default 16)")
     http.add_argument("--max-queue", type=int_range(min=1), default=64,
                       help="requests that may wait for the next batch; more get 503 + Retry-After (default 64)")
+    http.add_argument("--max-request-bytes", type=int_range(min=1), default=1 << 20,
+                      help="largest request body; a larger one gets 413 before it is read (default 1048576 = 1 MiB)")
+    http.add_argument("--request-timeout", type=float_range(above=0), default=10.0,
+                      help="seconds a request's headers and body may take to arrive; a slower one gets 408 and\n"
+                           "its connection closes (default 10)")
+    http.add_argument("--keep-alive", type=int_range(min=1), default=5,
+                      help="seconds an idle keep-alive connection stays open (default 5)")
+    http.add_argument("--limit-concurrency", type=int_range(min=1), default=1000,
+                      help="open connections at most; a connection over it closes the one that has waited longest\n"
+                           "for a request, or gets 503 if all are busy. Lowered to fit the open-file limit, which\n"
+                           "is raised to its hard limit at start (default 1000)")
     return p.parse_args(argv)
 
 
@@ -208,7 +221,9 @@ def run_server(args: argparse.Namespace, model_dir: Path) -> int:
     name = args.served_model_name or Path(model_dir).resolve().name
     options = ServerOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
-                            max_queue=args.max_queue)
+                            max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
+                            request_timeout=args.request_timeout, keep_alive=args.keep_alive,
+                            max_connections=args.limit_concurrency)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     cfg = model.config

@@ -26,7 +26,7 @@ import uvicorn
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.generation import Decoder, SamplingParams, generate
 from zeda.loading import load_for_inference
-from zeda.server import ServerOptions, TextStream, create_app, listen
+from zeda.server import ServerOptions, TextStream, create_app, listen, uvicorn_config
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
 
@@ -58,10 +58,10 @@ def converted(tiny) -> Path:
 
 @contextmanager
 def running(model, tokenizer, name: str, options: ServerOptions | None = None):
-    """An in-process server on a free 127.0.0.1 port; yields its base URL and stops it on exit."""
+    """An in-process server on a free 127.0.0.1 port, with serve.py's HTTP limits; yields its base URL and stops
+    it on exit."""
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(model, tokenizer, name, options), log_level="warning",
-                                           lifespan="on", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(create_app(model, tokenizer, name, options), "warning", 2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

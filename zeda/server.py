@@ -24,19 +24,30 @@ both. Streams always end with a chunk carrying usage (as OpenAI's stream_options
 unasked: the routing cost is the point of this server), then `data: [DONE]`.
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 invalid_request_error naming the
-field for malformed JSON, a missing or wrong-typed field, a bad value or a prompt longer than the context; 404
-(code "model_not_found") for another model name; 503 (Retry-After) when the queue is full. Request fields this
-engine has no use for (penalties, logit_bias, user, tools, ...) are ignored; n > 1 is refused.
+field for malformed JSON (not UTF-8, nested too deeply, cut short), a missing or wrong-typed field, a bad value or
+a prompt longer than the context; 404 (code "model_not_found") for another model name; 413 for a body over
+--max-request-bytes; 408 for a request that does not arrive within --request-timeout; 503 (Retry-After) when the
+queue is full. Request fields this engine has no use for (penalties, logit_bias, user, tools, ...) are ignored;
+n > 1 is refused.
+
+Hostile clients (the last section): a body over --max-request-bytes is refused before it is read; a prompt longer
+than context x the longest vocabulary entry is refused by its character count before it is tokenized, and
+tokenizing happens in a thread, so /health and the streams go on meanwhile; a half-sent request is closed after
+--request-timeout, an idle keep-alive connection after --keep-alive; at --limit-concurrency connections a new
+one closes the one that has waited longest for a request, and the open-file limit is raised to its hard limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import random
+import resource
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -45,10 +56,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zeda.data import encode_chat
 from zeda.evaluation import pad_id, stop_ids
@@ -59,6 +74,13 @@ RETRY_AFTER_S = 1  # what a 503 tells the client to wait: about one answer of a 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # after SIGTERM, how long answers in progress may take to finish
 SEED_BITS = 63  # a request without a seed gets a random one of these bits: every row has its own generator
+MAX_STOP_STRINGS = 16
+# Limits against clients that send too much, too slowly or too many connections (serve.py's flags set them).
+MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a chat prompt that fills a 128k-token context is ~0.5 MB of text
+REQUEST_TIMEOUT_S = 10.0  # a request's headers and body must arrive within this, else 408 and the socket closes
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
+MAX_CONNECTIONS = 1000  # open connections at most (uvicorn's limit_concurrency; see GuardedH11Protocol)
+FD_RESERVE = 128  # open files the process needs besides its sockets (libraries, model files, pipes, threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,10 +118,18 @@ class Sampling(Strict):
     top_p: TopP | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # not OpenAI's, but vLLM's and the paper's (0 = off)
     seed: Annotated[int, Field(ge=0, lt=2 ** SEED_BITS)] | None = None
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                          Field(max_length=16)] | None = None
+    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one answer per request
+
+    @field_validator("stop")
+    @classmethod
+    def few_stop_strings(cls, stop):
+        # here, not as the list's max_length: a union reports a too-long list as "should be a valid string" too
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise PydanticCustomError("too_many_stops", "at most {limit} stop strings, not {count}",
+                                      {"limit": MAX_STOP_STRINGS, "count": len(stop)})
+        return stop
 
 
 class ChatRequest(Sampling):
@@ -121,6 +151,10 @@ class ServerOptions:
     max_tokens: int = 256  # a request without max_tokens: this, or what the context leaves if less
     max_batch_size: int = 16
     max_queue: int = 64
+    max_request_bytes: int = MAX_REQUEST_BYTES  # a larger body gets 413 before it is read
+    request_timeout: float = REQUEST_TIMEOUT_S  # these three are the HTTP layer's (uvicorn_config)
+    keep_alive: int = KEEP_ALIVE_S
+    max_connections: int = MAX_CONNECTIONS
 
 
 class ApiError(Exception):
@@ -159,6 +193,23 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"the request body must be a JSON object: {first.get('msg', '')}")
     param = ".".join(path)
     return ApiError(400, f"{param}: {error.get('msg', 'invalid value')}", param)
+
+
+def http_error(request: Request, exc: HTTPException) -> ApiError:
+    """starlette's and FastAPI's own errors in OpenAI's shape. FastAPI turns a body that json.loads cannot even
+    start on (not UTF-8, nested deeper than Python's recursion limit) into a bare 400 "error parsing the body":
+    its cause says which."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return ApiError(400, f"the request body is not valid JSON: it is not UTF-8 text ({cause.reason} at byte "
+                        f"{cause.start})")
+    if isinstance(cause, RecursionError):
+        return ApiError(400, "the request body is not valid JSON: it is nested too deeply")
+    if exc.status_code == 400 and cause is not None:
+        return ApiError(400, f"the request body cannot be parsed: {type(cause).__name__}: {cause}")
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind=kind,
+                    headers=exc.headers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,18 +428,26 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
     opts = options or ServerOptions()
     cfg = model.config
     context = cfg.max_position_embeddings
-    tokenizer_lock = threading.Lock()  # the fast tokenizer is shared by the event loop and the worker thread
+    tokenizer_lock = threading.Lock()  # the fast tokenizer is shared by request threads and the worker thread
     batcher = Batcher(model, tokenizer, tokenizer_lock, opts.max_batch_size, opts.max_queue)
     created = int(time.time())
+    # No token stands for more characters than its vocabulary entry has (a byte-level BPE's entry has one
+    # character per byte), so a text longer than context x the longest entry cannot fit: it is refused by its
+    # length, before the tokenizer spends seconds and gigabytes on it.
+    longest_token = max(map(len, tokenizer.get_vocab()), default=1)
+    max_prompt_chars = context * longest_token
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(AcceptErrorFilter(loop))
         batcher.start()
         yield
         await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title=f"zeda: {model_name}", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.options = batcher, opts
+    app.add_middleware(RequestBodyLimit, max_bytes=opts.max_request_bytes)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
@@ -398,6 +457,14 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return validation_error(exc).response()
 
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException):
+        return http_error(request, exc).response()
+
+    @app.exception_handler(Exception)  # a bug: starlette still logs the traceback, the client gets this shape
+    async def on_bug(request: Request, exc: Exception):
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, **batcher.status()}
@@ -406,6 +473,19 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "zeda", "max_model_len": context}]}
+
+    def check_length(chars: int, where: str) -> None:
+        if chars > max_prompt_chars:
+            raise ApiError(400, f"{where}: the prompt has {chars} characters; the context is {context} tokens of "
+                           f"at most {longest_token} characters each", where)
+
+    async def tokenize(encode, *args, **kwargs):
+        """encode(*args, **kwargs) in a thread: a long prompt takes the tokenizer a while, and the event loop must go on
+        serving /health and the streams meanwhile."""
+        def locked():
+            with tokenizer_lock:
+                return encode(*args, **kwargs)
+        return await asyncio.to_thread(locked)
 
     def make_job(req: Sampling, prompt: list[int], where: str, max_tokens: int | None) -> Job:
         """Check the request against the model and the context; the Job the worker will run."""
@@ -434,9 +514,9 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         messages = [m.as_template_message() for m in req.messages]
+        check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            with tokenizer_lock:
-                prompt = encode_chat(tokenizer, messages).ids  # the chat template, as evaluate.py prompts
+            prompt = (await tokenize(encode_chat, tokenizer, messages)).ids  # the chat template, as evaluate.py
         except Exception as e:  # the template refused the conversation (jinja raises its own errors)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -445,8 +525,8 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        with tokenizer_lock:
-            prompt = tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+        check_length(len(req.prompt), "prompt")
+        prompt = (await tokenize(tokenizer, req.prompt, add_special_tokens=False))["input_ids"]
         job = make_job(req, prompt, "prompt", req.max_tokens)
         return await respond(job, req, request, "cmpl", "text_completion")
 
@@ -530,6 +610,192 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Limits against hostile or broken clients: too large a body, too slow a request, too many connections.
+
+
+class RequestBodyLimit:
+    """Pure ASGI middleware: a request body larger than max_bytes gets 413 before it is read in full.
+
+    A Content-Length above the limit is refused before one byte of the body is read; a chunked body is counted
+    as it streams and refused as soon as the count passes the limit. The body is read here (at most max_bytes
+    held) and handed to the app in one message: the app reads it whole anyway to parse the JSON. The 413 closes
+    the connection, so the rest of the body is never read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")  # h11 has checked that it is a number
+        if declared is not None and int(declared) > self.max_bytes:
+            return await self.too_large(int(declared))(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # the client left (or timed out) mid-body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.too_large(None)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():  # the whole body first, then the client's own messages (its disconnect)
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def too_large(self, declared: int | None) -> JSONResponse:
+        size = f"{declared} bytes" if declared is not None else "more"
+        return ApiError(413, f"the request body is too large: {size}, the limit is {self.max_bytes} bytes "
+                        "(serve.py --max-request-bytes)", code="request_too_large",
+                        headers={"Connection": "close"}).response()
+
+
+def raw_error(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 error response in OpenAI's shape that closes the connection, for the protocol layer
+    (no request, or no app, to answer through)."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else
+                                 "server_error", "param": None, "code": None}}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 connection with the two limits it lacks (uvicorn.Config(http=...) makes one per connection).
+
+    A read timeout: a request's headers and body must all arrive within read_timeout seconds of its first byte
+    (of the connection, for the first request), else 408 and the connection closes. Without it a client that
+    sends half a request line holds its socket, a file descriptor, forever; once the descriptors run out, every
+    accept() fails and asyncio logs the failure with a traceback up to `backlog` times per loop turn (gigabytes of
+    stderr within minutes) while real clients wait in the kernel's queue.
+
+    A connection cap (config.limit_concurrency): uvicorn's own check answers 503 to requests over the limit but
+    still accepts and keeps every connection. Here the connection over the limit closes the connection that has
+    waited longest for a request (half sent, or an idle keep-alive), so idle sockets cannot crowd out a real
+    request; if every connection has a request in progress, the new one gets 503. Requests in progress never
+    exceed connections, so the cap covers uvicorn's request limit too."""
+
+    def __init__(self, config, server_state, app_state, _loop=None, read_timeout: float = REQUEST_TIMEOUT_S):
+        super().__init__(config, server_state, app_state, _loop)
+        self.max_connections, self.limit_concurrency = config.limit_concurrency, None  # ours replaces uvicorn's
+        self.read_timeout = read_timeout
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.waiting_since = 0.0  # when this connection last began to wait for a request
+
+    def waiting_for_request(self) -> bool:
+        """No request of this connection is being answered: none has arrived whole, or the last was answered."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.waiting_since = self.loop.time()
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            live = [c for c in self.connections if not c.transport.is_closing()]  # closed ones are on their way out
+            if len(live) > self.max_connections:
+                idle = [c for c in live if c is not self and isinstance(c, GuardedH11Protocol)
+                        and c.waiting_for_request()]
+                if not idle:
+                    transport.write(raw_error(503, "Service Unavailable", f"the server has {self.max_connections} "
+                                              "connections with requests in progress (serve.py --limit-concurrency)"))
+                    transport.close()
+                    return
+                min(idle, key=lambda c: c.waiting_since).transport.close()
+        self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete:
+            self._cancel_read_timer()  # the request is in, whole: the app answers it in its own time
+        elif self.read_timer is None:  # the first bytes of the next request on a kept-alive connection
+            self._arm_read_timer()
+
+    def on_response_complete(self) -> None:
+        self.waiting_since = self.loop.time()
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def _arm_read_timer(self) -> None:
+        self.read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _cancel_read_timer(self) -> None:
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self.read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.waiting_for_request() or not self.cycle.response_started:  # else the app has answered: just close
+            self.transport.write(raw_error(408, "Request Timeout", f"the request did not arrive whole within "
+                                           f"{self.read_timeout:g} s (serve.py --request-timeout)"))
+        self.transport.close()
+
+
+class AcceptErrorFilter:
+    """The event loop's exception handler, with asyncio's "socket.accept() out of system resource" (out of file
+    descriptors; see GuardedH11Protocol) logged at most once a minute, counting the ones left out."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.last, self.dropped = loop, -float("inf"), 0
+
+    def __call__(self, loop, context: dict) -> None:
+        if context.get("message") == "socket.accept() out of system resource":
+            if loop.time() - self.last < 60:
+                self.dropped += 1
+                return
+            self.last, dropped, self.dropped = loop.time(), self.dropped, 0
+            print(f"zeda.server: cannot accept connections: {context.get('exception')} (and {dropped} more since "
+                  "the last report): raise the open-file limit (ulimit -n) or lower --limit-concurrency",
+                  file=sys.stderr, flush=True)
+            return
+        loop.default_exception_handler(context)
+
+
+def open_file_limit() -> int:
+    """Raise this process's open-file soft limit to its hard limit (each connection is a file); the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # RLIM_INFINITY may not be settable: keep the soft limit
+            pass
+    return soft
+
+
+def connection_limit(wanted: int) -> int:
+    """wanted, or fewer if the open-file soft limit cannot hold that many sockets beside FD_RESERVE other files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - FD_RESERVE))
+
+
+def uvicorn_config(app: FastAPI, log_level: str = "info", graceful_shutdown_s: float = GRACEFUL_SHUTDOWN_S):
+    """uvicorn's Config for create_app's app, with its ServerOptions' HTTP limits (at most the connections the
+    open-file limit allows)."""
+    opts: ServerOptions = app.state.options
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                          timeout_graceful_shutdown=graceful_shutdown_s, timeout_keep_alive=opts.keep_alive,
+                          limit_concurrency=connection_limit(opts.max_connections),
+                          http=functools.partial(GuardedH11Protocol, read_timeout=opts.request_timeout))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Running it.
 
 
@@ -545,14 +811,17 @@ def serve_forever(app: FastAPI, sock: socket.socket, log_level: str = "info") ->
     uvicorn handles the signal (stops accepting, lets answers in progress finish for up to GRACEFUL_SHUTDOWN_S,
     then stops the worker) and re-raises it once it is done; the handlers installed here catch that re-raise,
     so the process exits with a code instead of dying by the signal or printing a KeyboardInterrupt."""
-    import uvicorn
-
+    open_file_limit()
+    config = uvicorn_config(app, log_level)
+    if config.limit_concurrency < app.state.options.max_connections:
+        print(f"zeda.server: at most {config.limit_concurrency} connections, not {app.state.options.max_connections}"
+              f": the open-file limit is {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (ulimit -n)",
+              file=sys.stderr, flush=True)
     received: list[int] = []
     previous = {sig: signal.signal(sig, lambda s, frame: received.append(s)) for sig in (signal.SIGINT,
                                                                                          signal.SIGTERM)}
     try:
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        server = uvicorn.Server(config)
         server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
