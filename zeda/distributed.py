@@ -77,6 +77,49 @@ class ParallelDims:
         return f"dp={self.dp} tp={self.tp} ep={self.ep}{' fsdp' if self.fsdp else ''}"
 
 
+# Gradients are reduced in flat buckets of this many bytes, as DDP does (its bucket_cap_mb = 25): one collective
+# per bucket instead of one per parameter (hundreds to thousands of small, latency-bound all-reduces a step),
+# while the flat copy adds at most one bucket of memory.
+BUCKET_BYTES = 25 * 2**20
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (tp, FSDP2) -- it shares the DTensor's storage -- or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def buckets_of(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of tensors of at most bucket_bytes each; a tensor larger than that is a bucket alone."""
+    buckets, size = [], 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not buckets or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    return buckets
+
+
+@torch.no_grad()
+def all_reduce_in_buckets(tensors: list[torch.Tensor], group, divide_by: int = 1,
+                          bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum tensors of one dtype and device over `group` in place, then divide by divide_by: one all_reduce per
+    bucket. Each bucket is copied into one flat tensor and back; a bucket of one contiguous tensor is reduced
+    where it is (the large expert weights: no copy). Every rank must pass the same shapes in the same order."""
+    for bucket in buckets_of(tensors, bucket_bytes):
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            flat = bucket[0]
+        else:
+            flat = torch.cat([t.reshape(-1) for t in bucket])  # [sum of numel]
+        dist.all_reduce(flat, group=group)
+        if divide_by != 1:
+            flat /= divide_by
+        if flat is not bucket[0]:
+            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
+                t.copy_(part.view_as(t))
+
+
 @dataclass
 class Dist:
     """This process's place in the mesh. dp_rank/dp index the data: ranks with the same dp_rank hold the same
@@ -122,31 +165,36 @@ class Dist:
             dist.all_reduce(out, group=self._dp_group())
         return out
 
-    def average_gradients(self, named_params) -> None:
+    def average_gradients(self, named_params, bucket_bytes: int = BUCKET_BYTES) -> None:
         """After backward, over (name, parameter) pairs: the parameters the optimizer steps (a model's own, or the
         fp32 masters of a bf16 model, zeda/precision.py), each with .grad and, for an expert shard, .expert_shard.
-        Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss: average every replicated gradient over dp. An expert shard's gradient already holds its ep group's
-        tokens (the all-to-all carried them back), so it is summed over the replicas of that shard and divided by
-        dp. FSDP2 reduces its own parameters in backward; they are skipped here. Under tp, Qwen3's per-head q/k
-        RMSNorm weights (replicated, but each rank applies them to its own heads only) hold a partial gradient:
-        it is summed over tp. (A hook on the parameter would not do: FSDP2 and to_empty replace Parameters.)"""
+        Each rank's loss is scaled so that the mean over dp ranks is the global-batch loss: average every
+        replicated gradient over dp. An expert shard's gradient already holds its ep group's tokens (the
+        all-to-all carried them back), so it is summed over the replicas of that shard and divided by dp. FSDP2
+        reduces its own parameters in backward; they are skipped here. Under tp, Qwen3's per-head q/k RMSNorm
+        weights (replicated, but each rank applies them to its own heads only) hold a partial gradient: it is
+        summed over tp. (A hook on the parameter would not do: FSDP2 and to_empty replace Parameters.)
+        The gradients are reduced in their own dtype, in flat buckets (all_reduce_in_buckets): one collective
+        per bucket_bytes of gradients, not one per parameter."""
         named_params = list(named_params)
         if self.dims.tp > 1:
-            for name, p in named_params:
-                if p.grad is not None and name.endswith(TP_PARTIAL_GRAD):
-                    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
-                    dist.all_reduce(grad, group=self.mesh["tp"].get_group())
+            partial = [local_tensor(p.grad) for name, p in named_params
+                       if p.grad is not None and name.endswith(TP_PARTIAL_GRAD)]
+            all_reduce_in_buckets(partial, self.mesh["tp"].get_group(), 1, bucket_bytes)
         if self.dp == 1:
             return
+        dp_group = self._dp_group()
+        by_group: dict[tuple, list[torch.Tensor]] = {}  # (group, dtype, device) -> local gradients
         for _, p in named_params:
             if not p.requires_grad or (self.dims.fsdp and not getattr(p, "expert_shard", False)):
                 continue
             if p.grad is None:  # no token reached this parameter on this rank: it counts as zero
                 p.grad = torch.zeros_like(p)
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # DTensor (tp) -> local shard
-            group = self.edp_group if getattr(p, "expert_shard", False) else self._dp_group()
-            dist.all_reduce(grad, group=group)
-            grad /= self.dp
+            grad = local_tensor(p.grad)
+            group = self.edp_group if getattr(p, "expert_shard", False) else dp_group
+            by_group.setdefault((group, grad.dtype, grad.device), []).append(grad)
+        for (group, _, _), grads in by_group.items():  # insertion order: the same on every rank
+            all_reduce_in_buckets(grads, group, self.dp, bucket_bytes)
 
     def agreed_signal(self, mine: str | None) -> str | None:
         """The stop signal that reached any rank (SIGTERM over SIGINT; None: none did), agreed by the whole world.

@@ -72,14 +72,18 @@ def group_aux_loss(routing, num_experts: int, num_zero: int, valid_T: torch.Tens
     counts says which slots f counts (module docstring)."""
     N, Z = num_experts, num_zero
     device = routing[0].logits_TE.device
-    world = all_reduce(torch.ones((), device=device)) if all_reduce is not None else 1.0
+    shares = group_shares(routing, N, valid_T, scoring, counts)
+    # Every count the loss needs, one row per layer: [slots on E, slots on Z, tokens, 1]. One all_reduce sums all
+    # layers' rows over the data-parallel ranks at once (the 1s add up to the rank count). No gradient.
+    slots_L2 = torch.stack([torch.stack([real_slots, zero_slots]) for real_slots, zero_slots, *_ in shares]).float()
+    tokens_L2 = torch.tensor([[float(tokens), 1.0] for *_, tokens in shares], device=device)
+    counts_L4 = torch.cat([slots_L2, tokens_L2], dim=1)
+    if all_reduce is not None:
+        counts_L4 = all_reduce(counts_L4)
     total = torch.zeros((), device=device)
-    for real_slots, zero_slots, p_real, p_zero, tokens in group_shares(routing, N, valid_T, scoring, counts):
-        counts = torch.stack([real_slots, zero_slots]).float()  # [2], no gradient
-        n_tokens = torch.tensor(float(tokens), device=device)
-        if all_reduce is not None:
-            counts, n_tokens = all_reduce(counts), all_reduce(n_tokens)
-        f_E, f_Z = counts / counts.sum().clamp(min=1)
+    for (_, _, p_real, p_zero, _), row in zip(shares, counts_L4):
+        slots, n_tokens, world = row[:2], row[2], row[3]
+        f_E, f_Z = slots / slots.sum().clamp(min=1)
         # P: this rank's probability mass over the global token count, times the world size, so that the
         # mean over ranks (what data-parallel gradient averaging computes) is exactly the global loss.
         scale = world / n_tokens.clamp(min=1)
