@@ -3,22 +3,31 @@
     python train_opd.py --student runs/sft/final --teacher assets/qwen3_moe_teacher --prompts p.jsonl --out runs/opd
     torchrun --nproc_per_node=2 train_opd.py --student ... --teacher ... --prompts ... --out runs/opd
 
-Each step:
+Each rollout batch:
   1. the current student samples --samples-per-prompt answers (temperature 1) to --prompts-per-step prompts,
-     with the shared generation engine (zeda/generation.py), keeping the log-prob of every sampled token;
+     with the shared generation engine (zeda/generation.py), keeping the log-prob of every sampled token (under
+     --fsdp with the student gathered once for the whole phase, not at every decoded token; with
+     --routing-replay also the experts every token was routed to);
   2. the frozen teacher (the original static model, in process, no gradients) scores the sampled tokens;
-  3. per-token advantage A_t = log p_teacher(y_t) - log p_student(y_t), detached, no discount -- a one-sample
+  3. per-token advantage A_t = log p_teacher(y_t) - log p_student_old(y_t), detached, no discount -- a one-sample
      estimate of the negative reverse KL at each position;
-  4. one optimizer step on the PPO-clipped policy-gradient loss (clip 0.2) over the response tokens, with the
-     old policy's log-probs recomputed by a training-mode forward (not the sampler's), each answer's mean over
-     its tokens then the mean over answers (--loss-aggregation), plus the Group Auxiliary Loss.
-`--loss full-reverse-kl` replaces 3-4 by the exact KL(p_student || p_teacher) over the vocabulary on the
-sampled sequences (needs the teacher's full logits; for comparison). EOS-terminated and truncated answers are
-both trained on; truncations are counted. Defaults follow the paper: 16 prompts x 2 samples per step, constant
-lr 5e-6 (Qwen; the paper uses 1e-6 for GLM), AdamW (0.9, 0.98). Outputs are as train_sft.py's: OUT/step-N and
-OUT/final checkpoints (atomic), --resume (prompt order and sampling seeds are functions of the step, so a
-resumed run samples what the uninterrupted one would have), OUT/metrics.jsonl, clean stop on SIGTERM/Ctrl-C,
-a non-finite loss stops the run naming the step.
+  4. --updates-per-rollout K optimizer steps (the paper: 1), each on a K-th of the batch, on the PPO-clipped
+     policy-gradient loss (clip 0.2) over the response tokens, each answer's mean over its tokens then the mean
+     over answers (--loss-aggregation), plus the Group Auxiliary Loss. The old policy's log-probs come from a
+     training-mode forward, not the sampler: with K = 1 the training forward's own, detached (the weights have
+     not moved since sampling: ratio 1), so a step runs one student and one teacher forward; with K > 1 a
+     no-grad forward over the whole batch before its first update, and the later updates' ratios leave 1.
+Forwards and backward run over micro-batches of at most --max-tokens-per-micro-batch padded tokens, with the
+loss normalised over the whole update, so the cap changes memory, not the result (up to the Group Auxiliary
+Loss's f, counted per micro-batch as the authors do).
+`--loss full-reverse-kl` replaces 3-4's loss by the exact KL(p_student || p_teacher) over the vocabulary on
+the sampled sequences (needs the teacher's full logits; for comparison). EOS-terminated and truncated answers
+are both trained on; truncations are counted. Defaults follow the paper: 16 prompts x 2 samples per rollout,
+one update each, constant lr 5e-6 (Qwen; the paper uses 1e-6 for GLM), AdamW (0.9, 0.98). Outputs are as
+train_sft.py's: OUT/step-N and OUT/final checkpoints (atomic), --resume (prompt order and sampling seeds are
+functions of the rollout, so a resumed run samples what the uninterrupted one would have; checkpoints and signal
+stops fall between rollouts), OUT/metrics.jsonl, clean stop on SIGTERM/Ctrl-C, a non-finite loss stops the run
+naming the step.
 """
 
 from __future__ import annotations
@@ -27,9 +36,12 @@ import argparse
 import random
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 import zeda
 from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages
@@ -69,59 +81,173 @@ def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
     return picked if len(picked) == per_step else (picked + order)[:per_step]
 
 
-def align(values: list[list[float]], examples: list[Example], shape) -> torch.Tensor:
-    """Per-answer-token values -> [B, T-1] aligned with collate's loss mask (target t+1 at column t)."""
-    out = torch.zeros(shape)
+def align(values, examples: list[Example], shape, device=None) -> torch.Tensor:
+    """Per-answer-token values (a list or a 1D tensor per sequence) -> [B, T-1] aligned with collate's loss mask
+    (target t+1 at column t)."""
+    out = torch.zeros(shape, device=device)
     for b, (vals, e) in enumerate(zip(values, examples)):
-        out[b, e.num_prompt - 1:e.num_prompt - 1 + len(vals)] = torch.tensor(vals)
+        out[b, e.num_prompt - 1:e.num_prompt - 1 + len(vals)] = torch.as_tensor(vals, dtype=out.dtype, device=device)
     return out
 
 
-def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist,
-             pad_id: int, global_count: float) -> dict:
-    """Forward and backward of one rollout batch on this rank (docs/method.md §5, steps 2-4).
+def micro_batches(examples: list[Example], max_tokens: int, d: Dist) -> list[list[int]]:
+    """This rank's sequences (indices) in micro-batches whose padded size, rows x longest, is at most max_tokens
+    (0: one micro-batch); a sequence longer than that is a micro-batch of its own. Sorted by length first, so
+    that sequences of like length share one (little padding). Every rank gets as many micro-batches as the rank
+    that needs the most: each forward is a collective (GA's counts over dp, FSDP's gathers, ep's all-to-all)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    batches: list[list[int]] = [[]]
+    for i in order:  # ascending: sequence i is the longest of the micro-batch it joins
+        if batches[-1] and max_tokens and (len(batches[-1]) + 1) * len(examples[i].ids) > max_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    if d.dp > 1:
+        counts = torch.zeros(d.dp, device=d.device)
+        counts[d.dp_rank] = len(batches)  # each rank's count in its own slot: the sum over ranks shows them all
+        needed = int(d.all_reduce(counts).max())  # never more than the sequences a rank holds
+        while len(batches) < needed:  # halve the micro-batch with the most rows (stays within the cap)
+            big = max(range(len(batches)), key=lambda j: len(batches[j]))
+            half = len(batches[big]) // 2
+            batches[big:big + 1] = [batches[big][:half], batches[big][half:]]
+    return batches
 
-    The old policy's log-probs are recomputed by a no-grad forward of the student in training mode, as the
-    authors do, not taken from the sampler: the KV-cache decode rounds differently (in bf16 by up to ~0.15 nats
-    a token), and that error would enter both the advantage and the PPO ratio. The student's log-probs are
-    taken at the sampling temperature (logits / T: the policy that sampled), the teacher's at 1. The sampler's
-    log-probs are kept only to report how far they were from the recomputed ones (sampler_logp_gap).
-    global_count: the response tokens (--loss-aggregation token) or sequences (sequence) over all ranks."""
+
+def replay_routing(routed_ids: list[torch.Tensor], shape, device) -> torch.Tensor:
+    """The sampler's expert ids, per sequence [L, n, K] for its first n tokens, as [L, B, T, K] for the batch
+    (shape = (B, T) of its input ids); -1 (the router chooses) where the sampler never processed a token: the
+    last answer token (it is never fed back) and padding."""
+    L, _, K = routed_ids[0].shape
+    forced_LBTK = torch.full((L, *shape, K), -1, dtype=torch.long, device=device)
+    for b, ids_LnK in enumerate(routed_ids):
+        forced_LBTK[:, b, :ids_LnK.shape[1]] = ids_LnK.to(device)
+    return forced_LBTK
+
+
+def clip_binds(new_logp, old_logp, advantages, clip: float) -> torch.Tensor:
+    """Where the PPO clip takes the gradient away: the ratio has left [1 - clip, 1 + clip] in the direction the
+    advantage pushes it (the clipped term is then the smaller, and constant)."""
+    ratio = torch.exp(new_logp - old_logp)
+    return ((ratio > 1 + clip) & (advantages > 0)) | ((ratio < 1 - clip) & (advantages < 0))
+
+
+@torch.no_grad()
+def score_rollout(student, teacher, examples: list[Example], routed_ids, args, d: Dist, pad_id: int):
+    """The teacher's and the old policy's log-probs of each sequence's answer tokens (1D tensors), computed once
+    for a rollout that several updates train on (--updates-per-rollout > 1): the old policy is the student that
+    sampled, in training mode, before any of those updates."""
+    teacher_logp, old_logp = [None] * len(examples), [None] * len(examples)
+    for mb in micro_batches(examples, args.max_tokens_per_micro_batch, d):
+        part = [examples[i] for i in mb]
+        ids, attn, _ = (t.to(d.device) for t in collate(part, pad_id))
+        forced = replay_routing([routed_ids[i] for i in mb], ids.shape, d.device) if routed_ids else None
+        t_logp = token_logprobs(teacher, ids, attn)
+        s_logp = token_logprobs(student, ids, attn, temperature=args.temperature, forced_routing=forced)
+        for b, (i, e) in enumerate(zip(mb, part)):
+            answer = slice(e.num_prompt - 1, len(e.ids) - 1)
+            teacher_logp[i], old_logp[i] = t_logp[b, answer], s_logp[b, answer]
+    return teacher_logp, old_logp
+
+
+def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist,
+             pad_id: int, global_count: float, teacher_logp=None, old_logp=None, routed_ids=None) -> dict:
+    """Forward and backward of one update's sequences on this rank (docs/method.md §5, steps 2-5).
+
+    The old policy is the student that sampled, scored by a training-mode forward as the authors do, not by the
+    sampler: the KV-cache decode rounds differently (in bf16 by up to ~0.15 nats a token), and that error would
+    enter both the advantage and the PPO ratio. With one update per rollout (old_logp None) the weights have not
+    moved since sampling, so the training forward is that forward: its log-probs, detached, are the old ones
+    (ratio 1, one forward fewer). With several, score_rollout computed teacher_logp and old_logp once per rollout
+    (per sequence, answer tokens); the teacher is otherwise scored here. The student's log-probs are taken at
+    the sampling temperature (logits / T: the policy that sampled), the teacher's at 1. The sampler's log-probs
+    only feed the metric sampler_logp_gap. routed_ids (--routing-replay): per sequence, the experts the sampler
+    chose, which the student's forward then uses.
+
+    Runs over micro-batches of at most --max-tokens-per-micro-batch padded tokens, one backward each. The policy
+    loss is normalised by global_count -- the response tokens (--loss-aggregation token) or sequences (sequence)
+    of this update over all ranks -- so the micro-batches add up to the one-forward loss. The Group Auxiliary
+    Loss counts f per micro-batch, as the authors do, and weighs each by its share of the update's tokens."""
     cfg, T = student.config, args.temperature
-    ids, attn, mask = (t.to(d.device) for t in collate(examples, pad_id))
-    mask_f = mask.float()
     norm = global_count / d.dp  # x world: the mean over ranks of each rank's loss is the global mean
-    routing = []
-    if args.loss == "full-reverse-kl":
-        with torch.no_grad():
-            teacher_logits = teacher(ids[:, :-1], attention_mask=attn[:, :-1])
-        student_logits = student(ids[:, :-1], attention_mask=attn[:, :-1], routing=routing) / T
-        policy = full_reverse_kl(student_logits, teacher_logits, mask_f, norm, args.loss_aggregation)
-        routed_mask = attn[:, :-1]  # the tokens the student's forward routed
-        with torch.no_grad():
-            targets = ids[:, 1:, None]
-            old_logp = student_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
-            t_logp = teacher_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
-    else:
-        with torch.no_grad():
-            t_logp = token_logprobs(teacher, ids, attn)  # [B, T-1], only the sampled tokens' log-probs
-            old_logp = token_logprobs(student, ids, attn, temperature=T)  # the behaviour policy, recomputed
-        new_logp = token_logprobs(student, ids, attn, temperature=T, routing=routing)
-        advantages = reverse_kl_advantage(t_logp, old_logp)
-        policy = ppo_clip_loss(new_logp, old_logp, advantages, mask_f, args.clip, norm, args.loss_aggregation)
-        routed_mask = attn  # token_logprobs runs the whole sequence
-    valid = routed_mask.reshape(-1).bool()
-    ga = auxiliary_loss(routing, cfg, valid, args.aux_loss, args.alpha, args.w, d.all_reduce if d.dp > 1 else None,
-                        args.ga_counts)
-    (policy + ga).backward()
-    gap = torch.zeros((), device=d.device)
-    if sampler_logp is not None:  # how far the sampler's log-probs were from the recomputed ones (a metric only)
-        gap = ((align(sampler_logp, examples, mask.shape).to(d.device) - old_logp).abs() * mask_f).sum()
-    sums = torch.stack([policy.detach().double(), ga.detach().double(),
-                        ((old_logp - t_logp) * mask_f).sum().double(),  # reverse KL estimate, summed over tokens
-                        gap.double()])
-    counts_LE = expert_counts(routing, valid, cfg.num_router_outputs)
+    batches = micro_batches(examples, args.max_tokens_per_micro_batch, d)
+    tokens_M = d.all_reduce(torch.tensor([float(sum(len(examples[i].ids) for i in mb)) for mb in batches],
+                                         dtype=torch.float64, device=d.device))
+    sums = torch.zeros(5, dtype=torch.float64, device=d.device)  # policy, ga, reverse KL, sampler gap, clipped
+    counts_LE = torch.zeros(cfg.num_moe_layers, cfg.num_router_outputs + 1, dtype=torch.long, device=d.device)
+    for mb, share in zip(batches, (tokens_M / tokens_M.sum()).tolist()):
+        part = [examples[i] for i in mb]
+        ids, attn, mask = (t.to(d.device) for t in collate(part, pad_id))
+        mask_f = mask.float()
+        forced = replay_routing([routed_ids[i] for i in mb], ids.shape, d.device) if routed_ids else None
+        routing = []
+        if args.loss == "full-reverse-kl":
+            with torch.no_grad():
+                teacher_logits = teacher(ids, attention_mask=attn)[:, :-1]
+            student_logits = student(ids, attention_mask=attn, routing=routing, forced_routing=forced)[:, :-1] / T
+            policy = full_reverse_kl(student_logits, teacher_logits, mask_f, norm, args.loss_aggregation)
+            with torch.no_grad():
+                targets = ids[:, 1:, None]
+                old = student_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
+                t_logp = teacher_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
+            clipped = torch.zeros((), device=d.device)
+        else:
+            if teacher_logp is None:
+                with torch.no_grad():
+                    t_logp = token_logprobs(teacher, ids, attn)  # [B, T-1], only the sampled tokens' log-probs
+            else:
+                t_logp = align([teacher_logp[i] for i in mb], part, mask.shape, d.device)
+            new_logp = token_logprobs(student, ids, attn, temperature=T, routing=routing, forced_routing=forced)
+            # the behaviour policy: this forward itself while the weights are those that sampled
+            old = new_logp.detach() if old_logp is None else align([old_logp[i] for i in mb], part, mask.shape,
+                                                                    d.device)
+            advantages = reverse_kl_advantage(t_logp, old)
+            policy = ppo_clip_loss(new_logp, old, advantages, mask_f, args.clip, norm, args.loss_aggregation)
+            clipped = (clip_binds(new_logp.detach(), old, advantages, args.clip) & mask).sum()
+        valid = attn.reshape(-1).bool()  # every real token was routed (the student's forward runs whole sequences)
+        ga = share * auxiliary_loss(routing, cfg, valid, args.aux_loss, args.alpha, args.w,
+                                    d.all_reduce if d.dp > 1 else None, args.ga_counts)
+        (policy + ga).backward()
+        gap = torch.zeros((), device=d.device)
+        if sampler_logp is not None:  # how far the sampler's log-probs were from the old policy's (a metric only)
+            sampled = align([sampler_logp[i] for i in mb], part, mask.shape, d.device)
+            gap = ((sampled - old).abs() * mask_f).sum()
+        sums += torch.stack([policy.detach().double(), ga.detach().double(),
+                             ((old - t_logp) * mask_f).sum().double(),  # reverse KL estimate, summed over tokens
+                             gap.double(), clipped.double()])
+        counts_LE += expert_counts(routing, valid, cfg.num_router_outputs)
     return {"sums": sums, "counts_LE": counts_LE}
+
+
+@contextmanager
+def gathered(model):
+    """Under FSDP2 (--fsdp), every unit of `model` all-gathered once for the block, not at each forward:
+    sampling runs a forward per decoded token, each of which would gather every block again. The block holds
+    the whole model on each rank, as inference needs anyway. Nothing happens without FSDP2."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)  # else each forward frees what was gathered
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            # back to fully_shard's defaults, as zeda/sharding.py:apply_fsdp leaves them: the root keeps its
+            # parameters after forward (its backward follows at once), every other unit frees them
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch on this rank: sampled once, trained on by --updates-per-rollout optimizer steps."""
+
+    index: int
+    examples: list[Example]  # prompt + answer, in sampling order
+    finished: list[bool]
+    sampler_logp: list[list[float]]
+    routed_ids: list[torch.Tensor] | None  # --routing-replay
+    teacher_logp: list[torch.Tensor] | None  # score_rollout (several updates)
+    old_logp: list[torch.Tensor] | None
+    sample_tokens_per_s: float
 
 
 def train(args, d: Dist, stop: dict) -> dict:
@@ -138,46 +264,83 @@ def train(args, d: Dist, stop: dict) -> dict:
     prompts = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens)
     if args.prompts_per_step % d.dp:
         raise UsageError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.dp} ranks")
+    per_rank = args.prompts_per_step // d.dp
+    K = args.updates_per_rollout
+    if per_rank * args.samples_per_prompt % K:
+        raise UsageError(f"--updates-per-rollout {K}: the {per_rank * args.samples_per_prompt} sequences per rank "
+                         f"(--prompts-per-step {args.prompts_per_step} x --samples-per-prompt "
+                         f"{args.samples_per_prompt} over {d.dp} ranks) do not split into {K} equal mini-batches")
     trainer = Trainer("opd", args, d, stop, init_from=args.student, total_steps=args.max_steps)
     student = trainer.load_student()
+    if trainer.start_step % K:
+        raise UsageError(f"--updates-per-rollout {K}: the checkpoint is at step {trainer.start_step}, inside a "
+                         f"rollout; resume with the --updates-per-rollout it was saved with")
     # The frozen teacher, split over the mesh the same way, on the same device.
     teacher = load_model(args.teacher, dtype=args.dtype, dist=d, expert_backend=args.expert_backend, trainable=False)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    per_rank = args.prompts_per_step // d.dp
 
-    def step_fn(step: int) -> dict:
-        picked = step_prompts(len(prompts), step, args.prompts_per_step, args.seed)
+    def sample_rollout(index: int) -> Rollout:
+        """1. the current student answers this rollout's prompts (2.-3. once here when several updates share it)."""
+        picked = step_prompts(len(prompts), index, args.prompts_per_step, args.seed)
         mine = [prompts[i] for i in picked[d.dp_rank * per_rank:(d.dp_rank + 1) * per_rank] for _ in
                 range(args.samples_per_prompt)]
-        # 1. sample from the current student
         t0 = time.time()
         student.eval()
         # One seed per sample, from its place in the global batch: the samples do not depend on the rank layout,
         # so a dp=2 run samples what a single process samples.
         first = d.dp_rank * len(mine)
-        seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + first + i) % 2**63 for i in range(len(mine))]
-        gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id, seed=seeds,
-                       all_done=d.ep_all_done if d.dims.ep > 1 else None)  # ep ranks decode in lockstep
+        seeds = [((args.seed * 1_000_003 + index) * 1_000_003 + first + i) % 2**63 for i in range(len(mine))]
+        with gathered(student):
+            gen = generate(student, [p.ids for p in mine], sampling, eos, pad_id, seed=seeds,
+                           all_done=d.ep_all_done if d.dims.ep > 1 else None,  # ep ranks decode in lockstep
+                           record_routing=args.routing_replay)
         t_sample = time.time() - t0
+        tokens = d.all_reduce(torch.tensor(float(sum(len(t) for t in gen.tokens)), dtype=torch.float64,
+                                           device=d.device))
         examples = [Example(p.ids + toks, len(p.ids)) for p, toks in zip(mine, gen.tokens)]
-        n = d.all_reduce(torch.tensor([float(sum(len(t) for t in gen.tokens)), float(len(gen.tokens)),
-                                       float(sum(not f for f in gen.finished))], dtype=torch.float64))
+        teacher_logp = old_logp = None
+        if K > 1 and args.loss == "ppo":
+            student.train()
+            teacher_logp, old_logp = score_rollout(student, teacher, examples, gen.routed_ids, args, d, pad_id)
+        return Rollout(index, examples, gen.finished, gen.logprobs, gen.routed_ids, teacher_logp, old_logp,
+                       float(tokens) / max(t_sample, 1e-9))
+
+    rollout: Rollout | None = None
+
+    def step_fn(step: int) -> dict:
+        nonlocal rollout
+        index, update = divmod(step, K)
+        if rollout is None or rollout.index != index:
+            rollout = sample_rollout(index)
+        r = rollout
+
+        # This update's K-th of the rollout: every K-th sequence. A rank holds a multiple of K sequences, so the
+        # global mini-batch is the same on any mesh.
+        def pick(values):
+            return None if values is None else values[update::K]
+
+        examples = pick(r.examples)
+        n = d.all_reduce(torch.tensor([float(sum(len(e.ids) - e.num_prompt for e in examples)), float(len(examples)),
+                                       float(sum(not f for f in pick(r.finished)))], dtype=torch.float64,
+                                      device=d.device))
         tokens, sequences, truncated = n.tolist()
-        # 2-4. score under teacher and student, backward (the harness steps the optimizer)
+        # 2-5. score under teacher and student, backward (the harness steps the optimizer)
         t1 = time.time()
         student.train()
-        out = opd_step(student, teacher, examples, gen.logprobs, args, d, pad_id,
-                       sequences if args.loss_aggregation == "sequence" else tokens)
+        out = opd_step(student, teacher, examples, pick(r.sampler_logp), args, d, pad_id,
+                       sequences if args.loss_aggregation == "sequence" else tokens, pick(r.teacher_logp),
+                       pick(r.old_logp), pick(r.routed_ids))
         sums = d.all_reduce(out["sums"])
         policy, ga = float(sums[0]) / d.dp, float(sums[1]) / d.dp
         return {"loss": policy + ga, "policy_loss": policy, "ga": ga, "reverse_kl": float(sums[2]) / max(1.0, tokens),
-                "sampler_logp_gap": float(sums[3]) / max(1.0, tokens),
+                "sampler_logp_gap": float(sums[3]) / max(1.0, tokens), "clipfrac": float(sums[4]) / max(1.0, tokens),
                 **zero_share_metrics(out["counts_LE"], cfg.num_experts, d),
                 "mean_response_length": tokens / sequences, "truncation_rate": truncated / sequences,
-                "sample_tokens_per_s": tokens / max(t_sample, 1e-9),
+                "sample_tokens_per_s": r.sample_tokens_per_s,
                 "train_tokens_per_s": tokens / max(time.time() - t1, 1e-9)}
 
-    return trainer.run(step_fn, lambda step: args.lr, postfix=("reverse_kl", "zero_ratio"))
+    # Checkpoints and signal stops only between rollouts: a resume always starts a new one.
+    return trainer.run(step_fn, lambda step: args.lr, postfix=("reverse_kl", "zero_ratio"), save_multiple=K)
 
 
 def parse_args(argv=None):
@@ -188,7 +351,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, metrics.jsonl)")
     p.add_argument("--max-steps", type=int_range(min=1), default=321, help="optimizer steps (paper: 321)")
     p.add_argument("--prompts-per-step", type=int_range(min=1), default=16,
-                   help="prompts per step, over all ranks (paper: 16)")
+                   help="prompts per rollout batch, over all ranks (paper: 16)")
     p.add_argument("--samples-per-prompt", type=int_range(min=1), default=2,
                    help="answers sampled per prompt (paper: 2)")
     p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
@@ -197,6 +360,15 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="ppo", choices=["ppo", "full-reverse-kl"],
                    help="ppo: sampled-token reverse-KL advantage, PPO-clipped; full-reverse-kl: exact KL over V")
     p.add_argument("--clip", type=float_range(above=0), default=0.2, help="PPO ratio clip")
+    p.add_argument("--updates-per-rollout", type=int_range(min=1), default=1,
+                   help="optimizer steps per rollout batch, each on a K-th of it (paper: 1); --max-steps counts "
+                        "optimizer steps, and checkpoints fall between rollouts")
+    p.add_argument("--max-tokens-per-micro-batch", type=int_range(min=0), default=32768,
+                   help="padded tokens (rows x longest) per scoring forward and backward; a longer sequence runs "
+                        "alone (the authors' per-GPU cap; 0: no cap). The loss does not change")
+    p.add_argument("--routing-replay", action="store_true",
+                   help="the training forward routes each sampled token to the experts the sampler chose "
+                        "(the authors' --use-rollout-routing-replay; docs/method.md §8)")
     p.add_argument("--loss-aggregation", default="sequence", choices=AGGREGATIONS,
                    help="sequence: each answer's mean over its tokens, then the mean over answers (the authors'); "
                         "token: the mean over all answer tokens")

@@ -111,7 +111,7 @@ def spy_on_ppo(monkeypatch) -> dict:
 
 def step(student, teacher, examples, sampler_logp, args, count):
     out = train_opd.opd_step(student, teacher, examples, sampler_logp, args, Dist(), 0, float(count))
-    policy, ga, rkl_sum, gap_sum = out["sums"].tolist()
+    policy, ga, rkl_sum, gap_sum, _clipped = out["sums"].tolist()
     return policy, ga, rkl_sum, gap_sum, out["counts_LE"]
 
 

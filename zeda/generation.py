@@ -109,6 +109,10 @@ class Generation:
     new_tokens: int
     seconds: float
     prefill_seconds: float = 0.0  # of `seconds`, the prompt forward (the rest is decoding)
+    # generate(record_routing=True): per prompt, int16 [L, prompt + new tokens - 1, K], the expert ids each token
+    # the model processed (the prompt, then every generated token but the last, which is never fed) was routed to
+    # in each MoE layer: what routing replay (train_opd.py --routing-replay) makes the training forward use
+    routed_ids: list[torch.Tensor] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +328,7 @@ class StaticCache:
 def decode_step(model: CausalLM, ids_B: torch.Tensor, positions_B: torch.Tensor, mask_BW: torch.Tensor,
                 live_B: torch.Tensor, cache: StaticCache):
     """One decode token per row over the static cache: (logits [B, V], real slots [B] summed over MoE layers,
-    slots per router output [L, E + 1] over live rows), the same quantities the eager loop collects.
+    slots per router output [L, E + 1] over live rows, expert ids [L, B, K]), what the eager loop collects.
 
     mask_BW: the keys each row may attend to, the column being written included (a finished row attends to its
     own padding key only, so its softmax is never empty). live_B: rows whose token is real; the others are
@@ -352,14 +356,14 @@ def decode_step(model: CausalLM, ids_B: torch.Tensor, positions_B: torch.Tensor,
     logits_BV = model.lm_head(model.model.norm(x_B1H)[:, 0])
     B = ids_B.shape[0]
     if not ids_per_layer:
-        return logits_BV, torch.zeros(B, dtype=torch.long, device=ids_B.device), None
+        return logits_BV, torch.zeros(B, dtype=torch.long, device=ids_B.device), None, None
     ids_LBK = torch.stack(ids_per_layer)
     real_B = (ids_LBK < cfg.num_experts).sum(dim=(0, 2))
     E = cfg.num_router_outputs
     live_LX = live_B.long().repeat_interleave(ids_LBK.shape[2]).expand(len(ids_per_layer), -1)  # [L, B*K]
     counts_LE = torch.zeros(len(ids_per_layer), E + 1, dtype=torch.long, device=ids_B.device).scatter_add_(
         1, ids_LBK.reshape(len(ids_per_layer), -1), live_LX)  # expert_counts over this step's live rows
-    return logits_BV, real_B, counts_LE
+    return logits_BV, real_B, counts_LE, ids_LBK
 
 
 CACHE_WIDTH_MULTIPLE = 64  # the compiled path rounds its cache width up to this: fewer distinct graphs
@@ -396,7 +400,7 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
              eos_ids: list[int] | set[int], pad_id: int = 0, seed: int | list[int] | None = None,
              on_token: Callable[[int, int], None] | None = None,
              all_done: Callable[[bool], bool] | None = None, compile: bool = False,
-             stop_check_every: int = 1) -> Generation:
+             stop_check_every: int = 1, record_routing: bool = False) -> Generation:
     """Generate for a batch of prompts with a static KV cache (see the module docstring).
 
     params: one SamplingParams for every prompt, or a list with one per prompt (each row its own temperature,
@@ -412,6 +416,8 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
     stop_check_every: look at `all done?` (a host sync) only every that many steps. Results do not change: a
     finished row is masked and counts nothing, so the extra steps are wasted work only. Worth it where a sync
     stalls a queue of device work (a GPU); on a CPU the check is free and 1 is fastest.
+    record_routing: keep every processed token's expert ids per MoE layer (Generation.routed_ids), kept on the
+    device as int16 [L, B, P + M, K] during the loop.
     """
     cfg = model.config
     B = len(prompts)
@@ -449,6 +455,10 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
     routing = []
     logits_BV = _last_logits(model, ids_BP, mask_BS[:, :P], cache, routing)  # prefill (eager in both modes)
     prefill_seconds = time.perf_counter() - t0
+    routed_LBWK = None
+    if record_routing and routing:  # int16: router outputs number in the hundreds
+        routed_LBWK = torch.zeros(len(routing), B, W, K, dtype=torch.int16, device=device)
+        routed_LBWK[:, :, :P] = torch.stack([r.ids_TK.view(B, P, K) for r in routing])
     counts_LE = expert_counts(routing, prompt_mask_BP, E)
     # Statistics only: the real slots of the forward that produced the next token (device ops, no sync).
     real_B = last_token_slots(routing, B, N)[0].to(device)
@@ -479,7 +489,8 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
         if compile:
             position_1.fill_(P + t)
             mask_BS[:, P + t] = True  # this step's key: a finished row attends to its own padding key only
-            logits_BV, real_B, step_counts_LE = step(model, fed_B, positions_B, mask_BS, ~done_B, static_cache)
+            logits_BV, real_B, step_counts_LE, ids_LBK = step(model, fed_B, positions_B, mask_BS, ~done_B,
+                                                              static_cache)
             positions_B = positions_B + ~done_B
         else:
             routing = []
@@ -487,6 +498,9 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
             logits_BV = _last_logits(model, fed_B[:, None], mask_BS[:, :P + t + 1], cache, routing)
             real_B = last_token_slots(routing, B, N)[0]
             step_counts_LE = expert_counts(routing, mask_BS[:, P + t], E)
+            ids_LBK = torch.stack([r.ids_TK for r in routing]) if routed_LBWK is not None else None
+        if routed_LBWK is not None:
+            routed_LBWK[:, :, P + t] = ids_LBK
         mask_BS[:, P + t] = ~done_B  # what the statistics count: real tokens only
         counts_LE = counts_LE + step_counts_LE
 
@@ -496,6 +510,9 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
     real = real_BM.tolist()
     slots = cfg.num_moe_layers * K  # every routed slot of a token is real or zero (or skipped, and counted zero)
     num_tokens = int(mask_BS.sum())  # prompts + fed tokens (the last token of a row is never fed)
+    routed_ids = None
+    if record_routing:  # each row's processed tokens are its real columns, in order
+        routed_ids = [routed_LBWK[:, b, mask_BS[b]] if routed_LBWK is not None else None for b in range(B)]
     return Generation(
         tokens=[row[:n] for row, n in zip(tokens, lengths)],
         logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
@@ -508,6 +525,7 @@ def generate(model: CausalLM, prompts: list[list[int]], params: SamplingParams |
         new_tokens=sum(lengths),
         seconds=time.perf_counter() - t0,
         prefill_seconds=prefill_seconds,
+        routed_ids=routed_ids,
     )
 
 
@@ -729,7 +747,8 @@ def generate_naive(model: CausalLM, prompt: list[int], params: SamplingParams, e
 
 
 def token_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   temperature: float = 1.0, routing: list | None = None) -> torch.Tensor:
+                   temperature: float = 1.0, routing: list | None = None,
+                   forced_routing: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x_{t+1} | x_{<=t}) [B, T-1] for input_ids [B, T] in one forward (e.g. teacher and student in OPD).
 
     Not decorated with no_grad: the student's log-probs need gradients; wrap the call for the teacher. Positions
@@ -737,10 +756,11 @@ def token_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: tor
     row b holds log-probs of its real tokens 2..n in its last n-1 columns. `routing` collects the RouterOutputs for the
     Group Auxiliary Loss (every position is routed, the last one too). The log-probs come from the model's chunked
     head (zeda/model.py:target_logprobs): no [B, T, V] logits are ever held, whatever V and T are.
+    forced_routing [L, B, T, K]: routing replay (CausalLM.forward).
     """
     targets_BT = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last position's target is unused
     out_BT = model(input_ids, attention_mask=attention_mask, routing=routing, targets=targets_BT,
-                   temperature=temperature)[:, :-1]  # [B, T-1]
+                   temperature=temperature, forced_routing=forced_routing)[:, :-1]  # [B, T-1]
     if attention_mask is not None:
         real_BS = attention_mask.bool()
         out_BT = out_BT.masked_fill(~(real_BS[:, :-1] & real_BS[:, 1:]), 0.0)

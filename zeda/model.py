@@ -191,10 +191,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache):
+    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache, forced_ids_BTK=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_BTS, cache)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, valid_BT) if self.is_moe else self.mlp(h))
+        return x + (self.mlp(h, valid_BT, forced_ids_BTK) if self.is_moe else self.mlp(h))
 
 
 class Backbone(nn.Module):
@@ -250,12 +250,15 @@ class CausalLM(nn.Module):
                 block.mlp.experts.backend = backend
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, routing=None,
-                hidden_only: bool = False, targets=None, temperature: float = 1.0):
+                hidden_only: bool = False, targets=None, temperature: float = 1.0, forced_routing=None):
         """input_ids [B, T]. attention_mask [B, S] (1 = real token) covers cached and new tokens, S = cached + T;
         None means all real. positions [B, T] default to each row's count of real tokens before it (so left
         padding works). routing: a list to append each MoE layer's RouterOutput to. Returns logits [B, T, V];
         or the final hidden states [B, T, H] with hidden_only; or, given targets [B, T], the fp32 log-probability
-        of each target at `temperature` [B, T], computed in chunks (target_logprobs), for the losses."""
+        of each target at `temperature` [B, T], computed in chunks (target_logprobs), for the losses.
+        forced_routing [L, B, T, K] (L MoE layers): routing replay, the expert ids each token must take in each
+        MoE layer, -1 where the router chooses (zeda/moe.py:Router). An argument, not module state: activation
+        checkpointing re-runs a block's forward in backward, and must route it the same way."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         S = past + T
@@ -276,8 +279,12 @@ class CausalLM(nn.Module):
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        moe_index = 0
         for block in self.model.layers:
-            x = block(x, cos, sin, mask_BTS, valid_BT, cache)
+            forced_BTK = None
+            if forced_routing is not None and block.is_moe:
+                forced_BTK, moe_index = forced_routing[moe_index], moe_index + 1
+            x = block(x, cos, sin, mask_BTS, valid_BT, cache, forced_BTK)
         if routing is not None:
             for block in self.model.layers:
                 if block.is_moe:

@@ -46,6 +46,10 @@ class Router(nn.Module):
     use_zce_mask sets the zero-expert logits (and, for sigmoid, their selection scores) to -inf, which makes
     the layer exactly the original static MoE.
 
+    Routing replay (forced_ids_TK, train_opd.py --routing-replay): a token whose K ids are given (>= 0) is
+    routed to exactly those experts -- the ones the sampler chose -- while its weights are still the current
+    scores at those ids (normalised as above), so the router keeps its gradient. -1 lets the router choose.
+
     Two inference-time knobs (zeda/baselines.py sets them; training never does):
     zero_bias   added to the zero-expert logits before scoring: one trained model moves along the
                 accuracy-compute frontier without retraining (0: the exact trained routing).
@@ -71,7 +75,7 @@ class Router(nn.Module):
             # Selection-only bias, fp32 and never trained (DeepSeek-style aux-free balancing state).
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_router_outputs, dtype=torch.float32))
 
-    def forward(self, x_TH: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TH: torch.Tensor, forced_ids_TK: torch.Tensor | None = None) -> RouterOutput:
         if self.use_zce_mask:
             # Score the N real rows only (the original computation, bit for bit), then report -inf for the
             # zero experts: softmax/top-k over an -inf-padded row could round differently.
@@ -93,6 +97,11 @@ class Router(nn.Module):
             ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices  # [T, K]
             raw_TK = scores_TE.gather(1, ids_TK)
             eps = 1e-20  # HF's epsilon
+        if forced_ids_TK is not None:  # routing replay: the sampler's experts, weighted by the current scores
+            replay_T1 = (forced_ids_TK >= 0).all(dim=-1, keepdim=True)
+            ids_TK = torch.where(replay_T1, forced_ids_TK.to(ids_TK.dtype), ids_TK)
+            # a gather at the router's own ids is its top-K values bit for bit: rows not replayed are unchanged
+            raw_TK = (probs_TE if self.scoring == "softmax" else scores_TE).gather(1, ids_TK)
         if self.keep_rule is not None:
             keep_TK = keep_slots(raw_TK, *self.keep_rule)
             raw_TK = raw_TK * keep_TK
@@ -265,8 +274,9 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x_BTH, valid_BT=None):
+    def forward(self, x_BTH, valid_BT=None, forced_ids_BTK=None):
         """valid_BT marks real tokens; padding tokens are routed (for shapes) but never reach a GEMM.
+        forced_ids_BTK: routing replay (Router), -1 where the router chooses.
 
         This layer's RouterOutput is kept in `last_routing` (for statistics and the GA loss; CausalLM.forward
         collects it). An attribute, not an appended list: wrappers such as FSDP2 may copy a list argument, and
@@ -274,7 +284,7 @@ class MoE(nn.Module):
         """
         B, T, H = x_BTH.shape
         x_TH = x_BTH.reshape(B * T, H)
-        r = self.gate(x_TH)
+        r = self.gate(x_TH, None if forced_ids_BTK is None else forced_ids_BTK.reshape(B * T, -1))
         self.last_routing = r
         keep_TK = r.ids_TK < self.num_experts  # [T, K] zero slots are dropped here, before dispatch
         if valid_BT is not None:
