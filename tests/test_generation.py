@@ -287,3 +287,28 @@ def test_sample_stays_inside_the_filtered_set(row, k, p, seed):
     kept = torch.isfinite(filter_logits(logits / 0.8, k, p))
     assert kept.gather(1, tokens[:, None]).all()
     torch.testing.assert_close(logprobs, (logits / 0.8).log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
+
+
+def test_generation_config_end_tokens_stop_generation(tmp_path):
+    """An end token that only generation_config.json names (Qwen3 and GLM list end-of-turn tokens there) ends the
+    answer on every generation path; it used to run on to the length limit. A bad value names the file."""
+    import json
+
+    from zeda.config import ModelConfig
+    from zeda.errors import ConfigError
+
+    folder = tmp_path / "m"
+    make_tiny_checkpoint(folder, "qwen3_moe", vocab_size=64, max_position_embeddings=128)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    free = generate(zeda.load_model(folder), [[5, 6, 7]], params, eos_ids=[], pad_id=0).tokens[0]
+    assert len(free) == 12
+    stop = free[3]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop], "temperature": 0.6}))
+    cfg = ModelConfig.from_hf_config(folder)
+    assert stop in cfg.eos_token_id
+    assert "generation_config" not in json.dumps(cfg.to_hf_dict()) and cfg.to_hf_dict().get("eos_token_id") != [stop]
+    stopped = generate(zeda.load_model(folder), [[5, 6, 7]], params, eos_ids=cfg.eos_token_id, pad_id=0).tokens[0]
+    assert stopped == free[:free.index(stop) + 1]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "newline"}))
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id"):
+        ModelConfig.from_hf_config(folder)

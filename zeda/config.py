@@ -96,7 +96,14 @@ class ModelConfig:
         file and the key instead of a shape error (or a silently different model) later."""
         hf, where = _read_json(source)
         hf = {**hf, **{k: v for k, v in overrides.items()}}
-        return cls._from_dict(hf, where)
+        cfg = cls._from_dict(hf, where)
+        # The folder's generation_config.json names end tokens too (Qwen3 and GLM list their end-of-turn tokens
+        # there): every generation path stops at them, as transformers' generate() does.
+        gen_path = Path(where).with_name("generation_config.json") if not isinstance(source, dict) else None
+        if gen_path is not None and gen_path.is_file():
+            gen, gen_where = _read_json(gen_path)
+            cfg.eos_token_id = list(dict.fromkeys(cfg.eos_token_id + _token_ids(gen, gen_where)))
+        return cfg
 
     @classmethod
     def _from_dict(cls, hf: dict, where: str) -> "ModelConfig":
