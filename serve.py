@@ -31,7 +31,7 @@ from zeda.baselines import set_routing
 from zeda.compute_use import render_terminal, token_pieces
 from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
-from zeda.flags import float_range, int_range
+from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import flop_report
 from zeda.generation import Generation, SamplingParams, generate
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
@@ -67,13 +67,14 @@ class TokenPrinter:
 
 
 def answer(model, tokenizer, prompt: str, sampling: SamplingParams, seed: int | None, where: str = "--prompt",
-           out=None, show_compute: bool = False) -> Generation:
+           out=None, show_compute: bool = False, chat_template_kwargs: dict | None = None) -> Generation:
     """Stream one answer to `out`, then its summary line; with show_compute, the answer once more, each token
     coloured by the real experts that produced it. EvaluationError naming `where` if the prompt does not fit in
     the context."""
     cfg, out = model.config, out or sys.stdout
     item = Item("serve", where, [{"role": "user", "content": prompt}], "", None)
-    ids = encode_items(tokenizer, [item], sampling.max_new_tokens, cfg.max_position_embeddings)[0]
+    ids = encode_items(tokenizer, [item], sampling.max_new_tokens, cfg.max_position_embeddings,
+                       chat_template_kwargs)[0]
     eos = stop_ids(tokenizer, cfg)
     printer = TokenPrinter(tokenizer, eos, out)
     gen = generate(model, [ids], sampling, eos, pad_id(tokenizer, cfg), seed=seed, on_token=printer)
@@ -124,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--show-compute", action="store_true",
                    help="after each answer, show it again with every token coloured by the real experts it used "
                         "(summed over MoE layers; 24-bit colour terminal)")
+    add_chat_template_kwargs(p)  # a request's own chat_template_kwargs win over these
     http = p.add_argument_group("HTTP server (zeda/server.py)")
     http.add_argument("--port", type=int_range(min=0, max=65535), default=None,
                       help="serve the OpenAI-compatible API on this port instead of chatting (0: any free port)")
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
 
     if args.prompt is not None:
         try:
-            answer(model, tokenizer, args.prompt, sampling, seed, show_compute=args.show_compute)
+            answer(model, tokenizer, args.prompt, sampling, seed, show_compute=args.show_compute,
+                   chat_template_kwargs=args.chat_template_kwargs)
         except EvaluationError as e:
             return error(str(e))
         except KeyboardInterrupt:
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     print(f"{model_dir}: {cfg.model_type}, {cfg.num_experts} experts + {cfg.num_zero_experts} zero experts, "
           f"top-{cfg.num_experts_per_tok}. One prompt per line; Ctrl-D to quit.", file=sys.stderr)
     try:
-        return chat(model, tokenizer, sampling, seed, args.show_compute)
+        return chat(model, tokenizer, sampling, seed, args.show_compute, args.chat_template_kwargs)
     except KeyboardInterrupt:  # Ctrl-C: end the answer's line and leave quietly, as a shell does
         print(file=sys.stderr)
         return 130
@@ -223,7 +226,7 @@ def run_server(args: argparse.Namespace, model_dir: Path) -> int:
                             max_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                             request_timeout=args.request_timeout, keep_alive=args.keep_alive,
-                            max_connections=args.limit_concurrency)
+                            max_connections=args.limit_concurrency, chat_template_kwargs=args.chat_template_kwargs)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     cfg = model.config
@@ -232,7 +235,8 @@ def run_server(args: argparse.Namespace, model_dir: Path) -> int:
     return serve_forever(create_app(model, tokenizer, name, options), sock)
 
 
-def chat(model, tokenizer, sampling: SamplingParams, seed: int | None, show_compute: bool = False) -> int:
+def chat(model, tokenizer, sampling: SamplingParams, seed: int | None, show_compute: bool = False,
+         chat_template_kwargs: dict | None = None) -> int:
     """The interactive loop: one prompt a line on stdin until EOF."""
     turn = 0
     for lineno in itertools.count(1):
@@ -246,7 +250,7 @@ def chat(model, tokenizer, sampling: SamplingParams, seed: int | None, show_comp
             continue
         try:
             answer(model, tokenizer, prompt, sampling, None if seed is None else seed + turn, f"stdin line {lineno}",
-                   show_compute=show_compute)
+                   show_compute=show_compute, chat_template_kwargs=chat_template_kwargs)
         except EvaluationError as e:  # too long: say so and wait for the next prompt
             print(f"serve.py: {e}", file=sys.stderr)
         turn += 1

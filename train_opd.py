@@ -46,8 +46,8 @@ from torch.distributed.fsdp import FSDPModule
 import zeda
 from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages
 from zeda.distributed import Dist
-from zeda.errors import DataError, UsageError
-from zeda.flags import float_range, int_range
+from zeda.errors import DataError, UsageError, ZedaError
+from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import SamplingParams, generate, token_logprobs
 from zeda.loading import load_model, load_tokenizer
@@ -55,20 +55,47 @@ from zeda.losses import AGGREGATIONS, auxiliary_loss, full_reverse_kl, ppo_clip_
 from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
 
 
-def load_prompts(path: Path, tokenizer, max_prompt_len: int) -> list[Example]:
-    """Prompts JSONL -> chat-templated prompt ids; a prompt that leaves no room to answer is an error."""
+def load_prompts(path: Path, tokenizer, max_prompt_len: int, strict: bool = False,
+                 chat_template_kwargs: dict | None = None) -> tuple[list[Example], list[str]]:
+    """Prompts JSONL -> chat-templated prompt ids, and the file:line of those skipped because they leave no room
+    to answer within the context (strict: refused instead, naming the first)."""
     lines, messages = [], []
     for lineno, rec in iter_records(path):
         lines.append(lineno)
         messages.append(prompt_messages(rec, path, lineno))
     if not messages:
         raise DataError(f"{path}: no prompts")
-    examples = encode_chats(tokenizer, messages)
-    for lineno, e in zip(lines, examples):
-        if len(e.ids) > max_prompt_len:
+    kept, too_long = [], []
+    for lineno, e in zip(lines, encode_chats(tokenizer, messages, chat_template_kwargs=chat_template_kwargs)):
+        if len(e.ids) <= max_prompt_len:
+            kept.append(e)
+        elif strict:
             raise DataError(f"{path}:{lineno}: prompt of {len(e.ids)} tokens leaves no room for --max-new-tokens "
                              f"(context limit {max_prompt_len} for the prompt)")
-    return examples
+        else:
+            too_long.append(f"{path}:{lineno}")
+    if not kept:
+        raise DataError(f"{path}: every prompt is longer than the context leaves room for ({max_prompt_len} tokens "
+                         f"with --max-new-tokens)")
+    return kept, too_long
+
+
+def show_prompts(args) -> int:
+    """--show-examples N: the first N prompts as the student will see them (chat template and its options
+    applied); no weights read."""
+    try:
+        cfg = zeda.ModelConfig.from_hf_config(args.student)
+        tokenizer = load_tokenizer(args.student)
+        prompts, too_long = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens,
+                                         args.strict, args.chat_template_kwargs)
+    except (ZedaError, OSError) as e:
+        print(f"train_opd.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.prompts}: {len(prompts)} prompts used, {len(too_long)} skipped as too long")
+    for i, e in enumerate(prompts[:args.show_examples], start=1):
+        print(f"--- prompt {i}: {len(e.ids)} tokens; the student answers after it")
+        print(tokenizer.decode(e.ids, skip_special_tokens=False))
+    return 0
 
 
 def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -261,7 +288,11 @@ def train(args, d: Dist, stop: dict) -> dict:
     tokenizer = load_tokenizer(args.student)
     pad_id = tokenizer.pad_token_id or 0
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
-    prompts = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens)
+    prompts, too_long = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens,
+                                     args.strict, args.chat_template_kwargs)
+    if too_long:
+        d.print(f"{args.prompts}: skipped {len(too_long)} prompt(s) too long for the context with --max-new-tokens "
+                f"(--strict refuses them): {', '.join(too_long[:10])}{' ...' if len(too_long) > 10 else ''}")
     if args.prompts_per_step % d.dp:
         raise UsageError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.dp} ranks")
     per_rank = args.prompts_per_step // d.dp
@@ -340,7 +371,8 @@ def train(args, d: Dist, stop: dict) -> dict:
                 "train_tokens_per_s": tokens / max(time.time() - t1, 1e-9)}
 
     # Checkpoints and signal stops only between rollouts: a resume always starts a new one.
-    return trainer.run(step_fn, lambda step: args.lr, postfix=("reverse_kl", "zero_ratio"), save_multiple=K)
+    return trainer.run(step_fn, lambda step: args.lr, postfix=("reverse_kl", "zero_ratio"), save_multiple=K,
+                       summary_extra={"prompts_used": len(prompts), "skipped_too_long": too_long})
 
 
 def parse_args(argv=None):
@@ -376,13 +408,19 @@ def parse_args(argv=None):
                    help="constant learning rate (paper: 5e-6 Qwen, 1e-6 GLM)")
     add_training_args(p)
     p.add_argument("--seed", type=int_range(min=0), default=0, help="prompt order and sampling seed")
+    add_chat_template_kwargs(p)
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a prompt too long for the context with --max-new-tokens (default: skip and name it)")
+    p.add_argument("--show-examples", type=int_range(min=1), default=0, metavar="N",
+                   help="print the first N prompts as rendered for the student and exit (no training)")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     return args
 
 
 def main(argv=None) -> int:
-    return run_training("train_opd.py", train, parse_args(argv))
+    args = parse_args(argv)
+    return show_prompts(args) if args.show_examples else run_training("train_opd.py", train, args)
 
 
 if __name__ == "__main__":

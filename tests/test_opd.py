@@ -448,3 +448,26 @@ def test_torchrun_data_parallel(assets, tmp_path):
     assert len(metrics) == 1 and metrics[0]["step"] == 1  # written once, by rank 0
     assert 1 <= metrics[0]["mean_response_length"] <= 12
     assert zeda.ModelConfig.from_hf_config(out / "final").num_zero_experts == Z
+
+
+def test_long_prompts_are_skipped_and_named_or_refused_with_strict(tmp_path, capsys):
+    """A prompt that leaves no room to answer used to abort the whole run; now it is skipped and named (file:line)
+    in the run's first lines and its summary, and --strict restores the refusal. --show-examples prints the prompts
+    as rendered (the template's options applied) and trains nothing."""
+    d = tmp_path
+    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=VOCAB, max_position_embeddings=96)
+    save_tokenizer(d / "teacher")
+    convert_checkpoint(d / "teacher", d / "student", num_zero=Z, progress=False)
+    lines = [{"prompt": "Compute 1+2."}, {"prompt": "x" * 400}, {"prompt": "Compute 3+4."}]
+    (d / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    args = ["--student", str(d / "student"), "--teacher", str(d / "teacher"), "--prompts", str(d / "p.jsonl"),
+            "--max-steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "1", "--max-new-tokens", "8",
+            "--device", "cpu"]
+    assert train_opd.main([*args, "--out", str(d / "run")]) == 0
+    assert "skipped 1 prompt(s) too long" in capsys.readouterr().out
+    assert json.loads((d / "run" / "summary.json").read_text())["skipped_too_long"] == [f"{d / 'p.jsonl'}:2"]
+    assert train_opd.main([*args, "--out", str(d / "strict"), "--strict"]) == 2
+    assert f"{d / 'p.jsonl'}:2: prompt of" in capsys.readouterr().err and not (d / "strict").exists()
+    assert train_opd.main([*args, "--out", str(d / "show"), "--show-examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompts used, 1 skipped" in out and "Compute 1+2." in out and not (d / "show").exists()

@@ -451,3 +451,17 @@ def _up(url: str) -> bool:
         return get(url, "/health")[0] == 200
     except OSError:
         return False
+
+
+def test_chat_template_kwargs_reach_the_template(tiny):
+    """A request's chat_template_kwargs (vLLM's and SGLang's field) and serve.py --chat-template-kwargs render the
+    prompt: with a Qwen3-like template, enable_thinking false closes an empty thought (more prompt tokens); the
+    request's value wins over the server's."""
+    model, tokenizer = load_for_inference(tiny, device="cpu")
+    tokenizer.chat_template = (ROOT / "tests" / "assets" / "thinking_template.jinja").read_text()
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1, temperature=0)
+    with running(model, tokenizer, "tiny", ServerOptions(chat_template_kwargs={"enable_thinking": False})) as url:
+        plain = client(url).chat.completions.create(**ask).usage.prompt_tokens
+        thinking = client(url).chat.completions.create(
+            **ask, extra_body={"chat_template_kwargs": {"enable_thinking": True}}).usage.prompt_tokens
+    assert plain - thinking == len("\n</think>\n\n")

@@ -135,6 +135,7 @@ class Sampling(Strict):
 class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+    chat_template_kwargs: dict | None = None  # variables for the chat template (vLLM's and SGLang's field)
 
 
 class CompletionRequest(Sampling):
@@ -155,6 +156,7 @@ class ServerOptions:
     request_timeout: float = REQUEST_TIMEOUT_S  # these three are the HTTP layer's (uvicorn_config)
     keep_alive: int = KEEP_ALIVE_S
     max_connections: int = MAX_CONNECTIONS
+    chat_template_kwargs: dict = field(default_factory=dict)  # a request's own chat_template_kwargs win
 
 
 class ApiError(Exception):
@@ -516,7 +518,8 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
         messages = [m.as_template_message() for m in req.messages]
         check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            prompt = (await tokenize(encode_chat, tokenizer, messages)).ids  # the chat template, as evaluate.py
+            options = {**opts.chat_template_kwargs, **(req.chat_template_kwargs or {})}
+            prompt = (await tokenize(encode_chat, tokenizer, messages, chat_template_kwargs=options)).ids
         except Exception as e:  # the template refused the conversation (jinja raises its own errors)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
