@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from zeda.config import ModelConfig
 from zeda.loading import empty_model
-from zeda.plan import Mesh, Setup, activation_bytes, count_parameters, main, plan, rank_params, sft_memory
+from zeda.plan import (Mesh, Setup, activation_bytes, count_parameters, main, plan, rank_params, sft_memory,
+                       trained_tensors, training_moments)
 from zeda.tiny import tiny_hf_config
 
 
@@ -55,6 +57,85 @@ def test_the_mesh_splits_what_it_must(model_type):
     assert kept(True) < kept(False)
 
 
+def student(model_type: str, **overrides) -> ModelConfig:
+    """A converted config (Z = 4 zero experts), which the planner takes as it is."""
+    hf = tiny_hf_config(model_type, **overrides).to_dict()
+    return ModelConfig.from_hf_config(hf, zce_nums=[4], zce_types=["zero"])
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "glm4_moe_lite"])
+@pytest.mark.parametrize("mesh,bf16_share", [
+    (Mesh(1), "all but routers"), (Mesh(2, ep=2), "all but routers"), (Mesh(2, tp=2), "all but routers"),
+    (Mesh(2, fsdp=True), "none"), (Mesh(4, tp=2, fsdp=True), "none"), (Mesh(2, ep=2, fsdp=True), "expert shards")])
+def test_masters_gradients_and_adamw_state_on_each_mesh(model_type, mesh, bf16_share):
+    """bf16 training: without FSDP2 the model holds bf16 parameters (routers fp32), each with a 4-byte fp32
+    master; under FSDP2 its fp32 shards are the masters, and only expert shards left to ep are bf16 + master.
+    Gradients are in the parameters' dtype in backward and fp32 at the step; AdamW keeps 8 fp32 bytes each."""
+    cfg = student(model_type)
+    c = count_parameters(cfg)
+    on_rank = rank_params(cfg, mesh).total  # split part by part (checked against the model above)
+    in_bf16 = {"all but routers": on_rank - c.routers, "none": 0, "expert shards": c.experts / mesh.ep}[bf16_share]
+    stays, moments = training_moments(cfg, Setup(mesh, 64, 2))
+    # FSDP2's chunks are ceil(rows / dp) on rank 0: a few elements over the average
+    assert stays["fp32 master weights of the bf16 parameters"] == pytest.approx(4 * in_bf16, abs=64)
+    assert stays["parameters"] == pytest.approx(2 * in_bf16 + 4 * (on_rank - in_bf16), abs=64)
+    assert stays["AdamW exp_avg + exp_avg_sq (fp32)"] == pytest.approx(8 * on_rank, abs=128)
+    assert moments["backward"]["gradients (in the parameters' dtype)"] == stays["parameters"]
+    assert moments["optimizer step"]["gradients (fp32, the masters')"] == pytest.approx(4 * on_rank, abs=64)
+    # float32: no masters, fp32 all through
+    fp32, _ = training_moments(cfg, Setup(mesh, 64, 2, "float32"))
+    assert fp32["fp32 master weights of the bf16 parameters"] == 0
+    assert fp32["parameters"] == pytest.approx(4 * on_rank, abs=64)
+
+
+def test_adamw8bit_state_term_is_the_optimizers_own():
+    """The 8-bit state counted tensor by tensor equals torchao's AdamW8bit's on the model (codes, block scales,
+    code tables; fp32 moments for the embedding, 4160 elements but not whole 256-blocks, and small tensors);
+    the mesh cases are checked against saved rank shards in tests/test_optim.py."""
+    from zeda.model import CausalLM
+    from zeda.optim import make_optimizer
+
+    cfg = student("qwen3_moe", vocab_size=130)
+    model = CausalLM(cfg)
+    opt = make_optimizer(list(model.named_parameters()), 1e-3, optimizer="adamw8bit")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    real = 0
+    for state in opt.state.values():
+        for v in (state["exp_avg"], state["exp_avg_sq"]):
+            real += sum(t.numel() * t.element_size() for t in ((v.codes, v.scale, v.qmap) if hasattr(v, "codes")
+                                                                else (v,)))
+    stays, _ = training_moments(cfg, Setup(Mesh(1), 64, 2, optimizer="adamw8bit"))
+    assert stays["AdamW8bit exp_avg + exp_avg_sq (8-bit codes + block scales)"] == real
+    assert real < 0.9 * 8 * count_parameters(cfg).total  # the experts are 8-bit even at this size
+
+
+def test_optimizer_step_temporaries():
+    """foreach AdamW (CUDA, no DTensor parameter) takes sqrt(exp_avg_sq) of every matrix at once; otherwise one
+    tensor at a time: 2 fp32 copies for AdamW, measured bytes an element for AdamW8bit (compiled, or eager for a
+    small model on a CPU)."""
+    cfg = student("qwen3_moe")
+
+    def temporaries(mesh, **kw) -> int:
+        step = training_moments(cfg, Setup(mesh, 64, 2, **kw))[1]["optimizer step"]
+        return sum(v for k, v in step.items() if "temporaries" in k)
+
+    for mesh in (Mesh(1), Mesh(2, ep=2), Mesh(2, fsdp=True), Mesh(2, tp=2)):
+        tensors = trained_tensors(cfg, mesh)
+        largest, matrices = max(t.numel for t in tensors), sum(t.numel for t in tensors if t.ndim >= 2)
+        foreach = not mesh.fsdp and mesh.tp == 1
+        assert temporaries(mesh) == (4 * matrices if foreach else 8 * largest)
+        assert temporaries(mesh, device_kind="cpu") == 8 * largest
+        assert temporaries(mesh, optimizer="adamw8bit") == 8 * largest
+        assert temporaries(mesh, device_kind="cpu", optimizer="adamw8bit") == 53 * largest  # small: eager
+    # a CPU compiles AdamW8bit's step for a large model (zeda.optim.step_compiled): 8 bytes an element again
+    wide = student("qwen3_moe", vocab_size=4096, hidden_size=1024)  # embedding [4096, 1024]: 2**22 elements
+    largest = max(t.numel for t in trained_tensors(wide, Mesh(1)))
+    step = training_moments(wide, Setup(Mesh(1), 64, 2, device_kind="cpu", optimizer="adamw8bit"))[1]["optimizer step"]
+    assert step["AdamW8bit temporaries, largest tensor (compiled)"] == 8 * largest == 8 * 2**22
+
+
 def test_the_published_qwen_scale():
     """The paper's teacher: 30.5B parameters (Qwen's own figure), 29B of them in the routed experts."""
     import sys
@@ -88,6 +169,18 @@ def test_cli_table_and_json(tmp_path, capsys):
                  "--device-kind", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mesh"]["dp"] == 2 and out["sft"]["fits"] is None and out["opd"]["total"] > out["sft"]["total"]
+    # --optimizer adamw8bit: its state term in place of AdamW's, and less memory (hidden 256: 8-bit experts)
+    path.write_text(json.dumps(tiny_hf_config("glm4_moe_lite", hidden_size=256).to_dict()))
+    totals = {}
+    for optimizer in ("adamw", "adamw8bit"):
+        assert main(["--config", str(path), "--gpus", "1", "--seq", "8", "--batch", "1", "--optimizer", optimizer,
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["optimizer"] == optimizer
+        assert any(name.startswith("AdamW8bit exp_avg" if optimizer == "adamw8bit" else "AdamW exp_avg")
+                   for name in out["sft"]["terms"])
+        totals[optimizer] = out["sft"]["total"]
+    assert totals["adamw8bit"] < totals["adamw"]
 
 
 def test_cli_errors_name_the_file_and_the_field(tmp_path, capsys):

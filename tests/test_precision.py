@@ -83,11 +83,13 @@ def test_checkpoints_keep_the_dtype_they_started_from(data, tmp_path, dtype):
         == torch.float32
 
 
-def test_a_bf16_run_resumes_bit_for_bit(data, tmp_path):
-    """From a bf16 checkpoint: its weights are rounded, so the resume must take the exact fp32 masters saved
-    beside the optimizer state, or step 3 would start from other weights."""
+@pytest.mark.parametrize("student", ["student-bf16", "student"])
+def test_a_bf16_run_resumes_bit_for_bit(data, tmp_path, student):
+    """From a bf16 checkpoint its weights are rounded; from an fp32 one the bf16 model would rebuild its masters
+    from rounded copies. Either way the resume must take the exact fp32 masters saved beside the optimizer state,
+    or step 3 would start from other weights."""
     flags = ["--max-steps", "4", "--save-every", "2", "--lr", "1e-3", "--dtype", "bfloat16"]
-    whole = sft(data, tmp_path / "whole", *flags, student="student-bf16")
+    whole = sft(data, tmp_path / "whole", *flags, student=student)
     with safe_open(str(whole / "step-2" / "optimizer.safetensors"), framework="pt") as f:
         assert any(k.endswith("::master") for k in f.keys())
     part = tmp_path / "part"
@@ -95,7 +97,7 @@ def test_a_bf16_run_resumes_bit_for_bit(data, tmp_path):
     import shutil
 
     shutil.copytree(whole / "step-2", part / "step-2")
-    sft(data, part, *flags, "--resume", student="student-bf16")
+    sft(data, part, *flags, "--resume", student=student)
     a, b = weights(whole / "final"), weights(part / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (whole, part)]

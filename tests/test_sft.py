@@ -281,8 +281,8 @@ def test_over_long_rollouts_are_dropped_or_truncated(data, tmp_path, truncate):
     assert 0 < n_long < len(full) - 4
 
     kept, counts = train_sft.load_rollouts(path, tokenizer, 10**6, limit, truncate)
-    assert counts == {"rollouts": 12, "dropped_incorrect": 0, "truncated": n_long if truncate else 0,
-                      "dropped_too_long": 0 if truncate else n_long}
+    assert counts == {"rollouts": 12, "dropped_incorrect": 0, "dropped_unfinished": 0, "kept_unfinished": 0,
+                      "truncated": n_long if truncate else 0, "dropped_too_long": 0 if truncate else n_long}
     assert all(len(e.ids) <= limit for e in kept)
     if truncate:  # cut at the end, the prompt intact
         assert [e.ids for e in kept] == [e.ids[:limit] for e in full]
@@ -422,7 +422,9 @@ def test_rollout_resume_writes_no_duplicates(data, tmp_path, monkeypatch):
     records = [json.loads(line) for line in text.splitlines()]  # every line is valid JSON: the torn one is gone
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)) == n_prompts * samples
-    assert set(ids) == {f"{p}:{s}" for p in range(1, n_prompts + 1) for s in range(samples)}
+    # keyed by content: "<hash of the prompt's messages>:<sample>"
+    prompt_records = [json.loads(line) for line in prompts.read_text().splitlines()]
+    assert set(ids) == {f"{rollout.prompt_hash(p['messages'])}:{s}" for p in prompt_records for s in range(samples)}
     assert records[:2] == first  # the first run's lines are kept as they were
     assert all(r["messages"][-1]["role"] == "assistant" for r in records)
 
@@ -509,6 +511,25 @@ def test_drop_incorrect_refuses_rollouts_without_marks_or_with_a_bad_one(data, t
     assert f"{bad}:2" in err and "'correct' must be true or false" in err
 
 
+def test_unfinished_rollouts_are_dropped_and_counted_in_the_first_line_and_the_summary(data, tmp_path, capsys):
+    """Rollouts marked "finished": false (cut at the answer limit) are left out by default, said so before
+    training starts and in summary.json; --keep-unfinished trains on all of them."""
+    path = rollouts_with_marks(data, tmp_path, [None] * 12)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for i in (1, 4, 7):
+        records[i]["finished"] = False
+    write_jsonl(path, records)
+    out = tmp_path / "out"
+    assert train_sft.main(["--student", str(data / "student"), "--rollouts", str(path), "--out", str(out), *FAST,
+                           "--max-steps", "1"]) == 0
+    assert f"{path}: 12 rollouts, 9 used; dropped 3 unfinished" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dropped_unfinished"] == 3 and summary["examples_used"] == 9
+    kept, counts = train_sft.load_rollouts(path, AutoTokenizer.from_pretrained(data / "student"), 10**6, 10**6,
+                                           False, keep_unfinished=True)
+    assert len(kept) == 12 and counts["kept_unfinished"] == 3
+
+
 def test_a_trained_glm_checkpoint_keeps_its_mtp_layer(data, tmp_path):
     """GLM's MTP layer is neither run nor trained here, but the trained checkpoint must still carry it (grown
     router included), or the authors' serving code cannot use the model for multi-token prediction."""
@@ -535,3 +556,16 @@ def test_a_trained_glm_checkpoint_keeps_its_mtp_layer(data, tmp_path):
     after = mtp(out / "final")
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     zeda.load_model(out / "final")  # and it still loads
+
+
+def test_resume_with_other_settings_is_refused_naming_them(data, tmp_path, capsys):
+    """A resume with another lr or seed would silently train a different run; --allow-changed-settings proceeds.
+    How long it runs may change."""
+    out = tmp_path / "run"
+    assert sft(data, out, "--max-steps", "2", "--save-every", "1") == 0
+    shutil.rmtree(out / "final")
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    line = refused(capsys, sft(data, out, "--max-steps", "3", "--resume", "--lr", "5e-4", "--seed", "3"))
+    assert "--lr 0.001 -> 0.0005" in line and "--seed 0 -> 3" in line and "--allow-changed-settings" in line
+    assert sft(data, out, "--max-steps", "3", "--resume", "--lr", "5e-4", "--allow-changed-settings") == 0

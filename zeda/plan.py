@@ -10,11 +10,23 @@ stage). The formulas follow what zeda allocates, not a generic recipe:
 - parameters are counted from the config part by part (tests check the count equals the zeda model's own);
   tp splits attention, dense MLPs and the shared expert, ep splits the routed experts, FSDP2 shards the rest
   over dp (and the experts too when there is no ep: with ep they are left to ep);
-- training keeps the parameters in --dtype with the router in fp32 (the paper's recipe), gradients in the
-  parameter dtype, and torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype too (no fp32 master
-  copy: zeda trains in bf16 directly);
+- training in bf16 computes in bf16 and steps fp32 masters (zeda/precision.py). Without FSDP2 the model holds
+  bf16 parameters (the router in fp32) and each bf16 one has an fp32 master (4 bytes); backward leaves bf16
+  gradients, which move into fp32 master gradients (4 bytes) before the step. Under FSDP2 the model's sharded
+  fp32 parameters are the masters and their gradients arrive in fp32; expert shards left to ep follow the first
+  rule. --dtype float32: everything fp32, no masters. The optimizer state follows the masters: AdamW keeps
+  exp_avg and exp_avg_sq in fp32 (8 bytes); AdamW8bit (--optimizer adamw8bit, zeda/optim.py) keeps each as 8-bit
+  codes plus an fp32 scale per block of 256 and a 256-entry code table, and fp32 moments for a tensor under
+  4096 elements or not a whole number of blocks -- counted tensor by tensor on the rank's shards
+  (trained_tensors). Both keep a step count per tensor on the CPU, left out;
 - FSDP2 holds the root (embeddings, head, final norm) whole from forward to the end of backward, and a block
-  whole while it runs (the next one prefetched), with its gradient whole until the reduce-scatter;
+  whole while it runs (the next one prefetched), gathered in the compute dtype, with its gradient whole until
+  the reduce-scatter, whose input it copies into one fp32 buffer (reduce_dtype);
+- the optimizer step holds every gradient in fp32 and the optimizer's temporaries: torch's foreach AdamW (its
+  default on CUDA when no parameter is a DTensor: no FSDP2, no tp) takes sqrt(exp_avg_sq) of every tensor at
+  once; otherwise one tensor at a time, as torch's single-tensor AdamW (~2 fp32 copies) and AdamW8bit
+  (dequantised moments and their codes: ~8 bytes an element compiled, ~53 eager, as a small model on a CPU
+  steps) do;
 - activations are those autograd keeps per token and layer (listed in activation_bytes_per_token), or only
   the block inputs with activation checkpointing plus one block recomputed; the loss head holds one chunk of
   fp32 logits (zeda/model.py:target_logprobs), never [B, T, V];
@@ -23,8 +35,9 @@ stage). The formulas follow what zeda allocates, not a generic recipe:
 
 --device-kind cpu predicts a CPU rehearsal (bench/real_shape.py), where the peak RSS also holds the Python
 and torch baseline (--host-baseline-gb, measured by the rehearsal), the safetensors pages mapped while a shard
-is read, and on rank 0 the whole model gathered for the checkpoint written at the end of training (host RAM,
-not GPU memory, on a GPU machine). --device-kind gpu adds a fixed runtime reserve (CUDA context, NCCL buffers,
+is read, torch.compile's own memory where AdamW8bit's step compiles (a large model), and on rank 0 the whole
+model gathered for the checkpoint written at the end of training (host RAM, not GPU memory, on a GPU machine).
+--device-kind gpu adds a fixed runtime reserve (CUDA context, NCCL buffers,
 allocator slack) instead.
 
 Shape letters: V vocabulary, H hidden, L layers, N real experts, Z zero experts, E = N + Z, K top-k, I expert
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +58,16 @@ from zeda.distributed import ParallelDims
 from zeda.errors import ConfigError, ZedaError
 from zeda.flags import float_range, int_range
 from zeda.model import HEAD_CHUNK_ELEMENTS
+from zeda.optim import BLOCK_SIZE, COMPILE_FROM, OPTIMIZERS, quantizes
 
 GiB = 1 << 30
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 FP32 = 4
+# Temporaries of one AdamW8bit step per element of the tensor it steps (dequantised moments, their new codes),
+# measured on a 32M-element tensor with torch 2.13: 8 bytes compiled by inductor (on CUDA, and on a CPU for a
+# large model; the CPU's inductor measured for both), 53 bytes eager (a small model on a CPU, zeda/optim.py)
+ADAMW8BIT_STEP_BYTES = {"compiled": 8, "eager": 53}
+INDUCTOR_HOST = 0.24 * GiB  # RSS a CPU process gains with its first torch.compile'd call (measured, torch 2.13)
 GPU_RUNTIME_RESERVE = 1.5 * GiB  # CUDA context (~0.5 GiB), NCCL buffers, caching-allocator fragmentation
 DEFAULT_HOST_BASELINE = 0.45 * GiB  # RSS of `import train_sft` (torch, transformers, zeda) on the CPU VM
 
@@ -143,7 +163,6 @@ class RankParams:
     other: int  # everything else on this rank
     fsdp_root_whole: int  # root unit gathered whole (0 without FSDP)
     fsdp_block_whole: int  # the largest block's FSDP-managed part gathered whole (0 without FSDP)
-    largest_tensor: int = 0  # elements of the largest parameter tensor held here (its shard, under FSDP2)
 
     @property
     def total(self) -> int:
@@ -169,12 +188,66 @@ def rank_params(cfg: ModelConfig, mesh: Mesh) -> RankParams:
         moe = (c.routers + c.shared_experts / tp + (c.experts if ep == 1 else 0)) / max(1, cfg.num_moe_layers)
         dense = c.dense_mlp / tp / max(1, L - cfg.num_moe_layers) if L > cfg.num_moe_layers else 0
         block_whole = attn + max(moe if cfg.num_moe_layers else 0, dense)
-    # The largest single tensor: one MoE layer's gate_proj [N/ep, I, H], the embedding [V, H] or a dense gate.
-    largest = max(cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size / ep / (fsdp if ep == 1 else 1)
-                  if cfg.num_moe_layers else 0,
-                  c.embedding / fsdp, cfg.intermediate_size * cfg.hidden_size / tp / fsdp)
-    return RankParams(int(routers), int(experts + tp_split + whole), int(root_whole), int(block_whole),
-                      int(largest))
+    return RankParams(int(routers), int(experts + tp_split + whole), int(root_whole), int(block_whole))
+
+
+# What apply_tensor_parallel splits (zeda/tensor_parallel.py): by output rows (dim 0, weight and bias) and by
+# input columns (dim 1, the weight; the bias stays whole). Routed experts are left to ep.
+TP_BY_ROWS = {"q_proj", "k_proj", "v_proj", "q_b_proj", "kv_b_proj", "gate_proj", "up_proj"}
+TP_BY_COLUMNS = {"o_proj", "down_proj"}
+
+
+@dataclass
+class TrainedTensor:
+    """One trainable parameter as rank 0 holds it."""
+
+    numel: int  # elements of its shard on this rank (the whole tensor when nothing splits it)
+    ndim: int
+    held_bytes: int  # its dtype in the model: 2 (bf16, with an fp32 master) or 4 (fp32, its own master)
+
+
+def trained_tensors(cfg: ModelConfig, mesh: Mesh, dtype: str = "bfloat16") -> list[TrainedTensor]:
+    """Every trainable parameter of zeda's model (built on the meta device: the model's own shapes), split as the
+    mesh splits it on rank 0: ep takes dim 0 of the routed experts; tp splits attention, dense MLPs and the shared
+    expert (TP_BY_ROWS, TP_BY_COLUMNS); FSDP2 takes dim 0 of the rest (and of the experts without ep) in chunks
+    of ceil(rows / dp), rank 0's the largest. The optimizer state is per tensor: AdamW8bit decides 8-bit or fp32
+    moments on each rank's own shard."""
+    from zeda.loading import empty_model
+    from zeda.moe import Router
+
+    model = empty_model(cfg)
+    routers = {id(p) for module in model.modules() if isinstance(module, Router) for p in module.parameters()}
+    fsdp = mesh.dp if mesh.fsdp and mesh.dp > 1 else 1
+    s = DTYPE_BYTES[dtype]
+    out = []
+    for name, p in model.named_parameters():
+        module, _, kind = name.rpartition(".")
+        shape = list(p.shape)
+        if module.endswith("mlp.experts"):
+            shape[0] //= mesh.ep
+            by_fsdp = mesh.ep == 1
+        else:
+            layer = module.rpartition(".")[2]
+            if layer in TP_BY_ROWS:
+                shape[0] //= mesh.tp
+            elif layer in TP_BY_COLUMNS and kind == "weight":
+                shape[1] //= mesh.tp
+            by_fsdp = True
+        if by_fsdp and fsdp > 1:
+            shape[0] = -(-shape[0] // fsdp)
+        # fp32 in the model: a float32 run, the router (the paper's recipe), FSDP2's sharded masters
+        fp32 = s == FP32 or id(p) in routers or (by_fsdp and fsdp > 1)
+        out.append(TrainedTensor(math.prod(shape), len(shape), FP32 if fp32 else s))
+    return out
+
+
+def optimizer_state_bytes(tensors: list[TrainedTensor], optimizer: str) -> int:
+    """exp_avg and exp_avg_sq of every tensor: fp32 for AdamW; for AdamW8bit, per moment the uint8 codes, one
+    fp32 scale per block and the 256-entry fp32 code table (qmap), or fp32 where it does not quantize."""
+    if optimizer == "adamw":
+        return sum(2 * FP32 * t.numel for t in tensors)
+    return sum(2 * (t.numel + t.numel // BLOCK_SIZE * FP32 + 256 * FP32) if quantizes(t.numel) else 2 * FP32 * t.numel
+               for t in tensors)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -270,6 +343,7 @@ class Setup:
     host_baseline: float = DEFAULT_HOST_BASELINE  # bytes, cpu only
     largest_shard: int = 0  # bytes, cpu only: mapped safetensors pages held on top of the model while loading
     answer_tokens: int = 0  # OPD: tokens sampled per answer (the KV cache holds seq positions in all)
+    optimizer: str = "adamw"  # "adamw" or "adamw8bit" (zeda/optim.py)
 
 
 def _student(cfg: ModelConfig) -> ModelConfig:
@@ -295,28 +369,38 @@ def _load_pages(cfg: ModelConfig, setup: Setup, rp: RankParams, s: int) -> int:
     return int(setup.largest_shard * share)
 
 
-def _training_memory(cfg: ModelConfig, setup: Setup, rank0: bool, teacher: bool) -> dict[str, int]:
-    """One training rank: what stays (parameters, gradients, AdamW state, the teacher) plus the largest of three
-    moments that do not overlap -- backward (FSDP2 units, activations, the loss head), the optimizer step (its
-    temporaries) and, on cpu, the checkpoint written at the end (rank 0's gather). Only that largest one is
-    listed, named after its moment."""
+def training_moments(cfg: ModelConfig, setup: Setup, rank0: bool = True,
+                     teacher: bool = False) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """One training rank: what stays (parameters, fp32 masters, optimizer state, the teacher), and the terms of
+    each of three moments that do not overlap -- backward (its gradients, FSDP2 units, activations, the loss
+    head), the optimizer step (fp32 gradients, its temporaries) and, on cpu, the checkpoint written at the end
+    (rank 0's gather)."""
     student = _student(cfg)
     s = DTYPE_BYTES[setup.dtype]
     mesh = setup.mesh
     rp = rank_params(student, mesh)
-    params = rp.other * s + rp.replicated_fp32_in_training * FP32
+    tensors = trained_tensors(student, mesh, setup.dtype)
+    elements = sum(t.numel for t in tensors)
+    with_master = sum(t.numel for t in tensors if t.held_bytes < FP32)  # held in bf16, stepped as fp32 masters
+    held = sum(t.numel * t.held_bytes for t in tensors)
+    state_name = {"adamw": "AdamW exp_avg + exp_avg_sq (fp32)",
+                  "adamw8bit": "AdamW8bit exp_avg + exp_avg_sq (8-bit codes + block scales)"}[setup.optimizer]
     terms = {
-        "parameters": params,
-        "gradients": params,  # in the parameter dtype
-        "AdamW exp_avg + exp_avg_sq": 2 * params,  # torch keeps them in the parameter dtype
+        "parameters": held,
+        "fp32 master weights of the bf16 parameters": with_master * FP32,
+        state_name: optimizer_state_bytes(tensors, setup.optimizer),
     }
+    step_grads = {"gradients (fp32, the masters')": elements * FP32}
     tokens = setup.batch * setup.seq
-    backward = activation_bytes(student, tokens, setup.seq, s, mesh.tp, setup.checkpointing,
-                                device_kind=setup.device_kind)
+    backward = {"gradients (in the parameters' dtype)": held}
+    backward |= activation_bytes(student, tokens, setup.seq, s, mesh.tp, setup.checkpointing,
+                                 device_kind=setup.device_kind)
     if rp.fsdp_root_whole:
-        # root whole (params and, until its reduce-scatter, grads) + the running block and the prefetched one
+        # root whole (params and, until its reduce-scatter, grads) + the running block and the prefetched one,
+        # gathered in the compute dtype; each unit's reduce-scatter copies its gradient into one fp32 buffer
         blocks = min(2, student.num_hidden_layers)
-        backward["FSDP2 gathered units"] = int(2 * rp.fsdp_root_whole * s + (blocks + 1) * rp.fsdp_block_whole * s)
+        backward["FSDP2 gathered units"] = int(2 * rp.fsdp_root_whole * s + (blocks + 1) * rp.fsdp_block_whole * s
+                                               + max(rp.fsdp_root_whole, rp.fsdp_block_whole) * FP32)
     if teacher:
         t = rank_params(cfg, mesh)
         terms["frozen teacher parameters"] = t.total * s
@@ -325,19 +409,32 @@ def _training_memory(cfg: ModelConfig, setup: Setup, rank0: bool, teacher: bool)
         # OPD samples first (no grad): the KV cache of its answers, when larger than the training activations
         cache = kv_cache_bytes(student, setup.batch, setup.seq, s, mesh.tp)
         backward["activations"] = max(backward["activations"], cache)
-    moments = {"backward": backward,
-               # clip_grad_norm takes each gradient's norm on an fp32 copy, then torch's single-tensor AdamW makes
-               # ~2 temporaries of the parameter's size (sqrt, denominator): one tensor at a time
-               "optimizer step": {"grad clip / AdamW temporaries, largest tensor": rp.largest_tensor * max(FP32, 2 * s)}}
+    largest = max(t.numel for t in tensors)
+    if setup.optimizer == "adamw8bit":
+        compiled = setup.device_kind == "gpu" or largest >= COMPILE_FROM  # as zeda.optim.step_compiled decides
+        temporaries = {f"AdamW8bit temporaries, largest tensor ({'compiled' if compiled else 'eager'})":
+                       largest * ADAMW8BIT_STEP_BYTES["compiled" if compiled else "eager"]}
+        if compiled and setup.device_kind == "cpu":
+            terms["torch.compile (inductor) for AdamW8bit's step (measured)"] = int(INDUCTOR_HOST)
+    elif setup.device_kind == "gpu" and not (mesh.fsdp and mesh.dp > 1) and mesh.tp == 1:
+        # foreach AdamW, one call per parameter group: the matrices' group is the larger
+        temporaries = {"AdamW temporaries, sqrt(exp_avg_sq) of every tensor (foreach)":
+                       sum(t.numel for t in tensors if t.ndim >= 2) * FP32}
+    else:  # single-tensor AdamW: sqrt(exp_avg_sq) and its quotient, one tensor at a time
+        temporaries = {"AdamW temporaries, largest tensor": largest * 2 * FP32}
+    moments = {"backward": backward, "optimizer step": step_grads | temporaries}
     if setup.device_kind == "cpu" and rank0:
-        # The checkpoint at the end: rank 0 (zeda.sharding.full_state_dict) makes whole copies of what the mesh
-        # splits -- everything under FSDP2, the experts under ep, the split attention/MLPs under tp -- while its
-        # parameters, gradients and AdamW state are still there. Host RAM, not GPU memory, on a GPU machine.
+        # The checkpoint at the end: rank 0 (zeda.sharding.full_state_dict) makes whole fp32 copies of the masters
+        # the mesh splits -- everything under FSDP2, the experts under ep, the split attention/MLPs under tp --
+        # while its parameters, gradients and optimizer state are still there, then rounds every tensor to the
+        # checkpoint's dtype (taken to be --dtype). Host RAM, not GPU memory, on a GPU machine.
         c = count_parameters(student)
         split = c.total if mesh.fsdp and mesh.dp > 1 else (
             (c.experts if mesh.ep > 1 else 0)
             + (c.attention_split + c.dense_mlp + c.shared_experts if mesh.tp > 1 else 0))
-        moments["checkpoint save"] = {"whole copies gathered for the checkpoint (rank 0)": split * s}
+        moments["checkpoint save"] = step_grads | {
+            "whole fp32 copies gathered for the checkpoint (rank 0)": split * FP32,
+            "the whole model rounded to the checkpoint's dtype (rank 0)": c.total * s if s < FP32 else 0}
         if cfg.num_nextn_predict_layers:
             # GLM's MTP layers, which the model does not have, are read from the input checkpoint and written along
             # (zeda.checkpoint.mtp_tensors): per layer an MoE block, eh_proj [H, 2H], its own embedding and head.
@@ -346,16 +443,25 @@ def _training_memory(cfg: ModelConfig, setup: Setup, rank0: bool, teacher: bool)
                      + (c.routers + c.experts + c.shared_experts) / max(1, cfg.num_moe_layers))
             mtp = cfg.num_nextn_predict_layers * (block + 2 * H * H + 2 * V * H + 3 * H)
             moments["checkpoint save"]["GLM MTP layer carried over (rank 0)"] = int(mtp * s)
+    return terms, moments
+
+
+def _training_memory(cfg: ModelConfig, setup: Setup, rank0: bool, teacher: bool) -> dict[str, int]:
+    """What stays plus the largest of the moments (training_moments), its terms named after it."""
+    terms, moments = training_moments(cfg, setup, rank0, teacher)
     name, peak = max(moments.items(), key=lambda kv: sum(kv[1].values()))
     terms |= {f"{term} [{name}]": value for term, value in peak.items()}
     terms |= _reserve(setup, rank0)
     if setup.device_kind == "cpu":
-        terms["safetensors pages while loading"] = _load_pages(student, setup, rp, s)
+        student = _student(cfg)
+        terms["safetensors pages while loading"] = _load_pages(student, setup, rank_params(student, setup.mesh),
+                                                               DTYPE_BYTES[setup.dtype])
     return terms
 
 
 def sft_memory(cfg: ModelConfig, setup: Setup, rank0: bool = True) -> dict[str, int]:
-    """One rank's peak during SFT (train_sft.py): parameters, gradients, AdamW state, activations."""
+    """One rank's peak during SFT (train_sft.py): parameters, fp32 masters, gradients, optimizer state,
+    activations."""
     return _training_memory(cfg, setup, rank0, teacher=False)
 
 
@@ -428,16 +534,16 @@ def format_table(cfg: ModelConfig, setup: Setup, result: dict, gpu_memory: float
              f"{cfg.num_hidden_layers} layers; {m.gpus} {'ranks' if setup.device_kind == 'cpu' else 'GPUs'}, "
              f"dp={m.dp} tp={m.tp} ep={m.ep}{' fsdp' if m.fsdp else ''}"
              f"{' activation-checkpointing' if setup.checkpointing else ''}; {setup.batch} x {setup.seq} tokens "
-             f"per rank, {setup.dtype}, {setup.device_kind}")]
+             f"per rank, {setup.dtype}, {setup.optimizer}, {setup.device_kind}")]
     for name, r in result.items():
         lines.append("")
-        lines.append(f"{name.upper():<62} GiB per rank")
+        lines.append(f"{name.upper():<74} GiB per rank")
         for term, value in r["terms"].items():
             if value:
-                lines.append(f"  {term:<60} {value / GiB:8.2f}")
+                lines.append(f"  {term:<72} {value / GiB:8.2f}")
         verdict = "" if r["fits"] is None else (" fits" if r["fits"] else " DOES NOT FIT")
         budget = "" if gpu_memory is None else f" of {gpu_memory / GiB:.0f} GiB"
-        lines.append(f"  {'total':<60} {r['total'] / GiB:8.2f}{budget}{verdict}")
+        lines.append(f"  {'total':<72} {r['total'] / GiB:8.2f}{budget}{verdict}")
     return "\n".join(lines)
 
 
@@ -453,7 +559,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int_range(min=1), required=True, help="sequences per rank")
     p.add_argument("--answer-tokens", type=int_range(min=0), default=0,
                    help="OPD: tokens sampled per answer (the rest of --seq is the prompt; informational)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES), help="parameter dtype")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES),
+                   help="compute dtype (bfloat16: fp32 masters beside bf16 parameters)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw (fp32 moments) or adamw8bit (8-bit moments, zeda/optim.py)")
     p.add_argument("--gpu-memory-gb", type=float_range(above=0), default=None,
                    help="memory per GPU in GiB, to say what fits (e.g. 80)")
     p.add_argument("--layers", type=int_range(min=1), default=None, help="override num_hidden_layers")
@@ -470,7 +579,8 @@ def main(argv=None) -> int:
         mesh = Mesh(args.gpus, args.tp, args.ep, args.fsdp)
         mesh.check(cfg, str(args.config))
         setup = Setup(mesh, args.seq, args.batch, args.dtype, args.activation_checkpointing, args.device_kind,
-                      args.host_baseline_gb * GiB, int(args.largest_shard_gb * GiB), args.answer_tokens)
+                      args.host_baseline_gb * GiB, int(args.largest_shard_gb * GiB), args.answer_tokens,
+                      args.optimizer)
         budget = None if args.gpu_memory_gb is None else args.gpu_memory_gb * GiB
         result = plan(cfg, setup, budget)
     except ZedaError as e:
@@ -478,7 +588,7 @@ def main(argv=None) -> int:
         return 2
     if args.json:
         print(json.dumps({"parameters": count_parameters(cfg).total, "mesh": vars(mesh) | {"dp": mesh.dp},
-                          "seq": args.seq, "batch": args.batch, "dtype": args.dtype,
+                          "seq": args.seq, "batch": args.batch, "dtype": args.dtype, "optimizer": args.optimizer,
                           "device_kind": args.device_kind, "gpu_memory_bytes": budget, **result}))
     else:
         print(format_table(cfg, setup, result, budget))

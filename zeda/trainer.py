@@ -89,7 +89,9 @@ def save_training_checkpoint(model, masters: MasterWeights, opt, path: Path, cop
     optim = None
     if state is not None:
         optim = optimizer_tensors(opt, masters.named_params())
-        if dtype != torch.float32:  # the weights are rounded: keep the exact masters for a resume
+        # The weights are rounded (a bf16 checkpoint), or the model holds rounded copies that a resume would
+        # rebuild the masters from (bf16 compute from an fp32 checkpoint): keep the exact masters.
+        if dtype != torch.float32 or masters.copies:
             optim |= {f"{name}::master": t for name, t in masters.master_tensors().items()}
     per_rank = state is not None and d.world > 1 and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
     staged = [path.parent / f".{path.name}.{rank_optimizer_file(r)}" for r in range(d.world)] if per_rank else []
@@ -145,9 +147,9 @@ def load_optimizer_state(opt, masters: MasterWeights, folder: Path, d: Dist | No
     saved_masters = {k.removesuffix("::master"): tensors.pop(k) for k in list(tensors) if k.endswith("::master")}
     if saved_masters:
         masters.load_masters(saved_masters, file)
-    elif checkpoint_dtype(folder) != torch.float32:
-        raise CheckpointError(f"{file}: the weights in {folder} are rounded to {checkpoint_dtype(folder)} and no fp32 "
-                              f"masters were saved beside them: cannot resume exactly")
+    elif checkpoint_dtype(folder) != torch.float32 or masters.copies:
+        raise CheckpointError(f"{file}: no fp32 masters were saved beside the weights of {folder}, and this run "
+                              f"holds rounded ones: cannot resume exactly (resume with the run's --dtype)")
     load_optimizer_tensors(opt, masters.named_params(), tensors, file)
 
 
@@ -177,6 +179,18 @@ def finished_steps(out: Path) -> int | None:
         return int(json.loads((out / "summary.json").read_text())["steps"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
+
+
+# What a resumed run may change: where it lives, how long it runs, how often it saves, how it computes (not what).
+RESUMABLE_CHANGES = {"out", "resume", "max_steps", "epochs", "save_every", "keep_last", "device", "expert_backend",
+                     "activation_checkpointing", "allow_changed_settings", "show_examples"}
+
+
+def changed_settings(saved_args: dict[str, str], args) -> list[str]:
+    """The settings of `args` that differ from a checkpoint's (both as strings, as the trainer state keeps them):
+    a resume with another lr, batch, seed or data would silently train a different run."""
+    return [f"--{k.replace('_', '-')} {saved_args[k]} -> {v}" for k, v in sorted(vars(args).items())
+            if k in saved_args and k not in RESUMABLE_CHANGES and saved_args[k] != str(v)]
 
 
 def check_fresh_out(out: Path, resume: bool) -> None:
@@ -257,6 +271,11 @@ class Trainer:
         self.resume_from = latest_checkpoint(self.out) if args.resume and not self.finished else None
         if args.resume and not self.finished and self.resume_from is None:
             d.print(f"--resume: no checkpoint in {self.out} yet; starting from step 0")
+        if self.resume_from is not None and not args.allow_changed_settings:
+            changed = changed_settings(read_trainer_state(self.resume_from).get("args", {}), args)
+            if changed:
+                raise UsageError(f"{self.resume_from / STATE_FILE}: --resume with other settings than the run's: "
+                                 f"{'; '.join(changed)}. Use the run's settings, or pass --allow-changed-settings")
         self.model = self.opt = self.masters = None
         self.start_step = 0
 
@@ -273,7 +292,7 @@ class Trainer:
                                 activation_checkpointing=a.activation_checkpointing)
         self.masters = MasterWeights(self.model)
         self.opt = make_optimizer(self.masters.named_params(), a.lr, betas=(a.beta1, a.beta2),
-                                  weight_decay=a.weight_decay)
+                                  weight_decay=a.weight_decay, optimizer=a.optimizer)
         if self.resume_from is not None:
             saved = read_trainer_state(self.resume_from)
             if saved.get("mesh", self.d.dims.describe()) != self.d.dims.describe():
@@ -360,6 +379,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta1", type=float_range(min=0, below=1), default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=float_range(min=0, below=1), default=0.98, help="AdamW beta2")
     p.add_argument("--weight-decay", type=float_range(min=0), default=0.1, help="AdamW weight decay")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"], help="adamw8bit: 8-bit moments")
     p.add_argument("--grad-clip", type=float_range(above=0), default=1.0, help="max gradient norm")
     p.add_argument("--alpha", type=float_range(min=0), default=0.1, help="Group Auxiliary Loss weight")
     p.add_argument("--w", type=float_range(above=0), default=2.0,
@@ -375,6 +395,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-last", type=int_range(min=0), default=2,
                    help="resumable step-N checkpoints kept; older ones are removed after a save (0: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="--resume even where settings (lr, batch, seed, data, ...) differ from the run's")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype; the optimizer always steps fp32 masters (zeda/precision.py)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
