@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from conftest import torchrun
 
+from bench.grad_reduction import CountAllReduce
 from zeda.distributed import init_distributed, shutdown
 from zeda.losses import auxiliary_loss
 from zeda.moe import RouterOutput
@@ -73,22 +74,6 @@ def per_parameter_reference(named_params, d):
         dist.all_reduce(g, group=d.edp_group if getattr(p, "expert_shard", False) else d._dp_group())
         ref[name] = g / d.dp
     return ref
-
-
-class CountAllReduce:
-    """Counts torch.distributed.all_reduce calls (zeda's modules call it through `torch.distributed`)."""
-
-    def __enter__(self):
-        self.calls, self.original = 0, dist.all_reduce
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return self.original(*args, **kwargs)
-        dist.all_reduce = counted
-        return self
-
-    def __exit__(self, *exc):
-        dist.all_reduce = self.original
 
 
 def check_average_gradients(d, bucket_bytes) -> dict:
