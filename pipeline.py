@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     # Off by default: the paper trains on every rollout.
     p.add_argument("--sft-drop-incorrect", action="store_true",
                    help="SFT only on rollouts the task verifier marks correct (train_sft.py --drop-incorrect)")
-    add_sampling_args(p, prefix="rollout-")  # how the teacher samples the SFT rollouts (the paper's settings)
+    add_sampling_args(p, prefix="rollout-", from_model=False)  # how the teacher samples the SFT rollouts (the paper's settings)
     p.add_argument("--opd-prompts", type=int_range(min=1), default=1000, help="OPD prompts per family (train split)")
     p.add_argument("--opd-steps", type=int_range(min=1), default=60, help="OPD optimizer steps")
     p.add_argument("--opd-lr", type=float_range(above=0), default=3e-5, help="OPD constant lr")

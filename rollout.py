@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     try:
         check_writable(args.out, "--out")
         model, tokenizer = load_for_inference(args.teacher, args.device)
-        params = sampling_from_args(args, args.max_new_tokens)
+        params = sampling_from_args(args, args.max_new_tokens, model_dir=args.teacher)
         with torch.no_grad():
             stats = rollout(model, tokenizer, args.prompts, args.out, params, args.samples_per_prompt,
                             args.batch_size, args.seed, chat_template_kwargs=args.chat_template_kwargs,

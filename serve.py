@@ -33,7 +33,7 @@ from zeda.errors import EvaluationError, ZedaError
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import flop_report
-from zeda.generation import Generation, SamplingParams, generate
+from zeda.generation import Generation, SamplingParams, add_sampling_args, generate, sampling_from_args
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3_moe_teacher"
@@ -104,12 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint folder, static or converted (default: assets/qwen3_moe_teacher beside serve.py)")
     p.add_argument("--prompt", default=None, help="answer this prompt and exit (default: read prompts from stdin)")
-    p.add_argument("--temperature", type=float_range(min=0), default=0.6,
-                   help="sampling temperature, 0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float_range(above=0, max=1), default=0.95,
-                   help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--top-k", type=int_range(min=0), default=20,
-                   help="keep the k most likely tokens, 0 = off (default 20)")
+    add_sampling_args(p)  # --temperature, --top-p, --top-k: the model folder's generation_config.json, else the paper's
     p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
                    help="generation limit per answer (default 256)")
     p.add_argument("--seed", type=int_range(min=0), default=None,
@@ -168,8 +163,7 @@ def main(argv=None) -> int:
             return error("--prompt and --port exclude each other: a server answers HTTP requests")
         return run_server(args, model_dir)
     try:
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                  max_new_tokens=args.max_new_tokens)
+        sampling = sampling_from_args(args, args.max_new_tokens, model_dir=model_dir)
         model, tokenizer = load(args, model_dir)
     except (ZedaError, OSError) as e:
         return error(str(e))
@@ -222,7 +216,12 @@ def run_server(args: argparse.Namespace, model_dir: Path) -> int:
     except KeyboardInterrupt:
         return 130
     name = args.served_model_name or Path(model_dir).resolve().name
-    options = ServerOptions(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+    try:
+        defaults = sampling_from_args(args, args.max_new_tokens, model_dir=model_dir)  # a request's own values win
+    except ZedaError as e:
+        sock.close()
+        return error(str(e))
+    options = ServerOptions(temperature=defaults.temperature, top_p=defaults.top_p, top_k=defaults.top_k,
                             max_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size,
                             max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                             request_timeout=args.request_timeout, keep_alive=args.keep_alive,

@@ -198,7 +198,7 @@ def sample_rollouts(args, d: Dist) -> Path:
     rollouts = args.out / "rollouts.jsonl"
     if d.is_main:
         teacher, tokenizer = load_for_inference(args.teacher, d.device)
-        params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-")
+        params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-", model_dir=args.teacher)
         with torch.no_grad():
             stats = rollout(teacher, tokenizer, args.prompts, rollouts, params, seed=args.seed,
                             chat_template_kwargs=args.chat_template_kwargs)

@@ -312,3 +312,24 @@ def test_generation_config_end_tokens_stop_generation(tmp_path):
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "newline"}))
     with pytest.raises(ConfigError, match="generation_config.json: eos_token_id"):
         ModelConfig.from_hf_config(folder)
+
+
+def test_sampling_defaults_come_from_generation_config_where_no_flag_is_given(tmp_path):
+    """rollout.py, train_sft.py --teacher and serve.py: a flag the user gave wins; one not given takes the model
+    folder's generation_config.json; without it the paper's rollout sampling. A bad value names the file."""
+    import argparse
+    import json
+
+    from zeda.errors import ConfigError
+    from zeda.generation import ROLLOUT_SAMPLING, add_sampling_args, sampling_from_args
+
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5, "eos_token_id": 2}))
+    got = sampling_from_args(p.parse_args(["--top-k", "7"]), 16, model_dir=tmp_path)
+    assert (got.temperature, got.top_p, got.top_k) == (0.3, ROLLOUT_SAMPLING["top_p"], 7)
+    plain = sampling_from_args(p.parse_args([]), 16, model_dir=tmp_path / "nowhere")
+    assert (plain.temperature, plain.top_p, plain.top_k) == tuple(ROLLOUT_SAMPLING.values())
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 1.5}))
+    with pytest.raises(ConfigError, match="generation_config.json: top_p 1.5"):
+        sampling_from_args(p.parse_args([]), 16, model_dir=tmp_path)

@@ -313,6 +313,25 @@ def _zero_experts(hf: dict, where: str) -> int:
     return nums[0]
 
 
+def generation_defaults(folder: str | Path) -> dict:
+    """The sampling defaults a model folder's generation_config.json sets (temperature, top_p, top_k; those it
+    has), checked like config.json's values; {} without the file."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    gen, where = _read_json(path)
+    out = {}
+    for key, minimum in (("temperature", 0.0), ("top_p", 0.0), ("top_k", 0)):
+        value = gen.get(key)
+        if value is None:
+            continue
+        ok = (isinstance(value, int) if key == "top_k" else isinstance(value, (int, float)) and math.isfinite(value))
+        if isinstance(value, bool) or not ok or value < minimum or (key == "top_p" and not 0 < value <= 1):
+            raise ConfigError(f"{where}: {key} {value!r} is not a valid sampling setting")
+        out[key] = value
+    return out
+
+
 def _read_json(source: str | Path | dict) -> tuple[dict, str]:
     if isinstance(source, dict):
         return dict(source), "config"

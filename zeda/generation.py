@@ -55,23 +55,29 @@ from zeda.model import CausalLM, KVCache, rope_cos_sin
 ROLLOUT_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
-def add_sampling_args(parser, prefix: str = "") -> None:
-    """--{prefix}temperature, --{prefix}top-p, --{prefix}top-k with the rollout defaults above."""
+def add_sampling_args(parser, prefix: str = "", from_model: bool = True) -> None:
+    """--{prefix}temperature, --{prefix}top-p, --{prefix}top-k. from_model: a flag not given takes the model
+    folder's generation_config.json value, else the rollout default above (sampling_from_args resolves it)."""
     t, p, k = ROLLOUT_SAMPLING.values()
-    parser.add_argument(f"--{prefix}temperature", type=float_range(min=0), default=t,
-                        help=f"sampling temperature (0 = greedy; "
-                        f"default {t}, the paper's)")
-    parser.add_argument(f"--{prefix}top-p", type=float_range(above=0, max=1), default=p,
-                        help=f"nucleus sampling mass (1 = off; default {p})")
-    parser.add_argument(f"--{prefix}top-k", type=int_range(min=0), default=k,
-                        help=f"top-k sampling (0 = off; default {k})")
+    source = "the model's generation_config.json, else " if from_model else ""
+    parser.add_argument(f"--{prefix}temperature", type=float_range(min=0), default=None if from_model else t,
+                        help=f"sampling temperature (0 = greedy; default: {source}{t}, the paper's)")
+    parser.add_argument(f"--{prefix}top-p", type=float_range(above=0, max=1), default=None if from_model else p,
+                        help=f"nucleus sampling mass (1 = off; default: {source}{p})")
+    parser.add_argument(f"--{prefix}top-k", type=int_range(min=0), default=None if from_model else k,
+                        help=f"top-k sampling (0 = off; default: {source}{k})")
 
 
-def sampling_from_args(args, max_new_tokens: int, prefix: str = "") -> SamplingParams:
-    """The SamplingParams of the flags add_sampling_args(parser, prefix) added."""
+def sampling_from_args(args, max_new_tokens: int, prefix: str = "", model_dir=None) -> SamplingParams:
+    """The SamplingParams of the flags add_sampling_args(parser, prefix) added: what the user gave, else the
+    model folder's generation_config.json (its temperature, top_p, top_k), else ROLLOUT_SAMPLING."""
+    from zeda.config import generation_defaults
+
     attr = prefix.replace("-", "_")
-    return SamplingParams(temperature=getattr(args, f"{attr}temperature"), top_p=getattr(args, f"{attr}top_p"),
-                          top_k=getattr(args, f"{attr}top_k"), max_new_tokens=max_new_tokens)
+    given = {key: getattr(args, f"{attr}{key}") for key in ROLLOUT_SAMPLING}
+    folder = generation_defaults(model_dir) if model_dir is not None else {}
+    values = {key: v if v is not None else folder.get(key, ROLLOUT_SAMPLING[key]) for key, v in given.items()}
+    return SamplingParams(**values, max_new_tokens=max_new_tokens)
 
 
 @dataclass
