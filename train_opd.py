@@ -80,6 +80,16 @@ def load_prompts(path: Path, tokenizer, max_prompt_len: int, strict: bool = Fals
     return kept, too_long
 
 
+def same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: Path) -> None:
+    """Teacher and student must give every token the same id: the teacher scores the student's token ids. (Their
+    special tokens' roles and chat templates may differ: only the student's template renders prompts.)"""
+    ours, theirs = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if ours != theirs:
+        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
+        raise UsageError(f"{teacher}: the teacher's tokenizer is not the student's ({len(theirs)} and {len(ours)} "
+                         f"tokens; first differences {differ}): OPD needs one vocabulary with the same ids")
+
+
 def show_prompts(args) -> int:
     """--show-examples N: the first N prompts as the student will see them (chat template and its options
     applied); no weights read."""
@@ -290,6 +300,12 @@ def train(args, d: Dist, stop: dict) -> dict:
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
     prompts, too_long = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens,
                                      args.strict, args.chat_template_kwargs)
+    same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
+    longest = max(len(p.ids) for p in prompts) + args.max_new_tokens
+    if teacher_cfg.max_position_embeddings < longest:
+        raise UsageError(f"{args.teacher / 'config.json'}: the teacher's context ({teacher_cfg.max_position_embeddings} "
+                         f"tokens) is shorter than the longest prompt plus --max-new-tokens ({longest}): it cannot "
+                         f"score those answers")
     if too_long:
         d.print(f"{args.prompts}: skipped {len(too_long)} prompt(s) too long for the context with --max-new-tokens "
                 f"(--strict refuses them): {', '.join(too_long[:10])}{' ...' if len(too_long) > 10 else ''}")

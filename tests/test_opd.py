@@ -471,3 +471,32 @@ def test_long_prompts_are_skipped_and_named_or_refused_with_strict(tmp_path, cap
     assert train_opd.main([*args, "--out", str(d / "show"), "--show-examples", "1"]) == 0
     out = capsys.readouterr().out
     assert "2 prompts used, 1 skipped" in out and "Compute 1+2." in out and not (d / "show").exists()
+
+
+def test_a_teacher_with_another_tokenizer_or_a_short_context_is_refused(tmp_path, capsys):
+    """Same vocabulary size but other ids (a permuted tokenizer.json) used to train silently on nonsense; a teacher
+    whose context cannot hold prompt + answer was accepted. Both are refused before any training."""
+    d = tmp_path
+    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=VOCAB, max_position_embeddings=96)
+    save_tokenizer(d / "teacher")
+    convert_checkpoint(d / "teacher", d / "student", num_zero=Z, progress=False)
+    (d / "p.jsonl").write_text(json.dumps({"prompt": "Compute 1+2."}) + "\n")
+    permuted = d / "permuted"
+    shutil.copytree(d / "teacher", permuted)
+    tok = json.loads((permuted / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (permuted / "tokenizer.json").write_text(json.dumps(tok))
+    short = d / "short"
+    shutil.copytree(d / "teacher", short)
+    hf = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps(hf | {"max_position_embeddings": 16}))
+    for teacher, message in ((permuted, "the teacher's tokenizer is not the student's"),
+                             (short, "the teacher's context (16 tokens) is shorter")):
+        rc = train_opd.main(["--student", str(d / "student"), "--teacher", str(teacher), "--prompts",
+                             str(d / "p.jsonl"), "--out", str(d / teacher.name), "--max-steps", "1",
+                             "--prompts-per-step", "1", "--samples-per-prompt", "1", "--max-new-tokens", "8",
+                             "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and not (d / teacher.name / "final").exists(), err

@@ -312,3 +312,48 @@ def test_every_valid_tiny_config_still_loads(case):
                                                                      overrides.get("n_routed_experts")) + z
             with torch.no_grad():
                 assert torch.equal(model(ids), masked(ids))
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "int"])
+def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_path, damage):
+    """Integer-typed or NaN / inf weights used to load silently and evaluate to 0% with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    from zeda.errors import CheckpointError
+    from zeda.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path, "qwen3_moe", vocab_size=64)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(str(file))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    t = tensors[key]
+    tensors[key] = {"nan": t.index_fill(0, torch.tensor([1]), float("nan")),
+                    "inf": t.index_fill(0, torch.tensor([1]), float("inf")), "int": t.long()}[damage]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{key}' (holds NaN|is torch.int64)"):
+        zeda.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["template", "tokenizer"])
+def test_a_broken_chat_template_or_a_missing_tokenizer_file_is_one_line(tmp_path, damage):
+    from zeda.errors import ConfigError
+    from zeda.loading import load_tokenizer
+    from zeda.tiny import make_tiny_checkpoint
+    from zeda.tokenizer import save_tokenizer
+
+    make_tiny_checkpoint(tmp_path, "qwen3_moe", vocab_size=104)
+    save_tokenizer(tmp_path)
+    if damage == "template":
+        for name in ("chat_template.jinja",):
+            if (tmp_path / name).exists():
+                (tmp_path / name).write_text("{% for m in messages %}{{ m.content }")
+        cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        if "chat_template" in cfg:
+            cfg["chat_template"] = "{% for m in messages %}{{ m.content }"
+            (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+        match = "the chat template cannot render a conversation"
+    else:
+        (tmp_path / "tokenizer.json").unlink()
+        match = "cannot load the tokenizer"
+    with pytest.raises(ConfigError, match=match):
+        load_tokenizer(tmp_path)

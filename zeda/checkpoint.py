@@ -142,6 +142,11 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
         nonlocal bytes_read
         target = params[name] if index is None else params[name][index]
         check_shape(tensor.shape, target.shape, where, key)
+        # Integer weights would be cast silently and NaN / inf ones would answer nonsense with exit 0: name them.
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{where}: tensor '{key}' is {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{where}: tensor '{key}' holds NaN or infinite values")
         with torch.no_grad():
             target.copy_(tensor)
         bytes_read += tensor.numel() * tensor.element_size()

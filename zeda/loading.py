@@ -113,9 +113,17 @@ def load_tokenizer(path: str | os.PathLike):
     path = Path(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{path}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # a missing tokenizer.json, a damaged file: transformers raises many kinds
+        raise ConfigError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:300]})") from None
     if not tokenizer.chat_template:
         raise ConfigError(f"{path}: the tokenizer has no chat template")
+    try:  # a broken template fails here, in one line, not mid-run
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        raise ConfigError(f"{path}: the chat template cannot render a conversation ({type(e).__name__}: "
+                          f"{str(e)[:300]})") from None
     return tokenizer
 
 
