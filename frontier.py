@@ -89,7 +89,8 @@ def plan(args, teacher: Path, out: Path) -> list[Point]:
     rollouts, prompts_opd = out / "rollouts.jsonl", out / "prompts_opd.jsonl"
     sft_common = ["--rollouts", str(rollouts), "--epochs", str(args.sft_epochs),
                   "--global-batch-size", str(args.sft_batch_size),
-                  "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)), "--lr", str(args.sft_lr)]
+                  "--micro-batch-size", str(math.gcd(16, args.sft_batch_size)), "--lr", str(args.sft_lr),
+                  "--keep-unfinished"]  # every rollout, as pipeline.py: the measured frontier trained on all of them
     opd_common = ["--teacher", str(teacher), "--prompts", str(prompts_opd), "--max-steps", str(args.opd_steps),
                   "--lr", str(args.opd_lr), "--max-new-tokens", str(args.max_new_tokens)]
 

@@ -71,7 +71,7 @@ def worker(args) -> None:
     tokenizer = load_tokenizer(student_dir)
     cfg = ModelConfig.from_hf_config(student_dir)
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
-    all_prompts = train_opd.load_prompts(student_dir / "prompts.jsonl", tokenizer,
+    all_prompts, _ = train_opd.load_prompts(student_dir / "prompts.jsonl", tokenizer,
                                           cfg.max_position_embeddings - args.max_new_tokens)
     params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
     gathers = count_all_gathers()

@@ -424,11 +424,11 @@ def test_refuses_malformed_prompt_line(assets, tmp_path, capsys):
     assert f"{bad}:3:" in err
 
 
-def test_refuses_prompt_too_long_for_context(assets, tmp_path, capsys):
+def test_strict_refuses_prompt_too_long_for_context(assets, tmp_path, capsys):
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "x" * 300}) + "\n")
     # 512 positions - 400 new tokens leaves 112 for a prompt: line 1 fits, line 2 (300+ tokens) does not
-    err = expect_refusal(assets, tmp_path, capsys, "--max-new-tokens", "400", prompts=long)
+    err = expect_refusal(assets, tmp_path, capsys, "--max-new-tokens", "400", "--strict", prompts=long)
     assert f"{long}:2:" in err and "--max-new-tokens" in err
 
 
