@@ -25,3 +25,21 @@ def torchrun(*args, timeout=600, nproc=2):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def tiny_sft_setup(d: Path, per_family: int = 2) -> Path:
+    """In d: a tiny static qwen3_moe teacher with the toy tokenizer, its conversion with 4 zero experts
+    (student/), and r.jsonl, reference answers to per_family train prompts of each task family."""
+    import json
+
+    from zeda import tasks
+    from zeda.conversion import convert_checkpoint
+    from zeda.tiny import make_tiny_checkpoint
+    from zeda.tokenizer import save_tokenizer
+
+    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
+    save_tokenizer(d / "teacher")
+    convert_checkpoint(d / "teacher", d / "student", num_zero=4, progress=False)
+    items = tasks.mixture("train", per_family, seed=1)
+    (d / "r.jsonl").write_text("".join(json.dumps(tasks.to_rollout_record(t, t.response)) + "\n" for t in items))
+    return d

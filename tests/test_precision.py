@@ -8,34 +8,26 @@ for bit from its rounded checkpoint (the fp32 masters travel beside the optimize
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, torchrun
+from conftest import ROOT, tiny_sft_setup, torchrun
 from safetensors import safe_open
 
 import train_sft
 import zeda
-from zeda import tasks
 from zeda.checkpoint import checkpoint_dtype, save_checkpoint, shard_files
-from zeda.conversion import convert_checkpoint
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
 
 COMMON = ["--global-batch-size", "4", "--micro-batch-size", "2", "--warmup-ratio", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """An fp32 converted student, the same student rounded to a bf16 checkpoint, and 8 rollouts."""
-    d = tmp_path_factory.mktemp("precision")
-    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
-    save_tokenizer(d / "teacher")
-    convert_checkpoint(d / "teacher", d / "student", num_zero=4, progress=False)
+    """An fp32 converted student, the same student rounded to a bf16 checkpoint, and 6 rollouts."""
+    d = tiny_sft_setup(tmp_path_factory.mktemp("precision"))
     save_checkpoint(zeda.load_model(d / "student"), d / "student-bf16", copy_from=d / "student", dtype=torch.bfloat16)
-    items = tasks.mixture("train", 2, seed=1)
-    (d / "r.jsonl").write_text("".join(json.dumps(tasks.to_rollout_record(t, t.response)) + "\n" for t in items))
     return d
 
 
@@ -94,8 +86,6 @@ def test_a_bf16_run_resumes_bit_for_bit(data, tmp_path, student):
         assert any(k.endswith("::master") for k in f.keys())
     part = tmp_path / "part"
     part.mkdir()
-    import shutil
-
     shutil.copytree(whole / "step-2", part / "step-2")
     sft(data, part, *flags, "--resume", student=student)
     a, b = weights(whole / "final"), weights(part / "final")

@@ -16,12 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, torchrun
+from conftest import ROOT, tiny_sft_setup, torchrun
 
-from zeda import tasks
-from zeda.conversion import convert_checkpoint
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
 from zeda.trainer import STATE_FILE, rank_optimizer_file
 
 REPEAT = int(os.environ.get("ZEDA_STOP_REPEAT", "1"))  # more tries of each case, for a flakiness hunt
@@ -30,13 +26,7 @@ FLAGS = ["--global-batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-4", 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stops")
-    make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
-    save_tokenizer(d / "teacher")
-    convert_checkpoint(d / "teacher", d / "student", num_zero=4, progress=False)
-    items = tasks.mixture("train", 2, seed=1)
-    (d / "r.jsonl").write_text("".join(json.dumps(tasks.to_rollout_record(t, t.response)) + "\n" for t in items))
-    return d
+    return tiny_sft_setup(tmp_path_factory.mktemp("stops"))
 
 
 def steps_logged(out: Path) -> list[int]:
