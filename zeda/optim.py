@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from zeda.distributed import local_tensor
 from zeda.errors import CheckpointError, UsageError
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -88,7 +89,7 @@ def adamw8bit_class():
 def step_compiled(params) -> bool:
     """Whether AdamW8bit compiles its step: on CUDA always, on a CPU when the largest (local) tensor has
     COMPILE_FROM elements or more."""
-    return any(p.is_cuda for p in params) or max((_local(p).numel() for p in params), default=0) >= COMPILE_FROM
+    return any(p.is_cuda for p in params) or max((local_tensor(p).numel() for p in params), default=0) >= COMPILE_FROM
 
 
 def is_8bit(opt) -> bool:
@@ -111,10 +112,6 @@ def set_lr(opt, lr: float) -> None:
             group["lr"] = lr
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def optimizer_tensors(opt, named_params) -> dict[str, torch.Tensor]:
     """This rank's optimizer state keyed '<parameter name>::<field>' (the local shard of a DTensor), on CPU; an
     8-bit moment as its parts '<name>::<field>.codes', '.scale', '.qmap', '.signed'."""
@@ -123,7 +120,7 @@ def optimizer_tensors(opt, named_params) -> dict[str, torch.Tensor]:
     for group in opt.param_groups:
         for p in group["params"]:
             for key, value in opt.state.get(p, {}).items():
-                value = _local(value)
+                value = local_tensor(value)
                 if hasattr(value, "codes"):  # torchao's OptimState8bit
                     parts = {"codes": value.codes, "scale": value.scale, "qmap": value.qmap,
                              "signed": torch.tensor(value.signed)}
@@ -154,7 +151,7 @@ def load_optimizer_tensors(opt, named_params, tensors: dict[str, torch.Tensor], 
         if value.dim() == 0:  # the step count: on the CPU, where both optimizers keep it
             opt.state[p][field] = value
             continue
-        if eight_bit and quantizes(_local(p).numel()):
+        if eight_bit and quantizes(local_tensor(p).numel()):
             raise CheckpointError(f"{file}: '{key}' holds fp32 moments where --optimizer adamw8bit keeps 8-bit ones; "
                                   f"resume with --optimizer adamw")
         opt.state[p][field] = _like_param(value, p)
@@ -165,9 +162,9 @@ def load_optimizer_tensors(opt, named_params, tensors: dict[str, torch.Tensor], 
         from torchao.optim.subclass_8bit import OptimState8bit
 
         p = params[name]
-        device = _local(p).device
+        device = local_tensor(p).device
         state = OptimState8bit(parts["codes"].to(device), parts["scale"].to(device), parts["qmap"].to(device),
-                               bool(parts["signed"]), dtype=_local(p).dtype)
+                               bool(parts["signed"]), dtype=local_tensor(p).dtype)
         opt.state[p][field] = _like_param(state, p)
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from zeda.distributed import local_tensor
+
 
 def clean_name(name: str) -> str:
     """A parameter's name as the checkpoint knows it (activation checkpointing's wrapper adds a path element)."""
@@ -82,7 +84,7 @@ class MasterWeights:
         for name, _, master in self.pairs:
             if name not in tensors:
                 raise CheckpointError(f"{where}: no fp32 master for '{name}'")
-            local = master.to_local() if hasattr(master, "to_local") else master
+            local = local_tensor(master)
             if tuple(tensors[name].shape) != tuple(local.shape):
                 raise CheckpointError(f"{where}: fp32 master of '{name}' has shape {tuple(tensors[name].shape)}, the "
                                       f"model's {tuple(local.shape)}: resume on the same mesh")
@@ -93,6 +95,6 @@ class MasterWeights:
         """Every master as this rank's local fp32 tensor on CPU (for a checkpoint whose weights are rounded)."""
         out = {}
         for name, _, master in self.pairs:
-            local = master.to_local() if hasattr(master, "to_local") else master
+            local = local_tensor(master)
             out[name] = local.detach().float().cpu().contiguous()
         return out

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from zeda.distributed import Dist
+from zeda.precision import clean_name
 
 
 def apply_fsdp(model, d: Dist, compute_dtype: torch.dtype | None = None) -> None:
@@ -60,7 +61,7 @@ def full_state_dict(model, d: Dist, replace: dict[str, torch.Tensor] | None = No
     a bf16 model, zeda/precision.py, laid out as the parameters they stand for)."""
     out = {}
     for name, t in model.state_dict().items():
-        name = name.replace("_checkpoint_wrapped_module.", "")
+        name = clean_name(name)
         t = (replace or {}).get(name, t)
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
