@@ -21,8 +21,8 @@ import sys
 
 from zeda.divergence import compare_models, divergence_table
 from zeda.data import check_writable
-from zeda.errors import EvaluationError, ZedaError
-from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_atomic
+from zeda.errors import EvaluationError, ZedaError, exit_status
+from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
 from zeda.flags import int_range
 from zeda.loading import load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
@@ -69,11 +69,10 @@ def main(argv=None) -> int:
     report = {"reference": args.reference, "model": args.model, "split": args.split, "n_per_family": args.n,
               "task_seed": args.task_seed, "max_new_tokens": args.max_new_tokens, **report}
     print(divergence_table(report, args.rows))
-    if args.out:
-        write_json_atomic(args.out, report)
-        print(f"wrote {args.out}")
+    if args.out and not write_json_report(args.out, report, "compare.py"):
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("compare.py", main))

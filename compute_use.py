@@ -21,9 +21,9 @@ from pathlib import Path
 
 from zeda.baselines import set_routing
 from zeda.compute_use import correlations, measure, pick_example, plot, render_html, render_terminal, token_pieces
-from zeda.data import check_writable, write_text_atomic
-from zeda.errors import EvaluationError, UsageError, ZedaError
-from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_atomic
+from zeda.data import check_writable, write_report
+from zeda.errors import EvaluationError, UsageError, ZedaError, exit_status
+from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
 from zeda.flags import float_range, int_range
 from zeda.loading import load_for_inference
 from zeda.tasks import FAMILIES
@@ -104,20 +104,25 @@ def main(argv=None) -> int:
     print(summary(report))
     print(f"\n{example.where}:")
     print(render_terminal(pieces, real_T, report["static_real_per_token"]))
-    if args.out:
-        write_json_atomic(args.out, report)
-        print(f"wrote {args.out}")
+    ok = not args.out or write_json_report(args.out, report, "compute_use.py")
     if args.html:
-        write_text_atomic(args.html, render_html(pieces, real_T, report["static_real_per_token"], example.where))
-        print(f"wrote {args.html}")
+        html = render_html(pieces, real_T, report["static_real_per_token"], example.where)
+        if write_report(args.html, html, "compute_use.py", "page"):
+            print(f"wrote {args.html}")
+        else:
+            ok = False
     if args.png:
         title = f"{Path(args.student).name} ({student.config.model_type})"
-        if plot(args.png, example, pieces, report, title):
-            print(f"wrote {args.png}")
-        else:
-            print("compute_use.py: no plot: matplotlib is missing (pip install -e '.[plot]')", file=sys.stderr)
-    return 0
+        try:
+            if plot(args.png, example, pieces, report, title):
+                print(f"wrote {args.png}")
+            else:
+                print("compute_use.py: no plot: matplotlib is missing (pip install -e '.[plot]')", file=sys.stderr)
+        except OSError as e:  # the numbers are in the report; only the picture is lost
+            print(f"compute_use.py: error: cannot write the plot to {args.png} ({e.strerror or e})", file=sys.stderr)
+            ok = False
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("compute_use.py", main))

@@ -46,8 +46,8 @@ import sys
 from zeda.baselines import parse_routing, set_routing
 from zeda.config import ModelConfig
 from zeda.data import check_writable, compile_answer_regex
-from zeda.errors import EvaluationError, ZedaError
-from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_atomic
+from zeda.errors import EvaluationError, ZedaError, exit_status
+from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_report
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.generation import SamplingParams
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
@@ -130,11 +130,10 @@ def main(argv=None) -> int:
     report["model"] = args.model
     report["routing"], report["zero_bias"] = args.routing, args.zero_bias
     print(summary_table(report))
-    if args.out:
-        write_json_atomic(args.out, report)
-        print(f"wrote {args.out}")
+    if args.out and not write_json_report(args.out, report, "evaluate.py"):
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("evaluate.py", main))

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from zeda import tasks
 from zeda.config import ModelConfig
-from zeda.data import check_writable, save_figure_atomic, write_text_atomic
-from zeda.errors import UsageError, ZedaError
+from zeda.data import check_writable, save_figure_atomic, write_report
+from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.evaluation import write_json_atomic
 from zeda.flags import float_range, int_range
 from zeda.stages import ROOT, SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
@@ -352,20 +352,34 @@ RESUME_KEYS = ("n", "max_new_tokens", "sft_prompts", "sft_epochs", "sft_lr", "sf
                "opd_steps", "opd_lr", "alpha", "w_scale")
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object frontier.py wrote before. A damaged one (truncated, hand-edited) is refused, naming it: read
+    as "nothing measured", a rerun would silently measure hours of points again."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged {what} ({e}); restore it (git checkout for a committed one), or remove "
+                        f"it to measure again") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: damaged {what} (not a JSON object); restore it, or remove it to measure again")
+    return data
+
+
 def committed(args) -> tuple[dict[str, dict], float]:
     """The points already in RESULTS/frontier-<arch>.json, and the seconds they took, when it was made with the
     same settings: a fresh clone continues a frontier from the committed results instead of measuring those
-    points again. ({}, 0.0) when there is none to trust."""
+    points again. ({}, 0.0) when there is none, or it was made with other settings."""
     path = args.results / f"frontier-{args.arch}.json"
     if not path.exists():
         return {}, 0.0
+    data = read_json(path, "frontier results")
     try:
-        data = json.loads(path.read_text())
         if not all(data["settings"].get(k) == getattr(args, k) for k in RESUME_KEYS):
             return {}, 0.0
         return {r["name"]: r for r in data["points"]}, float(data.get("seconds", 0.0))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return {}, 0.0  # not ours to trust: measure again (the file is rewritten atomically at the end)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: damaged frontier results (no usable {e}); restore it (git checkout), or remove it "
+                        f"to measure again") from None
 
 
 def report(args, teacher: Path, out: Path, points: list[Point], seconds: float, known: dict[str, dict]) -> int:
@@ -373,7 +387,13 @@ def report(args, teacher: Path, out: Path, points: list[Point], seconds: float, 
     for p in points:
         f = out / "evals" / f"{p.name}.json"
         if f.exists():
-            rows[p.name] = summary_row(p, json.loads(f.read_text()))
+            try:
+                rows[p.name] = summary_row(p, read_json(f, "evaluation"))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                if isinstance(e, DataError):
+                    raise
+                raise DataError(f"{f}: damaged evaluation (no usable {e}); remove it to measure that point "
+                                f"again") from None
     if not rows:
         print(f"frontier.py: nothing measured yet in {out / 'evals'}", file=sys.stderr)
         return 1
@@ -387,11 +407,19 @@ def report(args, teacher: Path, out: Path, points: list[Point], seconds: float, 
                          if k not in ("out", "results", "report")},
             "seconds": round(seconds, 1), "missing": [p.name for p in points if p.name not in rows],
             "headline": head, "margins": margin, "where_opd_pays": opd, "points": list(rows.values())}
-    write_json_atomic(stem.with_suffix(".json"), data)
     md = markdown(args.arch, rows, opd, head, args.n, margin)
-    write_text_atomic(stem.with_suffix(".md"), md)
-    drew = plot(stem.with_suffix(".png"), args.arch, rows)
     print("\n" + md)
+    # The measured points are safe in --out's evals/; a failed write here loses only this summary, and the
+    # summary goes to stdout instead.
+    if not (write_report(stem.with_suffix(".json"), json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                         "frontier.py", "results")
+            and write_report(stem.with_suffix(".md"), md, "frontier.py", "table")):
+        return 2
+    try:
+        drew = plot(stem.with_suffix(".png"), args.arch, rows)
+    except OSError as e:
+        print(f"frontier.py: error: cannot write the plot {stem}.png ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"wrote {stem}.json, {stem}.md" + (f", {stem}.png" if drew else " (no plot: pip install matplotlib)"))
     if data["missing"]:
         print(f"not measured yet: {', '.join(data['missing'])} (run the same command again to continue)")
@@ -468,8 +496,12 @@ def main(argv=None) -> int:
         print(f"frontier.py: error: {e}", file=sys.stderr)
         return 2
     clock = out / "seconds.json"  # run time summed over resumed runs
-    known, known_seconds = committed(args)
-    spent = json.loads(clock.read_text())["seconds"] if clock.exists() else known_seconds
+    try:
+        known, known_seconds = committed(args)
+        spent = float(read_json(clock, "run clock").get("seconds", 0.0)) if clock.exists() else known_seconds
+    except (ZedaError, TypeError, ValueError) as e:
+        print(f"frontier.py: error: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
     if not args.report:
         try:
@@ -483,7 +515,11 @@ def main(argv=None) -> int:
         except (ZedaError, OSError) as e:
             print(f"frontier.py: error: {e}", file=sys.stderr)
             return 2
-    return report(args, teacher, out, points, spent + (0 if args.report else time.time() - t0), known)
+    try:
+        return report(args, teacher, out, points, spent + (0 if args.report else time.time() - t0), known)
+    except ZedaError as e:
+        print(f"frontier.py: error: {e}", file=sys.stderr)
+        return 2
 
 
 def run_all(args, teacher: Path, out: Path, points: list[Point], known: dict[str, dict], tick) -> None:
@@ -501,7 +537,10 @@ def run_all(args, teacher: Path, out: Path, points: list[Point], known: dict[str
                 tick()
         rep = evaluate_folder(point.model, args.n, args.max_new_tokens, args.batch_size, 0,
                               routing=point.routing, zero_bias=point.zero_bias)
-        write_json_atomic(out / "evals" / f"{point.name}.json", rep)
+        saved = out / "evals" / f"{point.name}.json"
+        if not write_report(saved, json.dumps(rep, indent=2, ensure_ascii=False) + "\n", "frontier.py",
+                            f"evaluation of {point.name}"):
+            raise DataError(f"{saved}: not saved (above); fix the disk and run the same command again")
         print(f"[{point.name}] {point.method}: {100 * rep['accuracy']['average']:.1f}% at "
               f"{100 * rep['expert_flops_reduction']:.1f}% expert FLOPs saved", flush=True)
         tick()
@@ -519,4 +558,4 @@ def make_rollouts(args, teacher: Path, out: Path, tick) -> None:
     tick()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("frontier.py", main))

@@ -32,8 +32,8 @@ import torch
 from zeda import tasks
 from zeda.config import ModelConfig
 from zeda.data import check_writable
-from zeda.errors import ZedaError
-from zeda.evaluation import EVAL_SPLITS, write_json_atomic
+from zeda.errors import ZedaError, exit_status
+from zeda.evaluation import EVAL_SPLITS, write_json_report
 from zeda.flags import float_range, int_range
 from zeda.generation import add_sampling_args
 from zeda.stages import SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
@@ -133,8 +133,9 @@ def main(argv=None) -> int:
                "stage_seconds": {k: round(v, 1) for k, v in seconds.items()},
                "seconds": round(time.time() - t0, 1), "args": {k: str(v) for k, v in vars(args).items()}}
     out_json = out / "results.json"
-    write_json_atomic(out_json, results)
-    print(f"\nresults written to {out_json} ({results['seconds']} s)")
+    if not write_json_report(out_json, results, "pipeline.py"):
+        return 2
+    print(f"pipeline done in {results['seconds']} s")
     return 0
 
 
@@ -196,4 +197,4 @@ def run_stages(stages: list[str], args, teacher: Path, zero: int, seconds: dict)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("pipeline.py", main))

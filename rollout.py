@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from zeda.data import check_writable
-from zeda.errors import ZedaError
+from zeda.errors import ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, int_range
 from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference
@@ -66,4 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("rollout.py", main, "interrupted; the answers so far are kept in --out, rerun to continue"))

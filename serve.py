@@ -29,7 +29,7 @@ from pathlib import Path
 
 from zeda.baselines import set_routing
 from zeda.compute_use import render_terminal, token_pieces
-from zeda.errors import EvaluationError, ZedaError
+from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import flop_report
@@ -256,4 +256,4 @@ def chat(model, tokenizer, sampling: SamplingParams, seed: int | None, show_comp
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("serve.py", main))

@@ -46,7 +46,7 @@ from torch.distributed.fsdp import FSDPModule
 import zeda
 from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages
 from zeda.distributed import Dist
-from zeda.errors import DataError, UsageError, ZedaError
+from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import SamplingParams, generate, token_logprobs
@@ -440,4 +440,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("train_opd.py", main))

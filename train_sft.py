@@ -36,7 +36,7 @@ import zeda
 from zeda.baselines import parse_routing, set_routing
 from zeda.data import Example, collate, encode_conversations, iter_records, messages_of
 from zeda.distributed import Dist
-from zeda.errors import DataError, UsageError, ZedaError
+from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import add_sampling_args, sampling_from_args
@@ -293,4 +293,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status("train_sft.py", main))

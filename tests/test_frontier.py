@@ -110,3 +110,17 @@ def test_a_tiny_frontier_runs_and_resumes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[eval]" not in printed
     assert {p["name"] for p in json.loads((results / "frontier-qwen3_moe.json").read_text())["points"]} == names
+
+    # A damaged committed file or point is refused, naming it, never read as "nothing measured" (a rerun would
+    # measure every point again)
+    committed_json = results / "frontier-qwen3_moe.json"
+    whole = committed_json.read_text()
+    for damaged in (whole[:len(whole) // 2], "[]", '{"settings": 3}'):
+        committed_json.write_text(damaged)
+        assert frontier.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{committed_json}: damaged" in err and len(err.strip().splitlines()) == 1
+    committed_json.write_text(whole)
+    (out / "evals" / "teacher.json").write_text('{"accuracy": ')
+    assert frontier.main(argv) == 2
+    assert f"{out / 'evals' / 'teacher.json'}: damaged" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from zeda.config import ModelConfig
+from zeda.data import umask_file_mode
 from zeda.errors import CheckpointError  # noqa: F401  (re-exported)
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -232,6 +233,16 @@ def hf_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str
     return out
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its write errors (a full disk: SafetensorError, not an OSError) raised as the
+    OSError they are, naming the file, so every script reports them in one line; the file gets the umask's mode."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from None
+    os.chmod(path, umask_file_mode())  # safetensors creates its files 0600
+
+
 def temporary_sibling(out: Path) -> Path:
     """A fresh hidden folder next to `out` (same filesystem, so the final rename is atomic).
 
@@ -331,12 +342,12 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
             size += nbytes
         shards.append(current)
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+            write_safetensors(shards[0], tmp / SINGLE_NAME, metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                write_safetensors(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

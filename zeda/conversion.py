@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from zeda.checkpoint import (INDEX_NAME, copy_side_files, mtp_layer, read_shard, replace_folder, shard_files,
-                             shard_metadata, temporary_sibling)
+                             shard_metadata, temporary_sibling, write_safetensors)
 from zeda.config import DYNAMIC_ARCHITECTURES, ZERO_NORMALIZATIONS, ModelConfig, experts_key
 from zeda.errors import CheckpointError, ConfigError, UsageError
 
@@ -124,7 +123,7 @@ def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: 
                     mtp_grown += 1
                 else:
                     layers_seen.add(layer)
-            save_file(tensors, str(tmp / path.name), metadata=shard_metadata(path))
+            write_safetensors(tensors, tmp / path.name, metadata=shard_metadata(path))
             del tensors
         # The MoE layers must all have a router; MTP layers may be absent (a checkpoint saved without them).
         missing = [i for i, moe in enumerate(cfg.moe_layers) if moe and i not in layers_seen]

@@ -23,6 +23,8 @@ import json
 import math
 import os
 import re
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -167,11 +169,40 @@ def _line(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def special_file(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is neither a regular file nor a folder (followed through links): "a FIFO",
+    "a device", "a socket"; None for a regular file, a folder, or nothing there."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return None
+
+
+def output_path(path: str | os.PathLike, flag: str = "output") -> str:
+    """Where an atomic write of `path` really goes. Outputs are written to a temporary file and renamed over the
+    path, which would replace whatever is there: a link to a regular file is written through (its target is
+    replaced, the link stays), and a FIFO, device or socket (or a link to one, as /dev/stdout is) is refused, so
+    `--out /dev/stdout` cannot turn into a file named after a descriptor."""
+    kind = special_file(path)
+    if kind is not None:
+        link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+        raise DataError(f"{flag} {path}: is {kind}{link}, not a file; outputs are written to a temporary file and "
+                        f"renamed into place, which would replace it: give a file path")
+    return os.path.realpath(path) if os.path.islink(path) else os.fspath(path)
+
+
 def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> None:
     """Refuse, before any work, an output path that cannot be written (a read-only or missing parent, a file where
-    a folder must go): found only after an hour of evaluation or training it would lose that hour. Creates the
-    parent folder (or, with folder=True, the folder itself) and probes it with a temporary file."""
-    target = os.path.abspath(path)
+    a folder must go, a FIFO or device): found only after an hour of evaluation or training it would lose that hour.
+    Creates the parent folder (or, with folder=True, the folder itself) and probes it with a temporary file."""
+    target = os.path.abspath(output_path(path, flag))
     directory = target if folder else os.path.dirname(target)
     if os.path.exists(target) and os.path.isdir(target) != folder:
         raise DataError(f"{flag} {path}: {'not a folder' if folder else 'is a folder'}")
@@ -184,14 +215,33 @@ def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> 
         raise DataError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
 
 
+def umask_file_mode() -> int:
+    """The mode open() gives a new file under the process's umask (0644 under the usual 022). tempfile and
+    safetensors create 0600 files, which would make every report and weight file private while config files
+    are 0644."""
+    umask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def new_file_mode(path: str | os.PathLike) -> int:
+    """The mode a rewritten file should get: the old file's, or a new file's under the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return umask_file_mode()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync, then rename over `path`: readers see the old file
-    or the new one, never half of it."""
+    or the new one, never half of it. A link is written through, a FIFO or device refused (output_path)."""
+    path = output_path(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # The temp file sits in the same directory, so os.replace is a rename on one filesystem (atomic).
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, new_file_mode(path))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -206,7 +256,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> None:
     """A matplotlib figure saved like write_text_atomic: to a temporary name beside `path` (with the same suffix,
     from which matplotlib takes the format), then renamed over it."""
-    path = os.fspath(path)
+    path = output_path(path)
     tmp_path = f"{path}.tmp{os.path.splitext(path)[1]}"
     try:
         fig.savefig(tmp_path, dpi=dpi)
@@ -215,6 +265,21 @@ def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 110) -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def write_report(path: str | os.PathLike, text: str, prog: str, what: str = "report") -> bool:
+    """The last write of a long run (a final report): on a write error (a full disk, a folder removed meanwhile)
+    say so in one line and print the report itself on stdout, so the hours that computed it are not lost.
+    Returns whether it was written."""
+    try:
+        write_text_atomic(path, text)
+    except OSError as e:
+        print(f"{prog}: error: cannot write the {what} to {path} ({e.strerror or e}); it follows on stdout, "
+              f"nothing was written there", file=sys.stderr, flush=True)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+        return False
+    return True
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
@@ -228,6 +293,7 @@ def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> Non
     A run killed mid-write can leave a torn last line; it is dropped here before appending (it was never
     a complete record), so the file stays valid JSONL and the resumed run simply redoes that item."""
     batch = [records] if isinstance(records, dict) else list(records)
+    path = output_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+b") as f:
         _repair_tail(f)

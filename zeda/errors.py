@@ -7,6 +7,8 @@ ZedaError subclasses ValueError, so `except ValueError` in a caller's code still
 
 from __future__ import annotations
 
+import sys
+
 
 class ZedaError(ValueError):
     """A bad input (file, flag, value) the user can fix; the message says which and why."""
@@ -34,3 +36,14 @@ class EvaluationError(ZedaError):
 
 class UsageError(ZedaError):
     """Flags that cannot work together, or a value outside its range; the message names the flag."""
+
+
+def exit_status(prog: str, main, interrupted: str = "interrupted; nothing half-written") -> int:
+    """A script's exit status: main()'s, or 130 and one line on Ctrl-C (during a model load too) instead of a
+    traceback. Every output is written atomically or appended record by record, so an interrupt loses at most
+    the work in flight."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: {interrupted}", file=sys.stderr)
+        return 130

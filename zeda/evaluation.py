@@ -42,6 +42,7 @@ from zeda.data import (
     prompt_messages,
     reference_answer,
     score_answer,
+    write_report,
     write_text_atomic,
 )
 from zeda.errors import EvaluationError
@@ -367,3 +368,11 @@ def summary_table(report: dict) -> str:
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """A JSON report, written atomically: readers never see half of it."""
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_json_report(path: str | os.PathLike, obj, prog: str) -> bool:
+    """A run's final JSON report (zeda.data.write_report): on a write error one line, and the report on stdout."""
+    ok = write_report(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", prog)
+    if ok:
+        print(f"wrote {path}")
+    return ok

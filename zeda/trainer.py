@@ -33,10 +33,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from zeda.checkpoint import checkpoint_dtype, save_checkpoint
+from zeda.checkpoint import checkpoint_dtype, save_checkpoint, write_safetensors
 from zeda.data import check_writable, write_text_atomic
 from zeda.distributed import Dist, init_distributed, shutdown
 from zeda.errors import CheckpointError, UsageError, ZedaError
@@ -98,7 +98,7 @@ def save_training_checkpoint(model, masters: MasterWeights, opt, path: Path, cop
     try:
         if per_rank:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(optim, str(staged[d.rank]))
+            write_safetensors(optim, staged[d.rank])
             optim = None  # this rank's shard is on disk; rank 0 moves it into the folder
             d.barrier()
 
@@ -109,7 +109,7 @@ def save_training_checkpoint(model, masters: MasterWeights, opt, path: Path, cop
                 for r, shard in enumerate(staged):
                     shard.replace(folder / rank_optimizer_file(r))
             else:
-                save_file(optim, str(folder / OPTIM_FILE))
+                write_safetensors(optim, folder / OPTIM_FILE)
             (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
         if d.is_main:
