@@ -24,7 +24,7 @@ from zeda.data import check_writable
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
 from zeda.flags import int_range
-from zeda.loading import load_for_inference
+from zeda.loading import load_for_inference, load_tokenizer, same_tokenizer
 from zeda.tasks import FAMILIES, check_heldout_size
 
 
@@ -59,6 +59,9 @@ def main(argv=None) -> int:
         if args.out:
             check_writable(args.out, "--out")
         items = suite_items(families, args.n, args.task_seed, args.split)
+        # before any weight is read: a 30B model loads for minutes
+        same_tokenizer(load_tokenizer(args.reference), load_tokenizer(args.model), args.model, "the reference's",
+                       "answers are compared token by token")
         reference, tokenizer = load_for_inference(args.reference, args.device, args.dtype)
         model, _ = load_for_inference(args.model, args.device, args.dtype)
         report = compare_models(reference, model, tokenizer, items, args.max_new_tokens, args.batch_size,

@@ -25,7 +25,7 @@ from zeda.data import check_writable, write_report
 from zeda.errors import EvaluationError, UsageError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
 from zeda.flags import float_range, int_range
-from zeda.loading import load_for_inference
+from zeda.loading import load_for_inference, load_tokenizer, same_tokenizer
 from zeda.tasks import FAMILIES
 
 
@@ -82,6 +82,9 @@ def main(argv=None) -> int:
             if getattr(args, flag):
                 check_writable(getattr(args, flag), f"--{flag}")
         items = suite_items(families, args.n, args.task_seed, args.split)
+        # before any weight is read: a 30B model loads for minutes
+        same_tokenizer(load_tokenizer(args.student), load_tokenizer(args.teacher), args.teacher, "the student's",
+                       "the teacher routes the student's answer tokens")
         student, tokenizer = load_for_inference(args.student, args.device, args.dtype)
         if not student.config.num_zero_experts:
             raise UsageError(f"--student {args.student}: a static model (no zero experts); it spends K experts on "

@@ -50,7 +50,7 @@ from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import SamplingParams, generate, token_logprobs
-from zeda.loading import load_model, load_tokenizer
+from zeda.loading import load_model, load_tokenizer, same_tokenizer
 from zeda.losses import AGGREGATIONS, auxiliary_loss, full_reverse_kl, ppo_clip_loss, reverse_kl_advantage
 from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
 
@@ -78,16 +78,6 @@ def load_prompts(path: Path, tokenizer, max_prompt_len: int, strict: bool = Fals
         raise DataError(f"{path}: every prompt is longer than the context leaves room for ({max_prompt_len} tokens "
                          f"with --max-new-tokens)")
     return kept, too_long
-
-
-def same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: Path) -> None:
-    """Teacher and student must give every token the same id: the teacher scores the student's token ids. (Their
-    special tokens' roles and chat templates may differ: only the student's template renders prompts.)"""
-    ours, theirs = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if ours != theirs:
-        differ = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda kv: kv[1])[:3]
-        raise UsageError(f"{teacher}: the teacher's tokenizer is not the student's ({len(theirs)} and {len(ours)} "
-                         f"tokens; first differences {differ}): OPD needs one vocabulary with the same ids")
 
 
 def show_prompts(args) -> int:
@@ -300,7 +290,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
     prompts, too_long = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens,
                                      args.strict, args.chat_template_kwargs)
-    same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher)
+    same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher, "the student's", "the teacher scores the student's token ids")
     longest = max(len(p.ids) for p in prompts) + args.max_new_tokens
     if teacher_cfg.max_position_embeddings < longest:
         raise UsageError(f"{args.teacher / 'config.json'}: the teacher's context ({teacher_cfg.max_position_embeddings} "

@@ -45,6 +45,8 @@ from zeda.losses import auxiliary_loss, response_cross_entropy
 from zeda.rollout import rollout
 from zeda.trainer import Trainer, add_training_args, lr_at, run_training, zero_share_metrics
 
+DEFAULT_MAX_SEQ_LEN = 4096  # tokens per training sequence unless --max-seq-len: the activations grow with it
+
 # ----------------------------------------------------------------------------- data
 
 def load_rollouts(path: Path, tokenizer, vocab_size: int, max_seq_len: int, truncate: bool,
@@ -130,8 +132,9 @@ def show_examples(args) -> int:
     try:
         cfg = zeda.ModelConfig.from_hf_config(args.student)
         tokenizer = load_tokenizer(args.student)
-        examples, counts = load_rollouts(args.rollouts, tokenizer, cfg.vocab_size, args.max_seq_len, args.truncate,
-                                         args.drop_incorrect, args.keep_unfinished, args.chat_template_kwargs)
+        examples, counts = load_rollouts(args.rollouts, tokenizer, cfg.vocab_size, max_seq_len(args, cfg),
+                                         args.truncate, args.drop_incorrect, args.keep_unfinished,
+                                         args.chat_template_kwargs)
     except (ZedaError, OSError) as e:
         print(f"train_sft.py: error: {e}", file=sys.stderr)
         return 2
@@ -208,8 +211,20 @@ def sample_rollouts(args, d: Dist) -> Path:
     return rollouts
 
 
+def max_seq_len(args, cfg: zeda.ModelConfig) -> int:
+    """--max-seq-len, checked against the student's context: a longer sequence has no positions to train on."""
+    context = cfg.max_position_embeddings
+    if args.max_seq_len is None:
+        return min(DEFAULT_MAX_SEQ_LEN, context)
+    if args.max_seq_len > context:
+        raise UsageError(f"--max-seq-len {args.max_seq_len} is longer than the student's context ({context} "
+                         f"positions, {args.student / 'config.json'}: max_position_embeddings)")
+    return args.max_seq_len
+
+
 def train(args, d: Dist, stop: dict) -> dict:
     student_cfg = zeda.ModelConfig.from_hf_config(args.student)
+    args.max_seq_len = max_seq_len(args, student_cfg)
     rule = parse_routing(args.routing, student_cfg.num_experts_per_tok)
     if student_cfg.num_zero_experts == 0 and rule is None:
         raise UsageError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums); run convert.py "
@@ -258,8 +273,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ratio", type=float_range(min=0, below=1), default=0.1,
                    help="linear warmup share of the steps")
     add_training_args(p)
-    p.add_argument("--max-seq-len", type=int_range(min=2), default=4096,
-                   help="longer rollouts are dropped (or --truncate)")
+    p.add_argument("--max-seq-len", type=int_range(min=2), default=None,
+                   help=f"longer rollouts are dropped (or --truncate); at most the student's context (default: "
+                        f"the context, capped at {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--truncate", action="store_true", help="truncate over-long rollouts instead of dropping them")
     p.add_argument("--drop-incorrect", action="store_true",
                    help="skip rollouts marked \"correct\": false (answers checked against the prompt's reference)")

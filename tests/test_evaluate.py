@@ -269,3 +269,17 @@ def test_converted_model_saves_expert_flops(tmp_path, tiny, loaded):
     assert 0 < rep["zero_expert_ratio"] < 1
     assert rep["expert_flops_reduction"] == pytest.approx(rep["zero_expert_ratio"])
     assert 0 < rep["forward_flops_reduction"] < rep["expert_flops_reduction"]
+
+
+def test_references_no_answer_can_match_are_warned_about(tmp_path, capsys):
+    """An empty or multi-line reference scores every answer wrong; the benchmark is still run, with a warning
+    naming how many and the first."""
+    q = [{"role": "user", "content": "Compute 1+2."}]
+    path = write_lines(tmp_path / "b.jsonl", [{"messages": q, "answer": "3"}, {"messages": q, "answer": "1\n2"},
+                                              {"messages": q, "answer": " "}, {"messages": q, "answer": 122},
+                                              {"messages": q, "answer": "**$\\boxed{7}$**"}])
+    assert len(benchmark_items(path)) == 5
+    err = capsys.readouterr().err
+    assert f"2 reference answer(s) in {path} can never be matched" in err and f"{path}:2: '1\\n2' spans" in err
+    benchmark_items(write_lines(tmp_path / "ok.jsonl", [{"messages": q, "answer": "3"}]))
+    assert capsys.readouterr().err == ""

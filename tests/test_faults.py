@@ -23,7 +23,7 @@ import torch
 from conftest import ROOT
 from zeda.checkpoint import save_checkpoint
 from zeda.data import append_jsonl, check_writable, write_text_atomic
-from zeda.errors import DataError
+from zeda.errors import DataError, ZedaError
 from zeda.loading import load_model
 
 TEACHER = ROOT / "assets" / "qwen3_moe_teacher"
@@ -227,3 +227,38 @@ def test_ctrl_c_during_a_model_load_is_one_line_and_exit_130(tmp_path):
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
+
+
+# --- models checked for what they are ---------------------------------------------------------------------------------
+
+def test_compare_and_compute_use_refuse_a_tokenizer_with_other_ids(tmp_path):
+    """Same size, other ids (two tokens swapped in tokenizer.json): refused before any weight is read."""
+    import compare
+    import compute_use
+    permuted = tmp_path / "permuted"
+    shutil.copytree(TEACHER, permuted)
+    tok = json.loads((permuted / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[20:22]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (permuted / "tokenizer.json").write_text(json.dumps(tok))
+    for main, argv in ((compare.main, ["--reference", str(TEACHER), "--model", str(permuted), "--n", "1"]),
+                       (compute_use.main, ["--student", str(TEACHER), "--teacher", str(permuted), "--n", "1"])):
+        assert main(argv) == 2
+    r = run("compare.py", "--reference", str(TEACHER), "--model", str(permuted), "--n", "1")
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and f"{permuted}: its tokenizer is not the reference's" in lines[0]
+
+
+def test_weights_that_cannot_fit_are_refused_before_anything_is_allocated(tmp_path):
+    """A config with a typo'd size (here a vocabulary of 2^34 tokens: 4 TiB of embeddings) is refused by name in
+    a second, not after a failed multi-GB allocation."""
+    big = tmp_path / "big"
+    shutil.copytree(TEACHER, big)
+    hf = json.loads((big / "config.json").read_text())
+    (big / "config.json").write_text(json.dumps(hf | {"vocab_size": 2**34}))
+    with pytest.raises(ZedaError, match=r"the weights need \d+\.\d GiB on cpu but .* GiB is free"):
+        load_model(big, device="cpu", dtype="float32")
+    r = run("evaluate.py", "--model", str(big), "--tasks", "math", "--n", "1")
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and f"{big}: the weights need" in lines[0], r.stderr

@@ -492,7 +492,7 @@ def test_a_teacher_with_another_tokenizer_or_a_short_context_is_refused(tmp_path
     shutil.copytree(d / "teacher", short)
     hf = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps(hf | {"max_position_embeddings": 16}))
-    for teacher, message in ((permuted, "the teacher's tokenizer is not the student's"),
+    for teacher, message in ((permuted, "its tokenizer is not the student's"),
                              (short, "the teacher's context (16 tokens) is shorter")):
         rc = train_opd.main(["--student", str(d / "student"), "--teacher", str(teacher), "--prompts",
                              str(d / "p.jsonl"), "--out", str(d / teacher.name), "--max-steps", "1",

@@ -248,6 +248,16 @@ def test_refuses_when_every_rollout_is_too_long(data, tmp_path, capsys):
     assert "--max-seq-len 10" in err and str(data / "rollouts4.jsonl") in err
 
 
+def test_max_seq_len_is_at_most_the_context(data, tmp_path, capsys):
+    """The default follows the student's context (capped at 4096); a longer --max-seq-len is refused by name."""
+    context = json.loads((data / "student" / "config.json").read_text())["max_position_embeddings"]
+    assert context < train_sft.DEFAULT_MAX_SEQ_LEN  # the tiny student: the old default 4096 was past its end
+    err = refused(capsys, sft(data, tmp_path / "o", "--max-seq-len", str(context + 1)))
+    assert f"--max-seq-len {context + 1} is longer than the student's context ({context}" in err
+    args = train_sft.parse_args(["--student", str(data / "student"), "--rollouts", "r", "--out", "o"])
+    assert train_sft.max_seq_len(args, zeda.ModelConfig.from_hf_config(data / "student")) == context
+
+
 def test_refuses_a_global_batch_that_does_not_split(data, tmp_path, capsys):
     err = refused(capsys, sft(data, tmp_path / "o", "--global-batch-size", "3"))
     assert "--global-batch-size 3" in err and "--micro-batch-size 2" in err

@@ -185,3 +185,13 @@ def test_heldout_slice_is_train_split_and_left_out_of_training_prompts():
     assert len(tasks.mixture("train", 20, seed=tasks.HELDOUT_SEED)) == 60
     with pytest.raises(ValueError, match="held-out slice has"):
         tasks.heldout("math", tasks.HELDOUT_MAX + 1)
+
+
+def test_checking_a_repeat_item_costs_the_answer_not_the_count():
+    """A benchmark item asking for 10^13 repetitions is checked against the answer in hand (it used to build the
+    expected list: a MemoryError)."""
+    prompt = "Write the word cat exactly 10000000000000 times in lowercase, separated by commas."
+    assert tasks._REPEAT_RE.fullmatch(prompt)
+    assert tasks._check_if(prompt, "cat, cat") is False
+    assert tasks._check_if(prompt.replace("10000000000000", "2"), "cat, cat") is True
+    assert tasks._check_if(prompt.replace("10000000000000", "2"), "cat, dog") is False

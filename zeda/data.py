@@ -439,6 +439,18 @@ def score_answer(prediction: str, reference: str, answer_regex: re.Pattern | Non
     return " ".join(predicted.split()) == " ".join(reference.split())
 
 
+def unmatchable_reference(reference: str) -> str | None:
+    """Why no model output can ever score right against `reference` (an empty one, one spanning lines: an answer
+    is read from one line), or None when its own "Answer: <reference>" scores right, as every usable one does."""
+    if not normalise_answer(reference):
+        return "is empty"
+    if "\n" in reference.strip():
+        return "spans several lines (an answer is read from one line)"
+    if not score_answer(f"Answer: {reference}", reference):
+        return "is not matched even by itself as an answer"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Training batches
 

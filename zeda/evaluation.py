@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from zeda.data import (
     prompt_messages,
     reference_answer,
     score_answer,
+    unmatchable_reference,
     write_report,
     write_text_atomic,
 )
@@ -155,6 +157,13 @@ def benchmark_items(path: str | os.PathLike, answer_regex: re.Pattern | None = N
         items.append(item)
     if not items:
         raise EvaluationError(f"{path}: the benchmark has no records")
+    # A reference no answer can match scores 0% in silence: say so before the hour of generation.
+    hopeless = [(item.where, item.reference, why) for item in items if item.task is None
+                and (why := unmatchable_reference(item.reference)) is not None]
+    if hopeless:
+        where, reference, why = hopeless[0]
+        print(f"warning: {len(hopeless)} reference answer(s) in {path} can never be matched, so those items always "
+              f"score wrong; the first, {where}: {reference!r} {why}", file=sys.stderr, flush=True)
     return items
 
 

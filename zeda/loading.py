@@ -63,6 +63,36 @@ def materialize(model: CausalLM, device: str | torch.device) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: CUDA's own count, or MemAvailable on a Linux host (what can be
+    allocated without swapping, page cache included); None where we cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(model: CausalLM, device: torch.device, where: str) -> None:
+    """Refuse, before anything is allocated, weights that cannot fit: a config with a typo'd size (or a 30B model
+    on a laptop) would otherwise fail minutes later inside an allocation, or swap the machine to a halt. Counts
+    this rank's share (the meta model is already split over the mesh), times the ranks sharing a host's memory."""
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if device.type == "cpu":
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this host share its memory
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UsageError(f"{where}: the weights need {need / 2**30:.1f} GiB on {device} but {free / 2**30:.1f} GiB "
+                         f"is free; split them over a mesh (--ep, --fsdp, --tp), load a smaller --dtype, or use a "
+                         f"bigger machine (python -m zeda.plan estimates what fits)")
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", *,
                dist: Dist | None = None, expert_backend: str = "auto", trainable: bool = True,
                router_fp32: bool = False, activation_checkpointing: bool = False, fp32_masters: bool = False,
@@ -90,6 +120,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
             if block.is_moe:
                 block.mlp.gate.float()
     apply_expert_parallel(model, d)
+    check_fits(model, d.device, str(path))
     materialize(model, d.device)
     mark_expert_shards(model)
     model.bytes_read = load_weights(model, path)  # what this rank read: a test checks it is only its share
@@ -125,6 +156,17 @@ def load_tokenizer(path: str | os.PathLike):
         raise ConfigError(f"{path}: the chat template cannot render a conversation ({type(e).__name__}: "
                           f"{str(e)[:300]})") from None
     return tokenizer
+
+
+def same_tokenizer(ours, theirs_tokenizer, theirs: str | os.PathLike, whose: str, why: str) -> None:
+    """Two models compared or distilled token by token must give every token the same id; the same size is not
+    enough (a permuted tokenizer.json has it). Special tokens' roles and chat templates may differ: only the first
+    model's (`whose`) template renders prompts."""
+    a, b = ours.get_vocab(), theirs_tokenizer.get_vocab()
+    if a != b:
+        differ = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:3]
+        raise UsageError(f"{theirs}: its tokenizer is not {whose} ({len(b)} and {len(a)} tokens; first differences "
+                         f"{differ}): {why}, so both need one vocabulary with the same ids")
 
 
 def load_for_inference(path: str | os.PathLike, device: str = "auto", dtype: str = "auto",

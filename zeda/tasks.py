@@ -475,7 +475,8 @@ def _check_if(prompt: str, answer: str) -> bool:
         return _items(answer, sep_name) == [_CASES[case](w) for w in ordered]
     if m := _REPEAT_RE.fullmatch(prompt):
         word, n, case, sep_name = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-        return _items(answer, sep_name) == [_CASES[case](word)] * n
+        items = _items(answer, sep_name)  # compared item by item: a prompt asking for 10^13 builds no list
+        return items is not None and len(items) == n and all(item == _CASES[case](word) for item in items)
     if m := _FILTER_RE.fullmatch(prompt):
         words, test, sep_name = m.group(1).split(), _filter_test(m.group(2)), m.group(3)
         items = _items(answer, sep_name)
