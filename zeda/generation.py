@@ -549,6 +549,10 @@ class Row:
     prompt_tokens: int
     new_tokens: int = 0
     done: bool = False  # EOS, max_new_tokens, or end(): leaves at the next step
+    # Log-probs (a server's `logprobs`), set by the caller after add(). None: none. k: after each step, `logprobs`
+    # holds the sampled token's log-prob and the k most likely (token, log-prob), most likely first
+    top_logprobs: int | None = None
+    logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
 
 class Decoder:
@@ -571,7 +575,9 @@ class Decoder:
       they are half of it, so attention spans about one context, not the server's uptime.
     step() transfers each row's token and routing slots (real / zero, summed over MoE layers, of the forward
     that produced the token) to the host once. Rows that produced EOS or reached max_new_tokens are done;
-    end(row) makes a row done early (a stop string, a client that left).
+    end(row) makes a row done early (a stop string, a client that left). A row whose top_logprobs is set gets
+    its token's log-probs in row.logprobs after each step (log_softmax of the logits it was sampled from,
+    before temperature, top-k and top-p); other rows cost nothing for it.
     """
 
     def __init__(self, model: CausalLM, capacity: int, eos_ids: list[int] | set[int], pad_id: int = 0,
@@ -647,6 +653,7 @@ class Decoder:
         if any(r.new_tokens for r in self.rows):  # a row that sampled before has a token to feed
             self._forward(n)
         tokens_n, _ = sample(self.logits_BV[:n], [r.params for r in self.rows], [r.generator for r in self.rows])
+        self._logprobs(tokens_n)
         self.next_B[:n], self.fed_B[:n] = tokens_n, True
         tokens, real, zero = torch.stack([tokens_n, self.real_B[:n], self.zero_B[:n]]).tolist()  # host sync
         out = []
@@ -655,6 +662,22 @@ class Decoder:
             row.done = row.done or tok in self.eos_ids or row.new_tokens >= row.params.max_new_tokens
             out.append((row, tok, r, z))
         return out
+
+    def _logprobs(self, tokens_n: torch.Tensor) -> None:
+        """row.logprobs for the rows that asked: the sampled token's log-prob and the top_logprobs most likely,
+        under the model's own distribution, log_softmax of the raw logits -- not the temperature-scaled or
+        truncated one sample() draws from (vLLM's default, "raw_logprobs"; sample()'s own log-prob is at T)."""
+        asked = [i for i, row in enumerate(self.rows) if row.top_logprobs is not None]
+        if not asked:
+            return
+        index_a = torch.tensor(asked, device=self.device)
+        logprobs_aV = self.logits_BV[index_a].log_softmax(dim=-1)  # [a, V] fp32, only the rows that asked
+        chosen_a = logprobs_aV.gather(-1, tokens_n[index_a, None]).squeeze(-1)
+        top = logprobs_aV.topk(max(self.rows[i].top_logprobs for i in asked), dim=-1)  # sorted, most likely first
+        chosen, top_ids, top_values = chosen_a.tolist(), top.indices.tolist(), top.values.tolist()  # host sync
+        for j, i in enumerate(asked):
+            k = self.rows[i].top_logprobs
+            self.rows[i].logprobs = (chosen[j], list(zip(top_ids[j][:k], top_values[j][:k])))
 
     def _forward(self, n: int) -> None:
         """One decode step for rows [0, n): fed rows take their token, just-added rows feed masked padding."""

@@ -27,8 +27,16 @@ Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 
 field for malformed JSON (not UTF-8, nested too deeply, cut short), a missing or wrong-typed field, a bad value or
 a prompt longer than the context; 404 (code "model_not_found") for another model name; 413 for a body over
 --max-request-bytes; 408 for a request that does not arrive within --request-timeout; 503 (Retry-After) when the
-queue is full. Request fields this engine has no use for (penalties, logit_bias, user, tools, ...) are ignored;
-n > 1 is refused.
+queue is full. A request field the server does not support (suffix, tools, response_format, n > 1, ...) is
+refused by name rather than ignored; penalties, logit_bias and best_of only at their neutral values (0, {}, 1),
+user and stream_options with no effect.
+
+Log-probs (docs/usage.md, "Log-probs over HTTP"): /v1/completions takes `logprobs` (0-5) and `echo`, and a
+list of prompts (text or token ids; a choice each); /v1/chat/completions `logprobs` and `top_logprobs` (0-20).
+An answer token's log-prob is read from the logits it was sampled from (the Decoder's, only for rows that asked);
+an echoed prompt's come from one forward over the waiting prompts that asked (score_prompts), run by the worker
+between two decode steps, so the event loop never waits on the model. Both are the model's own distribution,
+log_softmax of the raw logits, before temperature, top-k and top-p (vLLM's default).
 
 Hostile clients (the last section): a body over --max-request-bytes is refused before it is read; a prompt longer
 than context x the longest vocabulary entry is refused by its character count before it is tokenized, and
@@ -56,25 +64,30 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from zeda.data import encode_chat
 from zeda.evaluation import pad_id, stop_ids
-from zeda.generation import Decoder, Row, SamplingParams
-from zeda.model import CausalLM
+from zeda.generation import Decoder, Row, SamplingParams, left_pad
+from zeda.model import HEAD_CHUNK_ELEMENTS, CausalLM
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: about one answer of a small model
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 GRACEFUL_SHUTDOWN_S = 5  # after SIGTERM, how long answers in progress may take to finish
 SEED_BITS = 63  # a request without a seed gets a random one of these bits: every row has its own generator
 MAX_STOP_STRINGS = 16
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`: OpenAI's limit
+MAX_CHAT_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`: OpenAI's limit
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a log-prob below this is reported as this (vLLM's floor)
+SCORE_TOKENS = 8192  # prompt tokens (padding included) one scoring forward takes: bounds its activations
 # Limits against clients that send too much, too slowly or too many connections (serve.py's flags set them).
 MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: a chat prompt that fills a 128k-token context is ~0.5 MB of text
 REQUEST_TIMEOUT_S = 10.0  # a request's headers and body must arrive within this, else 408 and the socket closes
@@ -91,7 +104,23 @@ TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")  # inside a message: fields like "name" change nothing
+
+
+def neutral(value):
+    """A field accepted only at the value that leaves the answer as it is (a penalty of 0): any other value is
+    refused by name, as an unknown field is, rather than ignored."""
+    def check(v):
+        if v is not None and v != value:
+            raise PydanticCustomError("unsupported", "this server does not support it; only {neutral} (or leaving "
+                                      "it out) is accepted", {"neutral": json.dumps(value)})
+        return v
+    return AfterValidator(check)
+
+
+class StreamOptions(Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool | None = None  # no effect: streams always end with usage (the module docstring)
 
 
 class TextPart(Strict):
@@ -110,8 +139,11 @@ class Message(Strict):
 
 
 class Sampling(Strict):
-    """The fields both endpoints share. None: the server's default (serve.py's flags)."""
+    """The fields both endpoints share. None: the server's default (serve.py's flags). A field not declared here
+    or in the endpoint's request is refused by name (400), not ignored: ignoring logit_bias, a penalty, best_of
+    or suffix would answer something other than what was asked."""
 
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: str | None = None  # optional here (curl convenience); the openai client always sends it
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Temperature | None = None
@@ -121,6 +153,12 @@ class Sampling(Strict):
     stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = None
     stream: bool = False
     n: Annotated[int, Field(ge=1, le=1)] = 1  # one answer per request
+    frequency_penalty: Annotated[float | None, neutral(0)] = None  # OpenAI clients may send the neutral values
+    presence_penalty: Annotated[float | None, neutral(0)] = None
+    repetition_penalty: Annotated[float | None, neutral(1)] = None  # vLLM's
+    logit_bias: Annotated[dict | None, neutral({})] = None
+    user: str | None = None  # OpenAI's end-user id: no effect
+    stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -136,10 +174,36 @@ class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
     chat_template_kwargs: dict | None = None  # variables for the chat template (vLLM's and SGLang's field)
+    logprobs: bool | None = None  # true: choices[0].logprobs.content, one entry per answer token
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None  # needs logprobs: true
+
+
+def is_token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)  # not bool (an int)
 
 
 class CompletionRequest(Sampling):
-    prompt: str
+    prompt: str | list[str] | list[int] | list[list[int]]  # one prompt or several (a choice each), text or ids
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: with echo, score the prompt and generate nothing
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None  # alternatives per token
+    echo: bool | None = None  # the prompt's text, and its tokens' log-probs, before the answer's
+    best_of: Annotated[int | None, neutral(1)] = None
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def one_prompt_or_a_list(cls, prompt):
+        # by hand, not as the union: pydantic would report a bad prompt once per branch ("prompt.1: should be a
+        # valid string", "prompt.0: should be a valid integer"), none of them saying what a prompt may be
+        if isinstance(prompt, str) or is_token_ids(prompt):
+            return prompt
+        if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or
+                                                    all(map(is_token_ids, prompt))):
+            return prompt
+        raise PydanticCustomError("prompt", "should be a string, a list of strings, a list of token ids or a list "
+                                  "of token-id lists (none of them empty)")
+
+    def prompts(self) -> list[str | list[int]]:
+        return [self.prompt] if isinstance(self.prompt, str) or is_token_ids(self.prompt) else self.prompt
 
 
 @dataclass
@@ -194,6 +258,9 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     if not path or path[0].isdigit():  # the body itself: absent, or not a JSON object
         return ApiError(400, f"the request body must be a JSON object: {first.get('msg', '')}")
     param = ".".join(path)
+    if error.get("type") == "extra_forbidden":
+        return ApiError(400, f"{param}: this server does not support this field (it is not ignored: leave it out)",
+                        param)
     return ApiError(400, f"{param}: {error.get('msg', 'invalid value')}", param)
 
 
@@ -225,10 +292,12 @@ class TextStream:
     (vLLM's incremental detokenization): a BPE's leading spaces and multi-token characters come out as a whole
     decode would give them, at a constant cost per token. Text ending in U+FFFD is half a UTF-8 character and
     waits for the next token. A suffix that could still become a stop string is held back, so a stop string is
-    never half sent; once one appears the text ends before it."""
+    never half sent; once one appears the text ends before it. skip_special_tokens=False keeps special tokens'
+    text (an echoed prompt's)."""
 
-    def __init__(self, tokenizer, eos_ids: set[int], stops: list[str]):
+    def __init__(self, tokenizer, eos_ids: set[int], stops: list[str], skip_special_tokens: bool = True):
         self.tokenizer, self.eos_ids, self.stops = tokenizer, eos_ids, stops
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix, self.read = 0, 0  # ids[prefix:read] were decoded last time; ids[read:] are new
         self.text = ""  # the answer so far, stop string excluded
@@ -239,8 +308,8 @@ class TextStream:
         if token in self.eos_ids:
             return ""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip_special_tokens)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=self.skip_special_tokens)
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         self.text += after[len(before):]
@@ -255,8 +324,10 @@ class TextStream:
     def flush(self) -> str:
         """The rest, at the end of the answer (a trailing half character included, as a replacement char)."""
         if not self.stopped and self.read < len(self.ids):
-            before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-            self.text += self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)[len(before):]
+            before = self.tokenizer.decode(self.ids[self.prefix:self.read],
+                                           skip_special_tokens=self.skip_special_tokens)
+            self.text += self.tokenizer.decode(self.ids[self.prefix:],
+                                               skip_special_tokens=self.skip_special_tokens)[len(before):]
             self.read = len(self.ids)
         return self._take(len(self.text))
 
@@ -266,20 +337,156 @@ class TextStream:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Log-probs: what `logprobs` (and `echo`) return, computed from the model's own distribution -- log_softmax of the
+# raw logits, before temperature, top-k and top-p (vLLM's default) -- and shaped as OpenAI's two endpoints do.
+
+
+@dataclass
+class TokenLogprob:
+    """One token of an answer (or of an echoed prompt), with its log-prob and the most likely tokens there."""
+
+    token: str  # its text decoded alone, special tokens kept (vLLM's token strings)
+    bytes: list[int]  # its UTF-8 bytes (token_bytes)
+    logprob: float | None  # None: a prompt's first token, which nothing before it predicts
+    top: list[tuple[str, list[int], float]]  # (text, bytes, log-prob) of the most likely tokens, most likely first
+    offset: int  # where its text starts in the returned text (characters)
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character a byte-level BPE vocabulary spells each byte with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = _byte_of_char()
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """A token's bytes. A token holding part of a UTF-8 character decodes alone to U+FFFD; a byte-level BPE
+    vocabulary (Qwen's, GLM's) spells each byte as one character of GPT-2's alphabet, which gives them back."""
+    if "\ufffd" in text:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(c in BYTE_OF_CHAR for c in piece):
+            return [BYTE_OF_CHAR[c] for c in piece]
+    return list(text.encode("utf-8"))
+
+
+def token_records(tokenizer, ids: list[int], logprobs: list[float | None], tops: list[list[tuple[int, float]]],
+                  offsets: list[int]) -> list[TokenLogprob]:
+    """TokenLogprobs of tokens `ids`: every token id involved is decoded once, in one batch."""
+    unique = sorted({*ids, *(t for top in tops for t, _ in top)})
+    texts = dict(zip(unique, tokenizer.batch_decode([[t] for t in unique], skip_special_tokens=False)))
+    spelled = {t: (texts[t], token_bytes(tokenizer, t, texts[t])) for t in unique}
+    return [TokenLogprob(*spelled[t], lp, [(*spelled[u], v) for u, v in top], offset)
+            for t, lp, top, offset in zip(ids, logprobs, tops, offsets)]
+
+
+def decoded_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The text of token ids (special tokens kept) and where each token's text starts in it, decoded
+    incrementally as an answer is (TextStream)."""
+    stream, offsets = TextStream(tokenizer, set(), [], skip_special_tokens=False), []
+    for token in ids:
+        offsets.append(len(stream.text))
+        stream.push(token)
+    stream.flush()
+    return stream.text, offsets
+
+
+@torch.no_grad()
+def score_prompts(model: CausalLM, prompts: list[list[int]], tops: list[int],
+                  pad: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
+    """For each prompt, for each of its tokens after the first: (log p(token | the tokens before it), the
+    tops[i] most likely (token, log-prob) there), under the model's own distribution, as generation's Decoder
+    reports an answer's tokens. Prompts are left-padded together, SCORE_TOKENS at most per forward; the head runs
+    HEAD_CHUNK_ELEMENTS logits at a time, so [T, V] is never held whole."""
+    device, V = model.lm_head.weight.device, model.lm_head.weight.shape[0]
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // V)
+    groups, longest = [[]], 0  # consecutive prompts, padded to their longest: at most SCORE_TOKENS (or one prompt)
+    for i, prompt in enumerate(prompts):
+        longest = max(longest, len(prompt))
+        if groups[-1] and (len(groups[-1]) + 1) * longest > SCORE_TOKENS:
+            groups.append([])
+            longest = len(prompt)
+        groups[-1].append(i)
+    scores = [None] * len(prompts)
+    for group in filter(None, groups):
+        ids_BP, mask_BP = left_pad([prompts[i] for i in group], pad, device)
+        P = ids_BP.shape[1]
+        hidden_BPH = model(ids_BP, attention_mask=mask_BP, hidden_only=True)
+        # each position but a prompt's last predicts the next token: [N, H] and those tokens [N]
+        lengths = [len(prompts[i]) - 1 for i in group]
+        hidden_NH = torch.cat([hidden_BPH[b, P - 1 - n:P - 1] for b, n in enumerate(lengths)])
+        targets_N = torch.cat([ids_BP[b, P - n:] for b, n in enumerate(lengths)])
+        k = max(tops[i] for i in group)
+        chosen, top_ids, top_values = [], [], []
+        for s in range(0, targets_N.shape[0], chunk):
+            logprobs_CV = model.lm_head(hidden_NH[s:s + chunk]).float().log_softmax(dim=-1)
+            chosen += logprobs_CV.gather(-1, targets_N[s:s + chunk, None]).squeeze(-1).tolist()
+            top = logprobs_CV.topk(k, dim=-1)  # most likely first
+            top_ids += top.indices.tolist()
+            top_values += top.values.tolist()
+        start = 0
+        for i, n in zip(group, lengths):
+            scores[i] = [(chosen[j], list(zip(top_ids[j][:tops[i]], top_values[j][:tops[i]])))
+                         for j in range(start, start + n)]
+            start += n
+    return scores
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def completion_logprobs(records: list[TokenLogprob], text_length: int | None = None) -> dict:
+    """/v1/completions' choices[i].logprobs. top_logprobs holds the `logprobs` most likely tokens and, as
+    OpenAI's legacy API and vLLM do, the chosen one if it is not among them (up to logprobs + 1 entries); a
+    dictionary, so tokens that decode to the same text are one entry, the most likely's. text_length (a whole
+    answer): offsets of tokens whose text was cut (a stop string) point at its end."""
+    top_logprobs = []
+    for r in records:
+        if r.logprob is None:
+            top_logprobs.append(None)
+            continue
+        alternatives = {}
+        for text, _, lp in [*r.top, (r.token, r.bytes, r.logprob)]:
+            alternatives.setdefault(text, _floor(lp))
+        top_logprobs.append(alternatives)
+    end = text_length if text_length is not None else float("inf")
+    return {"tokens": [r.token for r in records],
+            "token_logprobs": [None if r.logprob is None else _floor(r.logprob) for r in records],
+            "top_logprobs": top_logprobs, "text_offset": [min(r.offset, end) for r in records]}
+
+
+def chat_logprobs(records: list[TokenLogprob]) -> dict:
+    """/v1/chat/completions' choices[0].logprobs: top_logprobs holds exactly the `top_logprobs` most likely
+    tokens (OpenAI's chat API; the chosen one only if it is one of them)."""
+    return {"content": [{"token": r.token, "logprob": _floor(r.logprob), "bytes": r.bytes,
+                         "top_logprobs": [{"token": t, "logprob": _floor(lp), "bytes": b} for t, b, lp in r.top]}
+                        for r in records]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # A request inside the worker.
 
 
 @dataclass
 class Job:
-    """One request: what to generate, and the queue its events go to (filled by the worker thread through the
-    event loop). Events: ("text", str), ("done", finish_reason, usage), ("error", status, message)."""
+    """One prompt of a request: what to generate, and the queue its events go to (filled by the worker thread
+    through the event loop; a request with several prompts has a job per prompt, all on one queue). Events:
+    ("text", index, str, [TokenLogprob] or None), ("done", index, finish_reason), ("error", index, status,
+    message)."""
 
     prompt: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None: max_tokens 0, the prompt is only scored (echo)
     seed: int
     text: TextStream
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue
+    index: int = 0  # the choice it answers
+    logprobs: int | None = None  # None: no log-probs; k: each token's, and the k most likely tokens there
+    echo: tuple[str, list[int]] | None = None  # the prompt's text (returned before the answer), its tokens' offsets
+    echoed: int = 0  # characters of echoed prompt before the answer's text (for offsets)
     cancelled: bool = False  # the client has gone: drop it from the queue, end its row
     finished: bool = False
     tokens: int = 0
@@ -292,14 +499,31 @@ class Job:
         except RuntimeError:  # the event loop is closed: the server is gone, and so is the client
             pass
 
-    def push(self, token: int, real: int, zero: int, eos_ids: set[int]) -> bool:
-        """Take one token; True when this row is over (EOS, a stop string, max_tokens or no client)."""
+    def echo_prompt(self, scores: list | None) -> None:
+        """The prompt's text, first; with its tokens' log-probs when it asked (scores: score_prompts' for it)."""
+        text, offsets = self.echo
+        records = None
+        if self.logprobs is not None:
+            logprobs = [None, *(lp for lp, _ in scores)]
+            tops = [[], *(top for _, top in scores)]
+            records = token_records(self.text.tokenizer, self.prompt, logprobs, tops, offsets)
+        self.echoed = len(text)
+        self.emit("text", self.index, text, records)
+
+    def push(self, token: int, real: int, zero: int, eos_ids: set[int],
+             logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
+        """Take one token (with its log-probs, if the job asked: the Decoder row's); True when this row is over
+        (EOS, a stop string, max_tokens or no client)."""
         if self.cancelled:
             return True
         self.tokens, self.real_slots, self.zero_slots = self.tokens + 1, self.real_slots + real, self.zero_slots + zero
+        offset = self.echoed + len(self.text.text)
         new = self.text.push(token)
-        if new:
-            self.emit("text", new)
+        if self.logprobs is not None:  # every token gets its event, its text or not
+            self.emit("text", self.index, new, token_records(self.text.tokenizer, [token], [logprobs[0]],
+                                                             [logprobs[1]], [offset]))
+        elif new:
+            self.emit("text", self.index, new, None)
         if token in eos_ids or self.text.stopped:
             self.finish("stop")
         elif self.tokens >= self.params.max_new_tokens:
@@ -309,21 +533,23 @@ class Job:
     def finish(self, reason: str) -> None:
         rest = self.text.flush()
         if rest:
-            self.emit("text", rest)
+            self.emit("text", self.index, rest, None if self.logprobs is None else [])
         self.finished = True
-        self.emit("done", reason, self.usage())
+        self.emit("done", self.index, reason)
 
     def fail(self, status: int, message: str) -> None:
         self.finished = True
-        self.emit("error", status, message)
+        self.emit("error", self.index, status, message)
 
-    def usage(self) -> dict:
-        routed = self.real_slots + self.zero_slots  # slots of the forwards that produced the answer's tokens
-        ratio = self.zero_slots / routed if routed else 0.0
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": self.tokens,
-                "total_tokens": len(self.prompt) + self.tokens,
-                "zero_expert_ratio": ratio,
-                "expert_flops_saved": 1 - self.real_slots / routed if routed else 0.0}
+
+def usage(jobs: list[Job]) -> dict:
+    """OpenAI's token counts over a request's jobs, and the routing cost of their answers' tokens."""
+    prompt, completion = sum(len(j.prompt) for j in jobs), sum(j.tokens for j in jobs)
+    real, zero = sum(j.real_slots for j in jobs), sum(j.zero_slots for j in jobs)
+    routed = real + zero  # slots of the forwards that produced the answers' tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "zero_expert_ratio": zero / routed if routed else 0.0,
+            "expert_flops_saved": 1 - real / routed if routed else 0.0}
 
 
 class Batcher:
@@ -351,16 +577,17 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join(timeout)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs, all or none."""
         with self.cond:
             if self.stopping:
                 raise ApiError(503, "the server is shutting down", kind="server_error")
             self._drop_cancelled()
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(jobs) > self.max_queue:
                 raise ApiError(503, f"the server is busy: {len(self.waiting)} requests are waiting (--max-queue "
                                f"{self.max_queue}); retry in {RETRY_AFTER_S} s", kind="server_error",
                                headers={"Retry-After": str(RETRY_AFTER_S)})
-            self.waiting.append(job)
+            self.waiting.extend(jobs)
             self.cond.notify()
 
     def status(self) -> dict:
@@ -371,6 +598,37 @@ class Batcher:
     def _drop_cancelled(self) -> None:
         if any(j.cancelled for j in self.waiting):
             self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
+
+    def _admit(self, free: int) -> list[Job]:
+        """Waiting jobs in order while rows are free (under self.cond); one that only scores its prompt
+        (max_tokens 0) needs no row."""
+        new = []
+        while self.waiting and (free > 0 or self.waiting[0].params is None):
+            job = self.waiting.popleft()
+            free -= job.params is not None
+            new.append(job)
+        return new
+
+    def _echo(self, new: list[Job]) -> list[Job]:
+        """Send each new echo job its prompt first -- with its tokens' log-probs when it asked, scored by one
+        forward over all such prompts -- and finish the jobs that only score; returns the jobs to decode."""
+        if not any(j.echo is not None for j in new):
+            return new
+        scored = [j for j in new if j.echo is not None and j.logprobs is not None]
+        try:
+            scores = score_prompts(self.model, [j.prompt for j in scored], [j.logprobs for j in scored], self.pad_id)
+        except Exception as e:  # out of memory, say: these clients get a 500; decoding goes on
+            for job in scored:
+                job.fail(500, f"scoring the prompt failed: {type(e).__name__}: {e}")
+            scores = []
+        by_job = dict(zip(map(id, scored), scores))
+        with self.tokenizer_lock:
+            for job in new:
+                if job.echo is not None and not job.finished:
+                    job.echo_prompt(by_job.get(id(job)))
+                if job.params is None and not job.finished:
+                    job.finish("length")
+        return [j for j in new if not j.finished]
 
     def _loop(self) -> None:
         decoder = Decoder(self.model, self.max_batch_size, self.eos_ids, self.pad_id)
@@ -387,11 +645,14 @@ class Batcher:
                     self.running = 0
                     return
                 self._drop_cancelled()
-                new = [self.waiting.popleft() for _ in range(min(decoder.free, len(self.waiting)))]
+                new = self._admit(decoder.free)
                 self.running = len(jobs) + len(new)
             try:
-                rows = decoder.add([(j.prompt, j.params, j.seed) for j in new])
-                jobs.update(zip(rows, new))
+                decoding = self._echo(new)
+                rows = decoder.add([(j.prompt, j.params, j.seed) for j in decoding])
+                for row, job in zip(rows, decoding):
+                    row.top_logprobs = job.logprobs
+                jobs.update(zip(rows, decoding))
                 step = decoder.step()
             except Exception as e:  # a bug or out of memory: these clients get a 500, the server goes on
                 for job in [*jobs.values(), *new]:
@@ -406,7 +667,7 @@ class Batcher:
             with self.tokenizer_lock:
                 for row, token, real, zero in step:
                     job = jobs[row]
-                    over = job.push(token, real, zero, self.eos_ids)
+                    over = job.push(token, real, zero, self.eos_ids, row.logprobs)
                     if over or row.done:  # EOS, stop string, max_tokens, or the client has gone
                         decoder.end(row)
                         del jobs[row]
@@ -489,32 +750,41 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
                 return encode(*args, **kwargs)
         return await asyncio.to_thread(locked)
 
-    def make_job(req: Sampling, prompt: list[int], where: str, max_tokens: int | None) -> Job:
-        """Check the request against the model and the context; the Job the worker will run."""
+    def check_model(req: Sampling) -> None:
         if req.model is not None and req.model != model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            "model", code="model_not_found")
+
+    def make_job(req: Sampling, prompt: list[int], where: str, max_tokens: int | None, events: asyncio.Queue,
+                 index: int = 0, logprobs: int | None = None, echo: tuple[str, list[int]] | None = None) -> Job:
+        """Check one prompt against the context; the Job the worker will run. max_tokens 0: score it only."""
         if not prompt:
             raise ApiError(400, f"{where}: the prompt is empty", where)
-        if len(prompt) >= context:
+        if max_tokens == 0:  # nothing is generated: the whole context may be prompt
+            if len(prompt) > context:
+                raise ApiError(400, f"{where}: the prompt has {len(prompt)} tokens; the context is {context} "
+                               "tokens", where)
+        elif len(prompt) >= context:
             raise ApiError(400, f"{where}: the prompt has {len(prompt)} tokens; the context is {context} tokens "
                            "and the answer needs at least one", where)
         if max_tokens is not None and len(prompt) + max_tokens > context:
             raise ApiError(400, f"max_tokens: {len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
                            f"context of {context} tokens (at most {context - len(prompt)} fit)", "max_tokens")
-        params = SamplingParams(
+        params = None if max_tokens == 0 else SamplingParams(
             temperature=opts.temperature if req.temperature is None else req.temperature,
             top_p=opts.top_p if req.top_p is None else req.top_p,
             top_k=opts.top_k if req.top_k is None else req.top_k,
             max_new_tokens=max_tokens if max_tokens is not None else min(opts.max_tokens, context - len(prompt)))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         seed = random.getrandbits(SEED_BITS) if req.seed is None else req.seed
-        job = Job(prompt, params, seed, TextStream(tokenizer, batcher.eos_ids, stops), asyncio.get_running_loop())
-        batcher.submit(job)
-        return job
+        return Job(prompt, params, seed, TextStream(tokenizer, batcher.eos_ids, stops), asyncio.get_running_loop(),
+                   events, index, logprobs, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        check_model(req)
         messages = [m.as_template_message() for m in req.messages]
         check_length(sum(len(m["content"]) for m in messages), "messages")
         try:
@@ -523,77 +793,125 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
         except Exception as e:  # the template refused the conversation (jinja raises its own errors)
             raise ApiError(400, f"messages: the chat template cannot render them: {e}", "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = make_job(req, prompt, "messages", max_tokens)
-        return await respond(job, req, request, "chatcmpl", "chat.completion")
+        events = asyncio.Queue()
+        jobs = [make_job(req, prompt, "messages", max_tokens, events,
+                         logprobs=(req.top_logprobs or 0) if req.logprobs else None)]
+        batcher.submit(jobs)
+        return await respond(jobs, events, req, request, "chatcmpl", "chat.completion")
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        check_length(len(req.prompt), "prompt")
-        prompt = (await tokenize(tokenizer, req.prompt, add_special_tokens=False))["input_ids"]
-        job = make_job(req, prompt, "prompt", req.max_tokens)
-        return await respond(job, req, request, "cmpl", "text_completion")
+        prompts = req.prompts()
+        if len(prompts) > opts.max_queue:
+            raise ApiError(400, f"prompt: {len(prompts)} prompts; at most {opts.max_queue} in one request (serve.py "
+                           "--max-queue)", "prompt")
+        if req.max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens: 0 generates nothing; it needs echo: true (to score the prompt)",
+                           "max_tokens")
+        check_model(req)
+        events, jobs = asyncio.Queue(), []
+        for i, prompt in enumerate(prompts):
+            where = f"prompt.{i}" if prompts is req.prompt else "prompt"  # a list of prompts, or one
+            if isinstance(prompt, str):
+                check_length(len(prompt), where)
+                ids = (await tokenize(tokenizer, prompt, add_special_tokens=False))["input_ids"]
+            else:
+                bad = next((t for t in prompt if not 0 <= t < cfg.vocab_size), None)
+                if bad is not None:
+                    raise ApiError(400, f"{where}: token id {bad} is not in the vocabulary (0 to "
+                                   f"{cfg.vocab_size - 1})", where)
+                ids = prompt
+            echo = None
+            if req.echo and req.logprobs is not None:  # the tokens' offsets are those of the decoded text: for a
+                # text prompt, echoed as sent, the same text where the tokenizer round-trips (byte-level BPE)
+                text, offsets = await tokenize(decoded_offsets, tokenizer, ids)
+                echo = (prompt if isinstance(prompt, str) else text, offsets)
+            elif req.echo:
+                echo = (prompt if isinstance(prompt, str) else
+                        await tokenize(tokenizer.decode, ids, skip_special_tokens=False), [])
+            jobs.append(make_job(req, ids, where, req.max_tokens, events, i, req.logprobs, echo))
+        batcher.submit(jobs)
+        return await respond(jobs, events, req, request, "cmpl", "text_completion")
 
-    async def respond(job: Job, req: Sampling, request: Request, prefix: str, kind: str):
+    async def respond(jobs: list[Job], events: asyncio.Queue, req: Sampling, request: Request, prefix: str,
+                      kind: str):
         rid, made = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": made, "model": model_name}
         chat = kind == "chat.completion"
         if req.stream:
-            return StreamingResponse(stream_events(job, head, chat), media_type="text/event-stream",
+            return StreamingResponse(stream_events(jobs, events, head, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        parts, done = [], None
-        async for event in events_of(job, request):
+        parts = {job.index: [] for job in jobs}
+        records = {job.index: [] for job in jobs}
+        reasons = {}
+        async for event in events_of(jobs, events, request):
             if event[0] == "text":
-                parts.append(event[1])
+                _, index, text, tokens = event
+                parts[index].append(text)
+                records[index] += tokens or []
             elif event[0] == "error":
-                raise ApiError(event[1], event[2], kind="server_error")
+                raise ApiError(event[2], event[3], kind="server_error")
             else:
-                done = event
-        if done is None:  # the client left while it waited: nobody reads this
+                reasons[event[1]] = event[2]
+        if len(reasons) < len(jobs):  # the client left while it waited: nobody reads this
             return Response(status_code=499)
-        _, reason, usage = done
-        text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
-        return {**head, "object": kind, "choices": [choice], "usage": usage}
+        choices = []
+        for job in jobs:
+            text, reason = "".join(parts[job.index]), reasons[job.index]
+            if chat:
+                logprobs = chat_logprobs(records[job.index]) if job.logprobs is not None else None
+                choices.append({"index": job.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": reason})
+            else:
+                logprobs = completion_logprobs(records[job.index], len(text)) if job.logprobs is not None else None
+                choices.append({"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": reason})
+        return {**head, "object": kind, "choices": choices, "usage": usage(jobs)}
 
-    async def stream_events(job: Job, head: dict, chat: bool) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per piece of text, a chunk with finish_reason, one with usage."""
+    async def stream_events(jobs: list[Job], events: asyncio.Queue, head: dict, chat: bool) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text (with its tokens' log-probs, if asked: then one per
+        token), a chunk with each choice's finish_reason, then one with the usage of all."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None = None, reason: str | None = None, delta: dict | None = None) -> str:
+        def chunk(index: int, text: str | None = None, tokens: list[TokenLogprob] | None = None,
+                  reason: str | None = None, delta: dict | None = None) -> str:
             if chat:
                 delta = delta if delta is not None else {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                logprobs = chat_logprobs(tokens) if tokens is not None else None
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+                logprobs = completion_logprobs(tokens) if tokens is not None else None
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             return sse({**head, "object": kind, "choices": [choice]})
 
         try:
             if chat:
-                yield chunk(delta={"role": "assistant", "content": ""})
-            async for event in events_of(job, None):
+                yield chunk(0, delta={"role": "assistant", "content": ""})
+            failed = False
+            async for event in events_of(jobs, events, None):
                 if event[0] == "text":
-                    yield chunk(event[1])
+                    yield chunk(event[1], event[2], event[3])
                 elif event[0] == "error":  # the status line is long gone: the error is the last event
-                    yield sse({"error": {"message": event[2], "type": "server_error", "param": None, "code": None}})
+                    failed = True
+                    yield sse({"error": {"message": event[3], "type": "server_error", "param": None, "code": None}})
                 else:
-                    yield chunk(reason=event[1])
-                    yield sse({**head, "object": kind, "choices": [], "usage": event[2]})
+                    yield chunk(event[1], reason=event[2])
+            if not failed:
+                yield sse({**head, "object": kind, "choices": [], "usage": usage(jobs)})
             yield "data: [DONE]\n\n"
-        finally:  # the client went away mid-stream (or the stream ended): its row is not decoded any further
-            job.cancelled = True
+        finally:  # the client went away mid-stream (or the stream ended): its rows are not decoded any further
+            for job in jobs:
+                job.cancelled = True
 
-    async def events_of(job: Job, request: Request | None) -> AsyncIterator[tuple]:
-        """The job's events until done or error. With `request` (non-streaming answers), a client that
-        disconnects while it waits is noticed within DISCONNECT_POLL_S and cancels the job; a stream notices
-        sooner, when starlette sees the disconnect and cancels it."""
+    async def events_of(jobs: list[Job], events: asyncio.Queue, request: Request | None) -> AsyncIterator[tuple]:
+        """The jobs' events until each is done, or one fails. With `request` (non-streaming answers), a client
+        that disconnects while it waits is noticed within DISCONNECT_POLL_S and cancels its jobs; a stream
+        notices sooner, when starlette sees the disconnect and cancels it."""
         loop = asyncio.get_running_loop()
-        checked = loop.time()
+        checked, running = loop.time(), len(jobs)
         try:
-            while True:
+            while running:
                 try:
-                    event = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+                    event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
                 except TimeoutError:
                     event = None
                 if request is not None and loop.time() - checked >= DISCONNECT_POLL_S:
@@ -603,11 +921,13 @@ def create_app(model: CausalLM, tokenizer, model_name: str, options: ServerOptio
                 if event is None:
                     continue
                 yield event
-                if event[0] in ("done", "error"):
+                if event[0] == "error":
                     return
+                running -= event[0] == "done"
         finally:
-            if not job.finished:
-                job.cancelled = True
+            for job in jobs:
+                if not job.finished:
+                    job.cancelled = True
 
     return app
 
