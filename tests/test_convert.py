@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import zeda
+import zeda.checkpoint
 from zeda import conversion
 from zeda.config import ModelConfig
 from zeda.conversion import convert_checkpoint
@@ -227,9 +228,10 @@ def test_index_lists_every_key_and_counts_the_new_rows(converted, model_type):
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_side_files_are_copied(converted, model_type):
-    """tokenizer and generation configs come along byte-identical; nothing else appears or disappears."""
+    """tokenizer and generation configs come along byte-identical; nothing else appears or disappears, but the
+    modeling file that lets transformers load the checkpoint (zeda/hf)."""
     src, out, summary, _ = converted(model_type, 3)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in src.iterdir()] + ["modeling_zeda.py"])
     for name in ("tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     assert summary["files_copied"] == ["generation_config.json", "tokenizer_config.json"]
@@ -237,10 +239,11 @@ def test_side_files_are_copied(converted, model_type):
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_config_keeps_every_field_and_adds_the_zero_experts(converted, model_type):
-    """The authors' format: original fields kept, zce_nums/zce_types/use_zce_mask added, architecture renamed."""
+    """The authors' format: original fields kept, zce_nums/zce_types/use_zce_mask added, architecture renamed;
+    auto_map names modeling_zeda.py's classes (zeda/hf)."""
     src, out, _, _ = converted(model_type, 1)
     old, new = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
-    assert set(new) == set(old) | {"zce_nums", "zce_types", "use_zce_mask"}
+    assert set(new) == set(old) | {"zce_nums", "zce_types", "use_zce_mask", "auto_map"}
     assert {k: v for k, v in new.items() if k in old and k != "architectures"} == {
         k: v for k, v in old.items() if k != "architectures"}
     assert new["zce_nums"] == [Z] and new["zce_types"] == ["zero"] and new["use_zce_mask"] is False
@@ -587,7 +590,7 @@ def test_interrupted_conversion_leaves_nothing(converted, tmp_path, monkeypatch,
             raise crash
         return save_file(tensors, filename, **kwargs)
 
-    monkeypatch.setattr(conversion, "save_file", save_then_fail)
+    monkeypatch.setattr(zeda.checkpoint, "save_file", save_then_fail)  # under write_safetensors
     with pytest.raises(type(crash)):
         convert_checkpoint(src, out, num_zero=Z, overwrite=existing, progress=False)
     assert len(calls) == 2 and Path(calls[0]).parent.name.startswith(".out.tmp-")  # one shard was written

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from zeda.config import ModelConfig
 from zeda.data import umask_file_mode
 from zeda.errors import CheckpointError  # noqa: F401  (re-exported)
+from zeda.hf import write_remote_code
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -354,7 +355,7 @@ def save_checkpoint(model: torch.nn.Module, out: str | Path, copy_from: str | Pa
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         if copy_from is not None:
             copy_side_files(Path(copy_from), tmp)
-        hf = model.config.to_hf_dict()
+        hf = write_remote_code(tmp, model.config.to_hf_dict())  # dynamic: loads in transformers (zeda/hf)
         if dtype is not None:
             hf["dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

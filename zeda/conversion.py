@@ -32,6 +32,7 @@ from zeda.checkpoint import (INDEX_NAME, copy_side_files, mtp_layer, read_shard,
                              shard_metadata, temporary_sibling, write_safetensors)
 from zeda.config import DYNAMIC_ARCHITECTURES, ZERO_NORMALIZATIONS, ModelConfig, experts_key
 from zeda.errors import CheckpointError, ConfigError, UsageError
+from zeda.hf import write_remote_code
 
 MAX_ZERO_PER_REAL = 8  # Z above 8 N is no adaptation of the model any more, and a typo's 10^8 would allocate GBs
 ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
@@ -144,6 +145,7 @@ def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: 
                       architectures=[DYNAMIC_ARCHITECTURES[cfg.model_type]])
         if normalization != "zeda":
             new_hf["zce_normalization"] = normalization
+        new_hf = write_remote_code(tmp, new_hf)  # modeling_zeda.py + auto_map: loads in transformers (zeda/hf)
         (tmp / "config.json").write_text(json.dumps(new_hf, indent=2) + "\n")
         replace_folder(tmp, output_dir)
     except BaseException:
