@@ -35,14 +35,13 @@ if str(ROOT) not in sys.path:
 
 from bench.real_shape import QWEN3_30B_A3B  # noqa: E402
 from zeda.config import ModelConfig  # noqa: E402
-from zeda.distributed import BUCKET_BYTES, Dist, init_distributed, shutdown  # noqa: E402
+from zeda.distributed import BUCKET_BYTES, TP_PARTIAL_GRAD, Dist, init_distributed, shutdown  # noqa: E402
 from zeda.evaluation import write_json_atomic  # noqa: E402
 from zeda.expert_parallel import apply_expert_parallel  # noqa: E402
 from zeda.flags import int_range  # noqa: E402
 from zeda.loading import empty_model, load_model  # noqa: E402
 from zeda.losses import auxiliary_loss  # noqa: E402
 from zeda.moe import RouterOutput  # noqa: E402
-from zeda.tensor_parallel import TP_PARTIAL_GRAD  # noqa: E402
 
 TOY = ROOT / "assets/qwen3_moe_teacher"
 MESHES = {"dp=2": dict(), "dp=2 ep=2": dict(ep=2)}

@@ -30,7 +30,7 @@ from zeda.data import collate, encode_chats
 from zeda.generation import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
-from zeda.trainer import STATE_FILE
+from zeda.checkpoint import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_ZERO = 4

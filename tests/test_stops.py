@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tiny_sft_setup, torchrun
 
-from zeda.trainer import STATE_FILE, rank_optimizer_file
+from zeda.checkpoint import STATE_FILE, rank_optimizer_file
 
 REPEAT = int(os.environ.get("ZEDA_STOP_REPEAT", "1"))  # more tries of each case, for a flakiness hunt
 FLAGS = ["--global-batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-4", "--device", "cpu", "--ep", "2"]

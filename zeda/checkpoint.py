@@ -27,14 +27,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from zeda.config import ModelConfig
 from zeda.data import umask_file_mode
+from zeda.distributed import Dist
 from zeda.errors import CheckpointError  # noqa: F401  (re-exported)
 from zeda.hf import write_remote_code
+from zeda.optim import load_optimizer_tensors, optimizer_tensors
+from zeda.precision import MasterWeights
+from zeda.sharding import full_state_dict
 
 INDEX_NAME = "model.safetensors.index.json"
+STATE_FILE, OPTIM_FILE = "trainer_state.json", "optimizer.safetensors"  # in a training checkpoint
 SINGLE_NAME = "model.safetensors"
 EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FUSED_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -400,3 +405,116 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(p, dst / p.name)
         copied.append(p.name)
     return copied
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints: OUT/step-N is an HF folder plus the optimizer state and the trainer state, written in the
+# same atomic rename, so a step-N is whole or absent.
+
+def rank_optimizer_file(rank: int) -> str:
+    """The file of one rank's optimizer shard in a checkpoint saved on a sharding mesh (tp, ep, fsdp)."""
+    return f"optimizer-rank{rank}.safetensors"
+
+
+def save_training_checkpoint(model, masters: MasterWeights, opt, path: Path, copy_from: Path, state: dict | None,
+                             d: Dist | None = None) -> Path:
+    """HF-layout checkpoint (+ optimizer and trainer state when `state` is given: a resumable step-N), all in one
+    atomic rename.
+
+    The weights are the fp32 masters, written in the dtype of the checkpoint the run started from (`copy_from`),
+    so a bf16 model stays a bf16 checkpoint and config.json says so. When that rounds them (a bf16 checkpoint), a
+    resumable checkpoint also holds the exact fp32 masters beside the optimizer state ('<name>::master'), so
+    --resume continues bit for bit. With a Dist of several ranks every rank must call this: the weights are
+    gathered whole onto rank 0 (one folder that a single process loads). When the mesh shards parameters (tp,
+    ep, fsdp) each rank writes its own optimizer shard, `optimizer-rank<r>.safetensors`, for a resume on the same
+    mesh: next to the checkpoint first, then rank 0 moves the shards into the folder before its atomic rename
+    (never the whole model's AdamW state on one rank)."""
+    d = d or Dist()
+    dtype = checkpoint_dtype(copy_from)
+    separate = {name: master for name, p, master in masters.pairs if master is not p}
+    whole = full_state_dict(model, d, replace=separate)
+    optim = None
+    if state is not None:
+        optim = optimizer_tensors(opt, masters.named_params())
+        # The weights are rounded (a bf16 checkpoint), or the model holds rounded copies that a resume would
+        # rebuild the masters from (bf16 compute from an fp32 checkpoint): keep the exact masters.
+        if dtype != torch.float32 or masters.copies:
+            optim |= {f"{name}::master": t for name, t in masters.master_tensors().items()}
+    per_rank = state is not None and d.world > 1 and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
+    staged = [path.parent / f".{path.name}.{rank_optimizer_file(r)}" for r in range(d.world)] if per_rank else []
+    try:
+        if per_rank:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(optim, staged[d.rank])
+            optim = None  # this rank's shard is on disk; rank 0 moves it into the folder
+            d.barrier()
+
+        def write_state(folder: Path):
+            if state is None:
+                return
+            if per_rank:
+                for r, shard in enumerate(staged):
+                    shard.replace(folder / rank_optimizer_file(r))
+            else:
+                write_safetensors(optim, folder / OPTIM_FILE)
+            (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+        if d.is_main:
+            save_checkpoint(model, path, copy_from=copy_from, dtype=dtype, extra=write_state, state=whole)
+    finally:
+        if per_rank and d.is_main:  # after rank 0's save: moved into the folder, or left over by a failure
+            for shard in staged:
+                shard.unlink(missing_ok=True)
+    d.barrier()
+    return path
+
+
+def read_trainer_state(folder: Path) -> dict:
+    """A checkpoint's trainer_state.json; a corrupt one is named, not a traceback."""
+    path = folder / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        int(state["step"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable trainer state ({type(e).__name__}: {e}); delete {folder} to "
+                              f"resume from an earlier checkpoint") from None
+    return state
+
+
+def load_optimizer_state(opt, masters: MasterWeights, folder: Path, d: Dist | None = None) -> None:
+    """The inverse of save_training_checkpoint, onto a model already parallelized the same way: the optimizer
+    state, and the exact fp32 masters where the checkpoint's weights were rounded."""
+    file = folder / OPTIM_FILE
+    if d is not None and (folder / rank_optimizer_file(d.rank)).exists():  # a sharding mesh: this rank's own shard
+        file = folder / rank_optimizer_file(d.rank)
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for a corrupt file
+        raise CheckpointError(f"{file}: cannot read the optimizer state ({e})") from None
+    saved_masters = {k.removesuffix("::master"): tensors.pop(k) for k in list(tensors) if k.endswith("::master")}
+    if saved_masters:
+        masters.load_masters(saved_masters, file)
+    elif checkpoint_dtype(folder) != torch.float32 or masters.copies:
+        raise CheckpointError(f"{file}: no fp32 masters were saved beside the weights of {folder}, and this run "
+                              f"holds rounded ones: cannot resume exactly (resume with the run's --dtype)")
+    load_optimizer_tensors(opt, masters.named_params(), tensors, file)
+
+
+def step_folders(out: Path) -> list[Path]:
+    """OUT/step-N folders that hold a trainer state, oldest first."""
+    found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: read_trainer_state(p)["step"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest resumable OUT/step-N."""
+    found = step_folders(out)
+    return found[-1] if found else None
+
+
+def remove_old_checkpoints(out: Path, keep_last: int) -> list[Path]:
+    """After a successful save: all but the newest keep_last step-N folders go (0 keeps every one)."""
+    old = step_folders(out)[:-keep_last] if keep_last else []
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old

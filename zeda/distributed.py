@@ -29,8 +29,11 @@ import torch.distributed as dist
 
 from zeda.device import pick_device
 from zeda.errors import MeshError
-from zeda.tensor_parallel import TP_PARTIAL_GRAD
 
+
+# Parameters (by name) that tensor parallelism (zeda/tensor_parallel.py) leaves replicated but each rank applies to
+# its own heads only, Qwen3's q/k norms: their gradient is partial, and Dist.average_gradients sums it over tp.
+TP_PARTIAL_GRAD = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 @dataclass(frozen=True)
 class ParallelDims:

@@ -3,7 +3,7 @@
 Router and routed experts stay whole on every tp rank (expert parallelism splits experts instead,
 zeda/expert_parallel.py). The model code needs no change: attention reads its local head count from the
 tensors. Replicated weights that each rank applies to its own heads only get a partial gradient, which is
-summed over tp (TP_PARTIAL_GRAD, _rope_key_grad_summed).
+summed over tp (zeda/distributed.py:TP_PARTIAL_GRAD, _rope_key_grad_summed here).
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ import torch
 if TYPE_CHECKING:
     from zeda.distributed import Dist
 
-# Parameters (by name) that tp leaves replicated but each rank applies to its own heads only: Qwen3's q/k norms.
-# zeda.distributed.Dist.average_gradients sums their gradient over tp.
-TP_PARTIAL_GRAD = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 def apply_tensor_parallel(model, d: Dist) -> None:
@@ -51,7 +48,7 @@ def apply_tensor_parallel(model, d: Dist) -> None:
         parallelize_module(block, tp_mesh, plan)
         # Replicated weights that each rank applies to its own heads only get a partial gradient, summed over tp:
         # GLM's shared rotary key (a slice of kv_a_proj's output) here; Qwen3's per-head q/k RMSNorm weights in
-        # Dist.average_gradients (TP_PARTIAL_GRAD).
+        # Dist.average_gradients (zeda/distributed.py:TP_PARTIAL_GRAD).
         if model.config.is_mla:
             block.self_attn.kv_a_proj_with_mqa.register_forward_hook(_rope_key_grad_summed(model.config, tp_group))
     model.tensor_parallel = d.dims.tp  # generation sizes its KV cache by the local head count

@@ -8,13 +8,14 @@ A run lives in one output folder OUT:
     OUT/summary.json     what the run did, for people and for the pipeline
 Checkpoints hold the HF-layout weights, the optimizer state (safetensors, keyed '<parameter>::<field>', no
 pickle) and the trainer state (JSON), written to a temporary folder and renamed: a crash never leaves half a
-checkpoint. Data order and sampling seeds are functions of the step, so a resumed run does exactly what the
+checkpoint (zeda/checkpoint.py:save_training_checkpoint). Data order and sampling seeds are functions of the step, so a resumed run does exactly what the
 uninterrupted one would have. SIGTERM / Ctrl-C finish the current step, save, and exit 143 / 130 with the
 command to resume; a non-finite loss stops the run naming the step, before anything is saved.
 
-    trainer = Trainer("sft", args, d, init_from=args.student, total_steps=100)
-    model = trainer.load_student()
-    summary = trainer.run(model, step_fn, lr_fn)      # step_fn(step) -> metrics: forward + backward, this rank
+    with stop_on_signals() as stop:                   # run_training(script, train, args) does this part
+        trainer = Trainer("sft", args, d, stop, init_from=args.student, total_steps=100)
+        model = trainer.load_student()
+        summary = trainer.run(step_fn, lr_fn)         # step_fn(step) -> metrics: forward + backward, this rank
 
 Shape letters: L MoE layers, E = N + Z router outputs.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -33,20 +33,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from zeda.checkpoint import checkpoint_dtype, save_checkpoint, write_safetensors
+from zeda.checkpoint import (STATE_FILE, latest_checkpoint, load_optimizer_state, read_trainer_state,
+                             remove_old_checkpoints, save_training_checkpoint)
 from zeda.data import check_writable, write_text_atomic
 from zeda.distributed import Dist, init_distributed, shutdown
-from zeda.errors import CheckpointError, UsageError, ZedaError
+from zeda.errors import UsageError, ZedaError
 from zeda.flags import float_range, int_range
 from zeda.loading import load_model
-from zeda.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors, set_lr
+from zeda.optim import make_optimizer, set_lr
 from zeda.precision import MasterWeights
-from zeda.sharding import clip_grad_norm, full_state_dict
+from zeda.sharding import clip_grad_norm
 
-STATE_FILE, OPTIM_FILE, METRICS_FILE = "trainer_state.json", "optimizer.safetensors", "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as a shell reports it
 
 
@@ -62,116 +62,7 @@ def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: s
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def rank_optimizer_file(rank: int) -> str:
-    """The file of one rank's optimizer shard in a checkpoint saved on a sharding mesh (tp, ep, fsdp)."""
-    return f"optimizer-rank{rank}.safetensors"
-
-
-def save_training_checkpoint(model, masters: MasterWeights, opt, path: Path, copy_from: Path, state: dict | None,
-                             d: Dist | None = None) -> Path:
-    """HF-layout checkpoint (+ optimizer and trainer state when `state` is given: a resumable step-N), all in one
-    atomic rename.
-
-    The weights are the fp32 masters, written in the dtype of the checkpoint the run started from (`copy_from`),
-    so a bf16 model stays a bf16 checkpoint and config.json says so. When that rounds them (a bf16 checkpoint), a
-    resumable checkpoint also holds the exact fp32 masters beside the optimizer state ('<name>::master'), so
-    --resume continues bit for bit. With a Dist of several ranks every rank must call this: the weights are
-    gathered whole onto rank 0 (one folder that a single process loads). When the mesh shards parameters (tp,
-    ep, fsdp) each rank writes its own optimizer shard, `optimizer-rank<r>.safetensors`, for a resume on the same
-    mesh: next to the checkpoint first, then rank 0 moves the shards into the folder before its atomic rename
-    (never the whole model's AdamW state on one rank)."""
-    d = d or Dist()
-    dtype = checkpoint_dtype(copy_from)
-    separate = {name: master for name, p, master in masters.pairs if master is not p}
-    whole = full_state_dict(model, d, replace=separate)
-    optim = None
-    if state is not None:
-        optim = optimizer_tensors(opt, masters.named_params())
-        # The weights are rounded (a bf16 checkpoint), or the model holds rounded copies that a resume would
-        # rebuild the masters from (bf16 compute from an fp32 checkpoint): keep the exact masters.
-        if dtype != torch.float32 or masters.copies:
-            optim |= {f"{name}::master": t for name, t in masters.master_tensors().items()}
-    per_rank = state is not None and d.world > 1 and (d.dims.tp > 1 or d.dims.ep > 1 or d.dims.fsdp)
-    staged = [path.parent / f".{path.name}.{rank_optimizer_file(r)}" for r in range(d.world)] if per_rank else []
-    try:
-        if per_rank:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(optim, staged[d.rank])
-            optim = None  # this rank's shard is on disk; rank 0 moves it into the folder
-            d.barrier()
-
-        def write_state(folder: Path):
-            if state is None:
-                return
-            if per_rank:
-                for r, shard in enumerate(staged):
-                    shard.replace(folder / rank_optimizer_file(r))
-            else:
-                write_safetensors(optim, folder / OPTIM_FILE)
-            (folder / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-
-        if d.is_main:
-            save_checkpoint(model, path, copy_from=copy_from, dtype=dtype, extra=write_state, state=whole)
-    finally:
-        if per_rank and d.is_main:  # after rank 0's save: moved into the folder, or left over by a failure
-            for shard in staged:
-                shard.unlink(missing_ok=True)
-    d.barrier()
-    return path
-
-
-def read_trainer_state(folder: Path) -> dict:
-    """A checkpoint's trainer_state.json; a corrupt one is named, not a traceback."""
-    path = folder / STATE_FILE
-    try:
-        state = json.loads(path.read_text())
-        int(state["step"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable trainer state ({type(e).__name__}: {e}); delete {folder} to "
-                              f"resume from an earlier checkpoint") from None
-    return state
-
-
-def load_optimizer_state(opt, masters: MasterWeights, folder: Path, d: Dist | None = None) -> None:
-    """The inverse of save_training_checkpoint, onto a model already parallelized the same way: the optimizer
-    state, and the exact fp32 masters where the checkpoint's weights were rounded."""
-    file = folder / OPTIM_FILE
-    if d is not None and (folder / rank_optimizer_file(d.rank)).exists():  # a sharding mesh: this rank's own shard
-        file = folder / rank_optimizer_file(d.rank)
-    try:
-        tensors = load_file(str(file))
-    except Exception as e:  # safetensors raises its own error type for a corrupt file
-        raise CheckpointError(f"{file}: cannot read the optimizer state ({e})") from None
-    saved_masters = {k.removesuffix("::master"): tensors.pop(k) for k in list(tensors) if k.endswith("::master")}
-    if saved_masters:
-        masters.load_masters(saved_masters, file)
-    elif checkpoint_dtype(folder) != torch.float32 or masters.copies:
-        raise CheckpointError(f"{file}: no fp32 masters were saved beside the weights of {folder}, and this run "
-                              f"holds rounded ones: cannot resume exactly (resume with the run's --dtype)")
-    load_optimizer_tensors(opt, masters.named_params(), tensors, file)
-
-
-def step_folders(out: Path) -> list[Path]:
-    """OUT/step-N folders that hold a trainer state, oldest first."""
-    found = [p for p in out.glob("step-*") if (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: read_trainer_state(p)["step"])
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest resumable OUT/step-N."""
-    found = step_folders(out)
-    return found[-1] if found else None
-
-
-def remove_old_checkpoints(out: Path, keep_last: int) -> list[Path]:
-    """After a successful save: all but the newest keep_last step-N folders go (0 keeps every one)."""
-    old = step_folders(out)[:-keep_last] if keep_last else []
-    for folder in old:
-        shutil.rmtree(folder, ignore_errors=True)
-    return old
-
+# ----------------------------------------------------------------------------- the run folder
 
 def finished_steps(out: Path) -> int | None:
     """The steps of the finished run in OUT (its summary.json), or None."""
