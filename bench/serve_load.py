@@ -16,17 +16,18 @@ stream ends) and completion tokens (the usage chunk; text chunks if a server sen
 aggregate tokens/s (all completion tokens / phase wall time), TTFT and latency p50 / p99, and whether the
 greedy answers of both servers agree.
 
-The peer needs `pip install 'transformers[serving]'` and runs offline (HF_HUB_OFFLINE=1: the machine reaches no
-hub). transformers serve picks the model class from config.json's "architectures"; the shipped teacher's is
-null (zeda writes configs from its own ModelConfig), which transformers serve cannot load. The bench first
-tries the folder as it is and reports that failure as measured, then serves a copy whose config.json names the
-class transformers maps the model_type to (weights and tokenizer files copied byte for byte).
+The peer installs with `pip install -e '.[peers]'` (transformers' serving extra, accelerate included) and runs
+offline (HF_HUB_OFFLINE=1: the machine reaches no hub). Without it the bench says so, measures zeda alone and
+marks the peer "not installed" in the table and the JSON, rather than printing a table without it. transformers
+serve picks the model class from config.json's "architectures", which every checkpoint zeda ships or writes
+names, so both servers load the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import math
 import os
@@ -113,17 +114,12 @@ def start_zeda(model: Path, clients: int, threads: int) -> Server:
     return Server("zeda serve.py", argv, port, model.resolve().name, env={"OMP_NUM_THREADS": str(threads)})
 
 
-def peer_copy(model: Path, into: Path) -> Path:
-    """The model folder with config.json's "architectures" filled in from model_type (what transformers serve
-    reads to pick the class); every other file copied as it is."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+PEER_NEEDS = ("accelerate", "fastapi", "uvicorn", "openai", "rich")  # transformers[serving], what `serve` imports
 
-    out = into / model.name
-    shutil.copytree(model, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg["model_type"]]]
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return out
+
+def peer_missing() -> list[str]:
+    """The packages transformers serve needs that are not installed (install: pip install -e '.[peers]')."""
+    return [name for name in PEER_NEEDS if importlib.util.find_spec(name) is None]
 
 
 def start_peer(model: Path, extra: list[str], threads: int) -> Server:
@@ -296,20 +292,14 @@ def main(argv=None) -> int:
     print(f"serve_load: {args.model.name}, {args.clients} clients x {args.requests} requests vs 1 x "
           f"{args.single_requests}, max_tokens {args.max_tokens}, greedy, streamed", file=sys.stderr)
     runs.append(bench_server(start_zeda(args.model, args.clients, args.threads), prompts, args))
-    if not args.no_peer:
-        as_is = start_peer(args.model, [], args.threads)
-        why = as_is.wait_ready()
-        as_is.stop()
-        if why is not None and json.loads((args.model / "config.json").read_text()).get("architectures") is None:
-            why += (' (its config.json has "architectures": null; transformers serve picks the model class as '
-                    "config.architectures[0], transformers/cli/serving/model_manager.py)")
-        report["peer_on_original_folder"] = why or "loaded"
-        if why is not None:
-            print(f"transformers serve on {args.model} as it is: {why}", file=sys.stderr)
-        with tempfile.TemporaryDirectory(prefix="serve_load-") as tmp:
-            folder = args.model if why is None else peer_copy(args.model, Path(tmp))
-            for extra in ([], ["--continuous-batching"]):  # its default, and its own batching of concurrent requests
-                runs.append(bench_server(start_peer(folder, extra, args.threads), prompts, args))
+    missing = [] if args.no_peer else peer_missing()
+    if missing:
+        report["peer"] = f"not installed ({', '.join(missing)} missing): pip install -e '.[peers]'"
+        print(f"serve_load: transformers serve is {report['peer']}; measuring zeda alone", file=sys.stderr)
+        runs.append({"server": "transformers serve", "error": report["peer"]})
+    elif not args.no_peer:
+        for extra in ([], ["--continuous-batching"]):  # its default, and its own batching of concurrent requests
+            runs.append(bench_server(start_peer(args.model, extra, args.threads), prompts, args))
     print(table(runs))
     zeda = runs[0]
     if "error" not in zeda:

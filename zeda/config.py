@@ -23,7 +23,9 @@ from zeda.errors import ConfigError  # noqa: F401  (re-exported)
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "glm4_moe_lite")
 # Keys that name the real routed-expert count N, in the order we look for them.
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-# `architectures` of the authors' dynamic checkpoints (docs/method.md §1).
+# `architectures` of a static checkpoint, as transformers names the class (tools such as `transformers serve` pick
+# the class from it), and of the authors' dynamic checkpoints (docs/method.md §1).
+STATIC_ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
 DYNAMIC_ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoePlusPlusForCausalLM",
     "glm4_moe_lite": "Glm4MoeLitePlusPlusForCausalLM",
@@ -219,7 +221,8 @@ class ModelConfig:
         return cfg
 
     def to_hf_dict(self) -> dict:
-        """The config.json to write: every original field kept, the zero-expert fields set (docs/method.md §1)."""
+        """The config.json to write: every original field kept, the zero-expert fields set (docs/method.md §1),
+        and `architectures` always naming the model class."""
         hf = dict(self.hf_config)
         if self.num_zero_experts:
             hf["zce_nums"] = [self.num_zero_experts]
@@ -228,6 +231,8 @@ class ModelConfig:
             if self.zero_normalization != "zeda":
                 hf["zce_normalization"] = self.zero_normalization
             hf["architectures"] = [DYNAMIC_ARCHITECTURES[self.model_type]]
+        elif not hf.get("architectures"):  # a config written without one still names its class
+            hf["architectures"] = [STATIC_ARCHITECTURES[self.model_type]]
         return hf
 
 
