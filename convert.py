@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from zeda.conversion import convert_checkpoint
+from zeda.conversion import ConversionStopped, convert_checkpoint
 from zeda.errors import ZedaError
 from zeda.flags import int_range
 
@@ -36,22 +36,27 @@ def main(argv=None) -> int:
                    help="zeda (zero slots keep their weight share; the method) or adamoe (the AdaMoE baseline: "
                         "real-expert weights renormalised over the real slots)")
     args = p.parse_args(argv)
-    # SIGTERM ends the conversion like Ctrl-C: as an exception, so the temporary folder is removed on the way out.
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM and Ctrl-C only mark the stop; the conversion stops at its next shard and removes its temporary
+    # folder (zeda/conversion.py:convert_checkpoint, stop_requested).
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         s = convert_checkpoint(args.input_dir, args.output_dir, args.num_zero_experts, args.new_num_experts,
-                               args.seed, args.overwrite, normalization=args.normalization)
+                               args.seed, args.overwrite, normalization=args.normalization,
+                               stop_requested=lambda: stop["signal"])
     except (ZedaError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("convert.py: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except SystemExit as e:
-        print("convert.py: stopped by SIGTERM; nothing was written", file=sys.stderr)
-        return e.code
+    except ConversionStopped as e:
+        print(f"\nconvert.py: {e}; nothing was written", file=sys.stderr)
+        return 128 + e.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     mtp = f", {s['mtp_tensors_changed']} of them in the MTP layer" if s["mtp_tensors_changed"] else ""
     print(f"converted {s['model_type']} {s['input_dir']} -> {s['output_dir']}")
     print(f"  experts: {s['real_experts']} real -> {s['real_experts']} real + {s['zero_experts']} zero "

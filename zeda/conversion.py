@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +35,14 @@ from zeda.checkpoint import (INDEX_NAME, copy_side_files, mtp_layer, read_shard,
 from zeda.config import DYNAMIC_ARCHITECTURES, ZERO_NORMALIZATIONS, ModelConfig, experts_key
 from zeda.errors import CheckpointError, ConfigError, UsageError
 from zeda.hf import write_remote_code
+
+class ConversionStopped(Exception):
+    """A signal stopped the conversion at a clean point; nothing was written."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
 
 MAX_ZERO_PER_REAL = 8  # Z above 8 N is no adaptation of the model any more, and a typo's 10^8 would allocate GBs
 ROUTER_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
@@ -61,8 +71,14 @@ def layer_generator(seed: int, layer: int, kind: str) -> torch.Generator:
 
 def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: int | None = None,
                        new_num_experts: int | None = None, seed: int = 0, overwrite: bool = False,
-                       progress: bool = True, normalization: str = "zeda") -> dict:
+                       progress: bool = True, normalization: str = "zeda",
+                       stop_requested: Callable[[], int | None] | None = None) -> dict:
     """Convert a checkpoint folder; returns a summary dict.
+
+    stop_requested: polled before each shard and before the final rename; a signal number it returns stops the
+    conversion there with ConversionStopped, the temporary folder removed. (convert.py's signal handlers set it:
+    an exception raised from inside a handler could land anywhere, in a finaliser or between creating the
+    temporary folder and guarding it, and leave the folder behind.)
 
     Give exactly one of num_zero (Z) and new_num_experts (N + Z, the authors' flag). normalization "adamoe" makes
     the new experts the AdaMoE baseline's null experts (real weights renormalised over the real slots; written
@@ -100,8 +116,14 @@ def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: 
 
     tmp = temporary_sibling(output_dir)
     changed, layers_seen, mtp_grown, added_bytes, added_params = [], set(), 0, 0, 0
+    def check_stop():
+        signum = stop_requested() if stop_requested is not None else None
+        if signum is not None:
+            raise ConversionStopped(signum)
+
     try:
         for path in tqdm(shards, desc="convert", unit="shard", disable=not progress):
+            check_stop()
             tensors = read_shard(path)
             for key in list(tensors):
                 is_mtp = mtp_layer(cfg, key, path.name, config_path)  # refuses layers the config does not have
@@ -147,6 +169,7 @@ def convert_checkpoint(input_dir: str | Path, output_dir: str | Path, num_zero: 
             new_hf["zce_normalization"] = normalization
         new_hf = write_remote_code(tmp, new_hf)  # modeling_zeda.py + auto_map: loads in transformers (zeda/hf)
         (tmp / "config.json").write_text(json.dumps(new_hf, indent=2) + "\n")
+        check_stop()
         replace_folder(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
