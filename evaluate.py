@@ -49,7 +49,7 @@ from zeda.data import check_writable, compile_answer_regex
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_report
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
 

@@ -35,7 +35,7 @@ from zeda.data import check_writable
 from zeda.errors import ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, write_json_report
 from zeda.flags import float_range, int_range
-from zeda.generation import add_sampling_args
+from zeda.sampling import add_sampling_args
 from zeda.stages import SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
 
 ROOT = Path(__file__).resolve().parent

@@ -23,9 +23,9 @@ import torch
 from zeda.data import check_writable
 from zeda.errors import ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, int_range
-from zeda.generation import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference
 from zeda.rollout import rollout
+from zeda.sampling import add_sampling_args, sampling_from_args
 
 
 def main(argv=None) -> int:

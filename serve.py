@@ -33,8 +33,9 @@ from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import flop_report
-from zeda.generation import Generation, SamplingParams, add_sampling_args, generate, sampling_from_args
+from zeda.generation import Generation, generate
 from zeda.loading import EXPERT_BACKENDS, load_for_inference
+from zeda.sampling import SamplingParams, add_sampling_args, sampling_from_args
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3_moe_teacher"
 MAKE_TEACHER = "python -m zeda.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher"

@@ -49,9 +49,11 @@ from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
-from zeda.generation import SamplingParams, generate, token_logprobs
+from zeda.generation import generate
 from zeda.loading import load_model, load_tokenizer, same_tokenizer
 from zeda.losses import AGGREGATIONS, auxiliary_loss, full_reverse_kl, ppo_clip_loss, reverse_kl_advantage
+from zeda.model import token_logprobs
+from zeda.sampling import SamplingParams
 from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
 
 

@@ -39,7 +39,7 @@ from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
-from zeda.generation import add_sampling_args, sampling_from_args
+from zeda.sampling import add_sampling_args, sampling_from_args
 from zeda.loading import load_for_inference, load_tokenizer
 from zeda.losses import auxiliary_loss, response_cross_entropy
 from zeda.rollout import rollout

@@ -36,9 +36,10 @@ from zeda.baselines import set_routing
 from zeda.config import ModelConfig
 from zeda.evaluation import encode_items, pad_id, stop_ids, suite_items, write_json_atomic
 from zeda.flags import int_range
-from zeda.generation import SamplingParams, generate
+from zeda.generation import generate
 from zeda.loading import load_for_inference
 from zeda.model import CausalLM
+from zeda.sampling import SamplingParams
 from zeda.stages import SHIPPED_TEACHERS
 
 # Qwen3-30B-A3B's shapes (its config.json), with a small vocabulary and few layers so that it fits a CPU.

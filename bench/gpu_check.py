@@ -358,7 +358,7 @@ def check_decode(sizes: Sizes, device: str, record: dict, deadline: float) -> li
     problems = []
     if not sizes.compile:
         record["compile"] = COMPILE_OFF_ON_CPU
-    else:  # what zeda.generation.compiled_decode_step picks
+    else:  # what zeda.generation.compiled_forward_step picks
         record["compile"] = "mode reduce-overhead (CUDA graphs)" if device == "cuda" else "default mode"
     for dtype in sizes.decode_dtypes:
         runs = record.setdefault("runs", {}).setdefault(dtype, {})

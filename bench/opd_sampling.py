@@ -38,7 +38,8 @@ import train_opd  # noqa: E402
 from zeda import tasks  # noqa: E402
 from zeda.config import ModelConfig  # noqa: E402
 from zeda.flags import int_range  # noqa: E402
-from zeda.generation import SamplingParams, generate  # noqa: E402
+from zeda.generation import generate  # noqa: E402
+from zeda.sampling import SamplingParams  # noqa: E402
 
 TEACHER = ROOT / "assets" / "qwen3_moe_teacher"
 

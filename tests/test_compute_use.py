@@ -31,8 +31,9 @@ from zeda.compute_use import (
 )
 from zeda.conversion import convert_checkpoint
 from zeda.evaluation import encode_items, pad_id, stop_ids, suite_items
-from zeda.generation import SamplingParams, generate
+from zeda.generation import generate
 from zeda.loading import load_for_inference
+from zeda.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "assets" / "qwen3_moe_teacher"

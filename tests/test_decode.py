@@ -1,9 +1,10 @@
-"""The static-shape decode step (zeda/generation.py:decode_step) and generate(compile=True), on tiny models.
+"""The static-shape decode (generate(compile=True): zeda/generation.py:forward_step with input_pos, the model's
+static-shape mode), on tiny models.
 
-Most tests run decode_step *eagerly* (generate's compiled path with torch.compile swapped for the plain function),
-which checks everything the compiled path computes -- the static cache written at a tensor position, attention
-over the full cache width, the sorted grouped experts with dropped slots past every group -- in a second or
-so. One test really compiles (torch.compile, Inductor's C++ backend; ~30-40 s on a 2-core CPU), Qwen3's
+Most tests run forward_step *eagerly* in that mode (generate's compiled path with torch.compile swapped for the
+plain function), which checks everything the compiled path computes -- the KV cache written at a tensor position,
+attention over the full cache width, the "sorted" expert backend with dropped slots past every group -- in a
+second or so. One test really compiles (torch.compile, Inductor's C++ backend; ~30-40 s on a 2-core CPU), Qwen3's
 converted model, with zero experts. Also bench/generate.py's identical-token check.
 """
 
@@ -14,8 +15,9 @@ import zeda
 from zeda import generation
 from zeda.baselines import set_routing
 from zeda.errors import UsageError
-from zeda.generation import SamplingParams, generate, sorted_routed_experts
+from zeda.generation import generate
 from zeda.moe import GroupedExperts, routed_experts_forward
+from zeda.sampling import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 
 ARCHS = ["qwen3_moe", "glm4_moe_lite"]
@@ -37,8 +39,8 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture
 def uncompiled(monkeypatch):
-    """generate(compile=True) running decode_step without torch.compile: the same static-shape code, eagerly."""
-    monkeypatch.setattr(generation, "compiled_decode_step", lambda: generation.decode_step)
+    """generate(compile=True) running forward_step without torch.compile: the same static-shape code, eagerly."""
+    monkeypatch.setattr(generation, "compiled_forward_step", lambda: generation.forward_step)
 
 
 def assert_same_generation(a, b):
@@ -79,8 +81,8 @@ def test_static_shape_step_with_eos_sampling_and_skipped_slots(checkpoints, unco
 
 
 def test_sorted_experts_equal_the_dispatcher_path():
-    """sorted_routed_experts against routed_experts_forward (nonzero dispatch, loop backend) on random routing with
-    zero experts and dropped padding tokens; the result of dropped slots is exactly zero whatever their rows held."""
+    """The "sorted" backend against the loop reference (nonzero dispatch) on random routing with zero experts and
+    dropped padding tokens; the result of dropped slots is exactly zero whatever their rows held."""
     g = torch.Generator().manual_seed(0)
     T, K, N, Z, H, I = 9, 3, 5, 3, 8, 6
     experts = GroupedExperts(N, H, I)
@@ -94,11 +96,54 @@ def test_sorted_experts_equal_the_dispatcher_path():
     with torch.no_grad():
         want = routed_experts_forward(x_TH, weights_TK, ids_TK, experts.gate_proj, experts.up_proj,
                                       experts.down_proj, "loop", keep_TK)
-        got = sorted_routed_experts(x_TH, weights_TK, ids_TK, keep_TK, experts)
-        none = sorted_routed_experts(x_TH, weights_TK, ids_TK, torch.zeros_like(keep_TK), experts)
+        got = experts(x_TH, weights_TK, ids_TK, keep_TK, backend="sorted")
+        none = experts(x_TH, weights_TK, ids_TK, torch.zeros_like(keep_TK), backend="sorted")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(none, torch.zeros_like(none))
     assert (got[torch.arange(T) % 4 == 0] == 0).all()
+
+
+def test_static_shape_forward_equals_the_in_order_forward(checkpoints):
+    """CausalLM.forward's two cache modes on the same left-padded batch, prompts then one token: written in order
+    (the cache sliced to what is filled) and written at input_pos (the cache's whole width, the sorted experts)
+    give the same logits and routing; input_pos without a cache, or the sorted backend under expert parallelism,
+    is refused by name."""
+    from zeda.generation import left_pad
+    from zeda.model import KVCache
+    from zeda.moe import LocalDispatcher
+
+    model = zeda.load_model(checkpoints / "glm4_moe_lite-zeda")
+    ids_BP, mask_BP = left_pad(PROMPTS, pad_id=0)
+    B, P = ids_BP.shape
+    W = P + 5
+    mask_BW = torch.zeros(B, W, dtype=torch.bool)
+    mask_BW[:, :P] = mask_BP
+    mask_BW[:, P] = torch.tensor([True, False, True, True, False])  # two rows feed padding (finished rows)
+    next_B1 = torch.tensor([[3], [0], [8], [21], [0]])
+    in_order, static = (KVCache(model.config, B, W, torch.float32, "cpu") for _ in range(2))
+    with torch.no_grad():
+        model(ids_BP, attention_mask=mask_BP, cache=in_order)
+        model(ids_BP, attention_mask=mask_BW, cache=static, input_pos=torch.arange(P))
+        want_routing, got_routing = [], []
+        want = model(next_B1, attention_mask=mask_BW[:, :P + 1], cache=in_order, routing=want_routing)
+        got = model(next_B1, attention_mask=mask_BW, cache=static, input_pos=torch.tensor([P]), routing=got_routing)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a.ids_TK, b.ids_TK) for a, b in zip(got_routing, want_routing))
+    assert sum(int((r.ids_TK >= model.config.num_experts).sum()) for r in got_routing) > 0  # zero slots chosen
+    for layer in range(model.config.num_hidden_layers):  # the same columns written (up to attention's rounding)
+        torch.testing.assert_close(static.k[layer][:, :, :P + 1], in_order.k[layer][:, :, :P + 1], atol=1e-5, rtol=0)
+        assert not static.k[layer][:, :, P + 1:].any()
+    assert in_order.length == P + 1 and static.length == 0  # the static mode leaves `length` alone
+    with pytest.raises(UsageError, match="input_pos needs a cache"):
+        model(next_B1, input_pos=torch.tensor([P]))
+    experts = model.model.layers[-1].mlp.experts
+    experts.dispatcher = LocalDispatcher()
+    try:
+        with pytest.raises(UsageError, match="sorted.*expert parallelism"):
+            experts(torch.zeros(2, model.config.hidden_size), torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long),
+                    torch.ones(2, 1, dtype=torch.bool), backend="sorted")
+    finally:
+        experts.dispatcher = None
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe"])

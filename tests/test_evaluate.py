@@ -17,7 +17,7 @@ import evaluate
 from zeda import evaluation, tasks
 from zeda.data import encode_chat
 from zeda.evaluation import EvaluationError, benchmark_items, evaluate_model, suite_items
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ROOT
 from zeda.checkpoint import save_checkpoint

@@ -1,8 +1,9 @@
 """The generation engine (zeda/generation.py) on tiny random checkpoints of both architectures.
 
 The fast engine (left padding, static KV cache, one decode step per token) is checked against the naive
-reference that recomputes the whole sequence without a cache, and against each prompt generated alone;
-sampling against its own definition; the routing statistics against a plain forward over the same tokens.
+reference that recomputes the whole sequence without a cache (tests/reference_generation.py), and against each
+prompt generated alone; sampling (zeda/sampling.py) against its own definition; the routing statistics against a
+plain forward over the same tokens; token_logprobs (zeda/model.py) against a full forward's logits.
 """
 
 
@@ -13,8 +14,12 @@ from hypothesis import strategies as st
 
 import zeda
 from zeda.flops import attended_keys, flop_report, merge_stats, routing_stats
-from zeda.generation import SamplingParams, filter_logits, generate, generate_naive, left_pad, sample, token_logprobs
+from zeda.generation import generate, left_pad
+from zeda.model import token_logprobs
+from zeda.sampling import SamplingParams, filter_logits, sample
 from zeda.tiny import make_tiny_checkpoint
+
+from reference_generation import generate_naive  # tests/reference_generation.py: no cache, recomputed each step
 
 ARCHS = ["qwen3_moe", "glm4_moe_lite"]
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 7, 31], [70], [12, 8, 90, 33, 4]]  # different lengths: left padding
@@ -321,7 +326,7 @@ def test_sampling_defaults_come_from_generation_config_where_no_flag_is_given(tm
     import json
 
     from zeda.errors import ConfigError
-    from zeda.generation import ROLLOUT_SAMPLING, add_sampling_args, sampling_from_args
+    from zeda.sampling import ROLLOUT_SAMPLING, add_sampling_args, sampling_from_args
 
     p = argparse.ArgumentParser()
     add_sampling_args(p)

@@ -28,9 +28,10 @@ import convert
 from zeda import tasks
 from zeda.checkpoint import save_checkpoint
 from zeda.conversion import convert_checkpoint
-from zeda.generation import SamplingParams, generate
+from zeda.generation import generate
 from zeda.hf import MODELING_FILE, write_remote_code
 from zeda.loading import load_model
+from zeda.sampling import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ import zeda
 from zeda import tasks
 from zeda.data import Example, collate
 from zeda.distributed import Dist
-from zeda.generation import token_logprobs
+from zeda.model import token_logprobs
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
 

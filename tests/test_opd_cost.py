@@ -22,9 +22,11 @@ from zeda import tasks
 from zeda.conversion import convert_checkpoint
 from zeda.data import Example, collate
 from zeda.distributed import Dist
-from zeda.generation import SamplingParams, generate, token_logprobs
+from zeda.generation import generate
 from zeda.losses import auxiliary_loss, ppo_clip_loss, reverse_kl_advantage
+from zeda.model import token_logprobs
 from zeda.moe import MoE
+from zeda.sampling import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
 

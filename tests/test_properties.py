@@ -1,7 +1,7 @@
 """Two design properties, tested as properties over random configs, weights and inputs (hypothesis):
 
 (a) zero experts contribute exactly zero: through the Router and the whole MoE block (shared expert included),
-    for every expert backend and for the decode path's sorted experts, a token whose K slots are all zero
+    for every expert backend (the compiled decode's "sorted" one included), a token whose K slots are all zero
     experts gets a routed contribution of exactly zero (bitwise), and every token's output is the sum over its
     real slots alone;
 (b) FLOP accounting is exact: zeda.flops.flop_report's count of a forward equals what torch's FlopCounterMode
@@ -26,7 +26,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zeda.config import ModelConfig
 from zeda.flops import attended_keys, attention_score_flops_per_key, flop_report, routing_stats
-from zeda.generation import sorted_routed_experts
 from zeda.loading import empty_model, materialize
 from zeda.tiny import tiny_hf_config
 
@@ -111,9 +110,9 @@ def test_zero_experts_contribute_exactly_zero_through_the_moe_block(arch, N, Z, 
         if reference is None:
             reference = real_slot_sum(x_TH, r.weights_TK, r.ids_TK, moe.experts, N)
         torch.testing.assert_close((y_TH - shared_TH).double(), reference, atol=1e-5, rtol=1e-5)
-    # the decode path's experts (sorted by expert, static shapes): the same two properties
+    # the compiled decode's backend (sorted by expert, static shapes): the same two properties
     with torch.no_grad():
-        y_TH = sorted_routed_experts(x_TH, r.weights_TK, r.ids_TK, r.ids_TK < N, moe.experts)
+        y_TH = moe.experts(x_TH, r.weights_TK, r.ids_TK, r.ids_TK < N, backend="sorted")
     assert torch.equal(y_TH[all_zero_T], torch.zeros_like(y_TH[all_zero_T]))
     torch.testing.assert_close(y_TH.double(), reference, atol=1e-5, rtol=1e-5)
 
@@ -151,7 +150,7 @@ def test_the_properties_can_fail():
     with torch.no_grad():
         r = moe.gate(x_TH)
         broken_ids = r.ids_TK.clamp(max=3)  # zero slots sent to real expert 3
-        y = sorted_routed_experts(x_TH, r.weights_TK, broken_ids, broken_ids < 4, moe.experts)
+        y = moe.experts(x_TH, r.weights_TK, broken_ids, broken_ids < 4, backend="sorted")
     assert not torch.allclose(y.double(), real_slot_sum(x_TH, r.weights_TK, r.ids_TK, moe.experts, 4), atol=1e-5)
     routing = []
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

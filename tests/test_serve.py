@@ -18,8 +18,9 @@ import pytest
 import serve
 from zeda.data import encode_chat
 from zeda.evaluation import pad_id, stop_ids
-from zeda.generation import SamplingParams, generate
+from zeda.generation import generate
 from zeda.loading import load_for_inference
+from zeda.sampling import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
 

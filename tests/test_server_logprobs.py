@@ -1,7 +1,7 @@
 """Log-probs over HTTP (zeda/server.py): /v1/completions `logprobs` + `echo` + lists of prompts, /v1/chat/completions
-`logprobs` + `top_logprobs`, streamed or not, and the engine's part (generation.Decoder's row.logprobs).
+`logprobs` + `top_logprobs`, streamed or not, and the engine's part (scheduler.Decoder's row.logprobs).
 
-Every value is checked against an independent reference on the same tokens: zeda.generation.token_logprobs (the
+Every value is checked against an independent reference on the same tokens: zeda.model.token_logprobs (the
 chunked head OPD scores with) for the chosen tokens, and log_softmax of a plain full forward for the most likely
 ones, to 1e-4 in fp32. The servers run in-process on loopback (tests/test_server.py's `running`) on a random
 tiny static model with the char-level tokenizer, whose tokens are single characters: offsets can be checked
@@ -19,8 +19,11 @@ from transformers import PreTrainedTokenizerFast
 import zeda.server
 from zeda.conversion import convert_checkpoint
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
-from zeda.generation import Decoder, SamplingParams, generate, token_logprobs
+from zeda.generation import generate
 from zeda.loading import load_for_inference
+from zeda.model import token_logprobs
+from zeda.sampling import SamplingParams
+from zeda.scheduler import Decoder
 from zeda.server import ServerOptions, score_prompts, token_bytes
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer

@@ -27,7 +27,7 @@ import zeda
 from zeda import rollout, tasks
 from zeda.conversion import convert_checkpoint
 from zeda.data import collate, encode_chats
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import save_tokenizer
 from zeda.checkpoint import STATE_FILE

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 import zeda
 from zeda import tasks
 from zeda.evaluation import evaluate_model
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from zeda import data, rollout, tasks
 from zeda.data import DataError, collate, encode_chat, encode_chats, encode_conversation, encode_conversations
 from zeda.errors import UsageError
 from zeda.evaluation import record_item, suite_items
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.tiny import make_tiny_checkpoint
 from zeda.tokenizer import build_tokenizer, save_tokenizer
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from zeda.data import save_figure_atomic
 from zeda.divergence import shared_prompts
 from zeda.evaluation import EvaluationError, Item, run_batches
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.model import CausalLM
 
 

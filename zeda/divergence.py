@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from zeda.evaluation import EvaluationError, Item, accuracy_by_group, encode_items, run_batches
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.model import CausalLM
 
 # (name, lower, upper) on the reference's probability of its own token at the first divergent position.

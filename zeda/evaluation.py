@@ -49,8 +49,9 @@ from zeda.data import (
 )
 from zeda.errors import EvaluationError
 from zeda.flops import flop_report, merge_stats
-from zeda.generation import Generation, SamplingParams, generate
+from zeda.generation import Generation, generate
 from zeda.model import CausalLM
+from zeda.sampling import SamplingParams
 
 BENCHMARK = "benchmark"  # the accuracy key of a --benchmark file
 

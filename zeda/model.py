@@ -6,13 +6,16 @@ What is special here:
 - Routed experts are 3D tensors behind the MoE seams of zeda/moe.py; zero experts have no parameters.
 - Module names equal HF's checkpoint keys (model.layers.{i}.self_attn.q_proj, ...), so loading is a key map
   plus stacking the per-expert tensors (zeda/checkpoint.py).
-- Attention uses a static KV cache (gpt-fast style) for generation; MLA caches the expanded keys and values
-  (simple; caching the latent would save memory and is left for the serving work).
+- One forward for training, prefill, decode and the compiled decode (gpt-fast style): with `input_pos` the new
+  keys are written at given cache columns and every shape is fixed by the cache (KVCache), which is what
+  torch.compile needs; without it the cache is filled in order and read up to what is filled. MLA caches the
+  expanded keys and values (simple; caching the latent would save memory and is left for the serving work).
 - `forward(..., routing=list)` collects each MoE layer's RouterOutput for statistics and the Group
   Auxiliary Loss, without hidden state on the modules.
 - `forward(..., targets=ids)` returns the log-probability of each target token instead of logits, computed a
   chunk of tokens at a time and recomputed in backward (target_logprobs): the losses never hold [B, T, V]
-  logits, which at V = 151,936 and T = 32k would be ~20 GB per sequence in fp32.
+  logits, which at V = 151,936 and T = 32k would be ~20 GB per sequence in fp32; token_logprobs scores given
+  sequences with it (teacher and student in OPD).
 
 Shape letters: B batch, T new tokens, S keys (cache + new), H hidden, D head dim, V vocabulary.
 """
@@ -88,8 +91,14 @@ def apply_rope(x_BhTD, cos_BTD, sin_BTD, interleave: bool = False):
 
 
 class KVCache:
-    """Static per-layer key/value buffers [B, heads, max_len, D]; every row writes at the same offset
-    (prompts are left-padded), so one integer says how much is filled."""
+    """Static per-layer key/value buffers [B, heads, max_len, D]; every row writes at the same column (prompts
+    are left-padded). Two ways to write, one for each kind of forward (CausalLM.forward):
+    - in order (input_pos None: the prefill, the eager decode, the server's scheduler): a forward's T new
+      keys go to columns [length, length + T) and attention reads [0, length + T); `length`, a Python int, says
+      how much is filled, so the shapes grow by one column each decode step.
+    - at given columns (input_pos, a device tensor: the compiled decode, gpt-fast's KVCache): index_copy_ writes
+      them and attention reads the whole width max_len, columns not yet written masked out, so no shape changes
+      from step to step and nothing reads the position on the host. `length` is left as it was."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device, tensor_parallel: int = 1):
         # under tensor parallelism each rank caches only its own heads
@@ -102,7 +111,12 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions filled so far; the model advances it after each forward
 
-    def update(self, layer: int, k_BhTD, v_BhTD):
+    def update(self, layer: int, k_BhTD, v_BhTD, input_pos_T=None):
+        """Write this layer's new keys and values; returns the keys and values attention reads, [B, heads, S, D]."""
+        if input_pos_T is not None:
+            self.k[layer].index_copy_(2, input_pos_T, k_BhTD)
+            self.v[layer].index_copy_(2, input_pos_T, v_BhTD)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k_BhTD.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -125,7 +139,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, cfg.rms_norm_eps)  # on the head dim only
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, x_BTH, cos, sin, mask_BTS, cache: KVCache | None):
+    def forward(self, x_BTH, cos, sin, mask_BTS, cache: KVCache | None, input_pos_T=None):
         B, T, _ = x_BTH.shape
         D = self.cfg.head_dim
         q = self.q_norm(self.q_proj(x_BTH).view(B, T, -1, D)).transpose(1, 2)  # [B, nq, T, D]
@@ -133,7 +147,7 @@ class Attention(nn.Module):
         v = self.v_proj(x_BTH).view(B, T, -1, D).transpose(1, 2)  # [B, nkv, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, nkv, S, D]
+            k, v = cache.update(self.layer, k, v, input_pos_T)  # [B, nkv, S, D]
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # GQA -> [B, nq, S, D]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS.unsqueeze(1))  # [B, nq, T, D]
@@ -160,7 +174,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(nh * cfg.v_head_dim, H, bias=cfg.attention_bias)
 
-    def forward(self, x_BTH, cos, sin, mask_BTS, cache: KVCache | None):
+    def forward(self, x_BTH, cos, sin, mask_BTS, cache: KVCache | None, input_pos_T=None):
         cfg = self.cfg
         B, T, _ = x_BTH.shape
         if cfg.q_lora_rank is None:
@@ -177,7 +191,7 @@ class MLAttention(nn.Module):
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # [B, nh, T, nope+rope]
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v, input_pos_T)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTS.unsqueeze(1), scale=self.qk_head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H]
 
@@ -191,10 +205,13 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache, forced_ids_BTK=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_BTS, cache)
+    def forward(self, x, cos, sin, mask_BTS, valid_BT, cache, forced_ids_BTK=None, input_pos_T=None):
+        """input_pos_T: the static-shape mode (CausalLM.forward), for the cache and the routed experts alike."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask_BTS, cache, input_pos_T)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, valid_BT, forced_ids_BTK) if self.is_moe else self.mlp(h))
+        if not self.is_moe:
+            return x + self.mlp(h)
+        return x + self.mlp(h, valid_BT, forced_ids_BTK, static_shapes=input_pos_T is not None)
 
 
 class Backbone(nn.Module):
@@ -250,32 +267,47 @@ class CausalLM(nn.Module):
                 block.mlp.experts.backend = backend
 
     def forward(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None, routing=None,
-                hidden_only: bool = False, targets=None, temperature: float = 1.0, forced_routing=None):
-        """input_ids [B, T]. attention_mask [B, S] (1 = real token) covers cached and new tokens, S = cached + T;
-        None means all real. positions [B, T] default to each row's count of real tokens before it (so left
-        padding works). routing: a list to append each MoE layer's RouterOutput to. Returns logits [B, T, V];
-        or the final hidden states [B, T, H] with hidden_only; or, given targets [B, T], the fp32 log-probability
-        of each target at `temperature` [B, T], computed in chunks (target_logprobs), for the losses.
+                hidden_only: bool = False, targets=None, temperature: float = 1.0, forced_routing=None,
+                input_pos=None):
+        """input_ids [B, T]. attention_mask [B, S] (1 = real token) covers the keys: cached and new tokens,
+        S = cached + T (or the cache's width with input_pos); None means all real. positions [B, T] default to
+        each row's count of real tokens before it (so left padding works). routing: a list to append each MoE
+        layer's RouterOutput to. Returns logits [B, T, V]; or the final hidden states [B, T, H] with hidden_only;
+        or, given targets [B, T], the fp32 log-probability of each target at `temperature` [B, T], computed in
+        chunks (target_logprobs), for the losses.
         forced_routing [L, B, T, K] (L MoE layers): routing replay, the expert ids each token must take in each
         MoE layer, -1 where the router chooses (zeda/moe.py:Router). An argument, not module state: activation
-        checkpointing re-runs a block's forward in backward, and must route it the same way."""
+        checkpointing re-runs a block's forward in backward, and must route it the same way.
+        input_pos [T] (int64, on the device): the static-shape mode of the compiled decode (gpt-fast's input_pos).
+        The new tokens sit at these cache columns: their keys are written there (KVCache.update), attention spans
+        the cache's whole width W with attention_mask [B, W] saying which columns each row may see (the new ones
+        included; the causal mask is by column), and the routed experts run the "sorted" backend
+        (zeda/moe.py:sorted_experts_forward). No shape then depends on the data or on how full the cache is, and
+        nothing waits for the host: torch.compile traces it once per batch size and cache width."""
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        S = past + T
         device = input_ids.device
+        if input_pos is None:
+            past = cache.length if cache is not None else 0
+            S = past + T
+            q_pos = torch.arange(past, S, device=device)
+            new = slice(past, S)  # the new tokens' columns
+        else:
+            if cache is None:
+                raise UsageError("CausalLM.forward: input_pos needs a cache (the columns it names are the cache's)")
+            S = cache.max_len
+            q_pos = new = input_pos
         key_valid_BS = (
             torch.ones(B, S, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         )
         if key_valid_BS.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(key_valid_BS.shape)}, expected {(B, S)}")
         if positions is None:
-            positions = (key_valid_BS.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # [B, T]
-        q_pos = torch.arange(past, S, device=device)
+            positions = (key_valid_BS.long().cumsum(-1) - 1).clamp(min=0)[:, new]  # [B, T]
         k_pos = torch.arange(S, device=device)
         causal_TS = k_pos[None, :] <= q_pos[:, None]  # [T, S]
         # Each query also sees itself, so a padding row never has every key masked (NaN in softmax).
         mask_BTS = (causal_TS & key_valid_BS[:, None, :]) | (k_pos[None, :] == q_pos[:, None])
-        valid_BT = key_valid_BS[:, past:]
+        valid_BT = key_valid_BS[:, new]
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
@@ -284,15 +316,36 @@ class CausalLM(nn.Module):
             forced_BTK = None
             if forced_routing is not None and block.is_moe:
                 forced_BTK, moe_index = forced_routing[moe_index], moe_index + 1
-            x = block(x, cos, sin, mask_BTS, valid_BT, cache, forced_BTK)
+            x = block(x, cos, sin, mask_BTS, valid_BT, cache, forced_BTK, input_pos)
         if routing is not None:
             for block in self.model.layers:
                 if block.is_moe:
                     routing.append(block.mlp.last_routing)
                     block.mlp.last_routing = None
-        if cache is not None:
+        if cache is not None and input_pos is None:
             cache.length = S
         x = self.model.norm(x)
         if targets is not None:  # inside forward, so FSDP2 has the head's weight gathered here
             return target_logprobs(x, self.lm_head.weight, targets, temperature)
         return x if hidden_only else self.lm_head(x)
+
+
+def token_logprobs(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   temperature: float = 1.0, routing: list | None = None,
+                   forced_routing: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x_{t+1} | x_{<=t}) [B, T-1] for input_ids [B, T] in one forward (e.g. teacher and student in OPD).
+
+    Not decorated with no_grad: the student's log-probs need gradients; wrap the call for the teacher. Positions
+    whose target x_{t+1} or context token x_t is padding (attention_mask 0) are set to 0, so with left padding
+    row b holds log-probs of its real tokens 2..n in its last n-1 columns. `routing` collects the RouterOutputs for the
+    Group Auxiliary Loss (every position is routed, the last one too). The log-probs come from the model's chunked
+    head (target_logprobs): no [B, T, V] logits are ever held, whatever V and T are.
+    forced_routing [L, B, T, K]: routing replay (CausalLM.forward).
+    """
+    targets_BT = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)  # the last position's target is unused
+    out_BT = model(input_ids, attention_mask=attention_mask, routing=routing, targets=targets_BT,
+                   temperature=temperature, forced_routing=forced_routing)[:, :-1]  # [B, T-1]
+    if attention_mask is not None:
+        real_BS = attention_mask.bool()
+        out_BT = out_BT.masked_fill(~(real_BS[:, :-1] & real_BS[:, 1:]), 0.0)
+    return out_BT

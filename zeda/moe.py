@@ -10,7 +10,9 @@ only ever see real slots. The seams follow torchtitan:
     LocalDispatcher.combine(...)    -> y_TH = sum_k w_TK * y of that slot
 
 The expert-parallel dispatcher (all-to-all, zeda/expert_parallel.py) replaces LocalDispatcher; the fused Triton
-path (zeda/kernels) replaces dispatch + GEMMs + combine in one go.
+path (zeda/kernels) replaces dispatch + GEMMs + combine in one go. The "sorted" backend is the static-shape one
+that the MoE block picks when the forward asks for static shapes (the compiled decode, zeda/generation.py): every
+slot is sorted by expert, dropped ones past the last group, so no shape depends on how many slots are real.
 
 Shape letters: T tokens, K slots per token (top-k), N real experts, Z zero experts, E = N + Z router outputs,
 H hidden size, I expert intermediate size, M real slots (the rows that reach a GEMM).
@@ -179,6 +181,22 @@ def expert_swiglu_loop(x_MH, counts_N, gate_proj, up_proj, down_proj):
     return torch.cat(outs) if outs else x_MH.new_zeros(0, down_proj.shape[1])
 
 
+def grouped_swiglu(x_RH, ends_N, gate_proj, up_proj, down_proj):
+    """SwiGLU of expert e over rows [ends_N[e-1], ends_N[e]) of x_RH: three torch._grouped_mm, which read the
+    group offsets themselves (no host sync). Rows past ends_N[-1] are not computed, and are left uninitialised in
+    the result. The one grouped SwiGLU that the "grouped_mm" and "sorted" backends share."""
+    offs = ends_N.to(torch.int32)
+    gate = torch._grouped_mm(x_RH, gate_proj.transpose(-2, -1), offs=offs)  # [R, I]
+    up = torch._grouped_mm(x_RH, up_proj.transpose(-2, -1), offs=offs)
+    h = (F.silu(gate) * up).contiguous()
+    return torch._grouped_mm(h, down_proj.transpose(-2, -1), offs=offs)  # [R, H]
+
+
+def grouped_mm_aligned(x_MH, intermediate: int) -> bool:
+    """Whether torch._grouped_mm takes these rows: 16-byte aligned strides, H and I."""
+    return (x_MH.shape[1] * x_MH.element_size()) % 16 == 0 and (intermediate * x_MH.element_size()) % 16 == 0
+
+
 def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
     """torch._grouped_mm over the expert groups; rows of each group padded to a 16-byte multiple.
 
@@ -187,7 +205,7 @@ def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
     """
     align = max(1, 16 // x_MH.element_size())
     H, I = x_MH.shape[1], gate_proj.shape[1]
-    if (H * x_MH.element_size()) % 16 or (I * x_MH.element_size()) % 16:
+    if not grouped_mm_aligned(x_MH, I):
         raise UsageError(f"grouped_mm backend needs H={H} and I={I} to be multiples of {align} for {x_MH.dtype}")
     padded_N = (counts_N + align - 1) // align * align
     ends_N = padded_N.cumsum(0)
@@ -198,15 +216,57 @@ def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
     expert_M = torch.repeat_interleave(torch.arange(len(counts_N), device=x_MH.device), counts_N)
     dest_M = starts_N[expert_M] + torch.arange(x_MH.shape[0], device=x_MH.device) - first_row_N[expert_M]
     xp = x_MH.new_zeros(total, H).index_copy(0, dest_M, x_MH)  # [M_padded, H]
-    offs = ends_N.to(torch.int32)
-    gate = torch._grouped_mm(xp, gate_proj.transpose(-2, -1), offs=offs)  # [M_padded, I]
-    up = torch._grouped_mm(xp, up_proj.transpose(-2, -1), offs=offs)
-    h = (F.silu(gate) * up).contiguous()
-    y = torch._grouped_mm(h, down_proj.transpose(-2, -1), offs=offs)  # [M_padded, H]
+    y = grouped_swiglu(xp, ends_N, gate_proj, up_proj, down_proj)  # [M_padded, H]
     return y[dest_M]
 
 
 EXPERT_SWIGLU = {"loop": expert_swiglu_loop, "grouped_mm": expert_swiglu_grouped_mm}
+
+
+@torch.library.custom_op("zeda::expert_swiglu_sorted", mutates_args=())
+def expert_swiglu_sorted(x_SH: torch.Tensor, ends_N: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+                         down_proj: torch.Tensor) -> torch.Tensor:
+    """The sorted backend's SwiGLU: rows grouped by expert as for the other backends (expert e's rows end at
+    ends_N[e], the cumulative counts), but x_SH holds every slot, and rows past the last group (dropped slots) are
+    not computed: they are left uninitialised, and the caller masks them with torch.where (not a multiply:
+    uninitialised memory may hold NaN).
+
+    An opaque op to torch.compile (torch._grouped_mm's meta function wants bf16, and Inductor has no CPU lowering
+    for it), so the compiled graph calls it as it is. On CPU torch._grouped_mm runs one GEMM per non-empty group;
+    on CUDA it needs bf16 and 16-byte aligned group starts, which this path does not pad to: it has not been run
+    on a GPU. Shapes _grouped_mm does not take (H or I not 16-byte aligned: the tiny test models) run the loop
+    reference over the rows inside the groups (a host sync, hidden from the compiled graph)."""
+    if grouped_mm_aligned(x_SH, gate_proj.shape[1]):
+        return grouped_swiglu(x_SH, ends_N, gate_proj, up_proj, down_proj)
+    out_SH = x_SH.new_zeros(x_SH.shape[0], down_proj.shape[1])
+    m = int(ends_N[-1])  # host sync
+    counts_N = ends_N.diff(prepend=ends_N.new_zeros(1))
+    out_SH[:m] = expert_swiglu_loop(x_SH[:m], counts_N, gate_proj, up_proj, down_proj)
+    return out_SH
+
+
+@expert_swiglu_sorted.register_fake
+def _(x_SH, ends_N, gate_proj, up_proj, down_proj):
+    return x_SH.new_empty(x_SH.shape[0], down_proj.shape[1])
+
+
+def sorted_experts_forward(x_TH, weights_TK, ids_TK, keep_TK, gate_proj, up_proj, down_proj):
+    """The "sorted" backend: LocalDispatcher + grouped SwiGLU + combine with static shapes (no nonzero(), no
+    host sync), what torch.compile needs. All T*K slots are sorted by expert, the dropped ones (keep False: zero
+    experts, padding) sorted as expert N, past every group: the GEMMs compute only rows inside the groups, so
+    dropped slots still cost no expert FLOPs, but every buffer is [T*K, ...] whatever the zero share."""
+    T, K = ids_TK.shape
+    N = gate_proj.shape[0]
+    key_S = torch.where(keep_TK, ids_TK, N).flatten()  # [T*K] dropped slots sort as expert N, after all groups
+    order_S = key_S.argsort(stable=True)  # stable: LocalDispatcher's row order within an expert
+    counts_N = torch.zeros(N + 1, dtype=torch.long, device=x_TH.device).scatter_add_(
+        0, key_S, torch.ones_like(key_S))[:N]  # rows per expert (bincount's output size is data-dependent)
+    # the cumulative counts in the compiled graph, where they fuse, rather than inside the opaque op
+    y_SH = expert_swiglu_sorted(x_TH[order_S // K], counts_N.cumsum(0), gate_proj, up_proj, down_proj)  # dropped: junk
+    y_SH = torch.empty_like(y_SH).index_copy_(0, order_S, y_SH)  # back to slot order t * K + k
+    y_SH = torch.where(keep_TK.reshape(-1, 1), y_SH, 0.0)  # dropped slots: exactly zero
+    y_TKH = y_SH.view(T, K, -1) * weights_TK.unsqueeze(-1)  # fp32 weights, as LocalDispatcher.combine
+    return y_TKH.sum(dim=1).to(x_TH.dtype)
 
 
 def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, backend="loop", keep_TK=None,
@@ -216,10 +276,15 @@ def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_pr
     keep_TK (optional) further drops slots, e.g. those of padding tokens; ids >= N are always dropped.
     dispatcher: where dispatch/combine happen (LocalDispatcher by default; expert parallelism swaps it, and
     then gate/up/down hold only this rank's experts while num_experts is the model's N).
+    backend: one of BACKENDS, or "sorted" (static shapes, sorted_experts_forward; one process only).
     """
     N = gate_proj.shape[0] if num_experts is None else num_experts
     real_TK = ids_TK < N
     keep_TK = real_TK if keep_TK is None else keep_TK & real_TK
+    if backend == "sorted":
+        if dispatcher is not None:
+            raise UsageError("the sorted (static-shape) expert backend does not support expert parallelism")
+        return sorted_experts_forward(x_TH, weights_TK, ids_TK, keep_TK, gate_proj, up_proj, down_proj)
     if backend == "triton" and dispatcher is None:
         from zeda.kernels import triton_moe
 
@@ -244,9 +309,10 @@ class GroupedExperts(nn.Module):
         self.backend = "loop"
         self.dispatcher = None  # LocalDispatcher; zeda.expert_parallel.apply_expert_parallel sets an all-to-all one
 
-    def forward(self, x_TH, weights_TK, ids_TK, keep_TK):
+    def forward(self, x_TH, weights_TK, ids_TK, keep_TK, backend: str | None = None):
+        """backend: this call's, instead of self.backend ("sorted" when the forward needs static shapes)."""
         return routed_experts_forward(x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj,
-                                      self.backend, keep_TK, self.dispatcher, self.num_experts)
+                                      backend or self.backend, keep_TK, self.dispatcher, self.num_experts)
 
 
 class MLP(nn.Module):
@@ -274,9 +340,10 @@ class MoE(nn.Module):
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
         )
 
-    def forward(self, x_BTH, valid_BT=None, forced_ids_BTK=None):
+    def forward(self, x_BTH, valid_BT=None, forced_ids_BTK=None, static_shapes: bool = False):
         """valid_BT marks real tokens; padding tokens are routed (for shapes) but never reach a GEMM.
-        forced_ids_BTK: routing replay (Router), -1 where the router chooses.
+        forced_ids_BTK: routing replay (Router), -1 where the router chooses. static_shapes: the routed experts
+        run the "sorted" backend (no shape depends on the routing: torch.compile's decode step).
 
         This layer's RouterOutput is kept in `last_routing` (for statistics and the GA loss; CausalLM.forward
         collects it). An attribute, not an appended list: wrappers such as FSDP2 may copy a list argument, and
@@ -289,7 +356,7 @@ class MoE(nn.Module):
         keep_TK = r.ids_TK < self.num_experts  # [T, K] zero slots are dropped here, before dispatch
         if valid_BT is not None:
             keep_TK = keep_TK & valid_BT.reshape(B * T, 1)
-        y_TH = self.experts(x_TH, r.weights_TK, r.ids_TK, keep_TK)
+        y_TH = self.experts(x_TH, r.weights_TK, r.ids_TK, keep_TK, "sorted" if static_shapes else None)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(B, T, H)

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from zeda.data import append_jsonl, encode_chats, iter_records, prompt_messages
 from zeda.errors import DataError
 from zeda.evaluation import record_item
-from zeda.generation import SamplingParams, generate
+from zeda.generation import generate
+from zeda.sampling import SamplingParams
 
 KEY_RE = re.compile(r"[0-9a-f]{16}:\d+")  # the id of a line written by this version: "<prompt hash>:<sample>"
 

@@ -20,7 +20,7 @@ from zeda import tasks
 from zeda.baselines import set_routing
 from zeda.data import write_jsonl_atomic
 from zeda.evaluation import evaluate_model
-from zeda.generation import SamplingParams
+from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
 
 ROOT = Path(__file__).resolve().parent.parent
