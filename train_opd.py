@@ -2,13 +2,15 @@
 
     python train_opd.py --student runs/sft/final --teacher assets/qwen3_moe_teacher --prompts p.jsonl --out runs/opd
     torchrun --nproc_per_node=2 train_opd.py --student ... --teacher ... --prompts ... --out runs/opd
+    python train_opd.py --student ... --teacher-url http://127.0.0.1:8000 --prompts ... --out runs/opd
 
 Each rollout batch:
   1. the current student samples --samples-per-prompt answers (temperature 1) to --prompts-per-step prompts,
      with the shared generation engine (zeda/generation.py), keeping the log-prob of every sampled token (under
      --fsdp with the student gathered once for the whole phase, not at every decoded token; with
      --routing-replay also the experts every token was routed to);
-  2. the frozen teacher (the original static model, in process, no gradients) scores the sampled tokens;
+  2. the frozen teacher (the original static model, in process, no gradients) scores the sampled tokens; with
+     --teacher-url an OpenAI-compatible server that serves it does (served_teacher_logprobs), once per rollout;
   3. per-token advantage A_t = log p_teacher(y_t) - log p_student_old(y_t), detached, no discount -- a one-sample
      estimate of the negative reverse KL at each position;
   4. --updates-per-rollout K optimizer steps (the paper: 1), each on a K-th of the batch, on the PPO-clipped
@@ -53,6 +55,7 @@ from zeda.generation import generate
 from zeda.loading import load_model, load_tokenizer, same_tokenizer
 from zeda.losses import AGGREGATIONS, auxiliary_loss, full_reverse_kl, ppo_clip_loss, reverse_kl_advantage
 from zeda.model import token_logprobs
+from zeda.remote import Server, add_connection_args, check_token_texts, prompt_logprobs, unordered_map
 from zeda.sampling import SamplingParams
 from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
 
@@ -163,18 +166,40 @@ def clip_binds(new_logp, old_logp, advantages, clip: float) -> torch.Tensor:
 def score_rollout(student, teacher, examples: list[Example], routed_ids, args, d: Dist, pad_id: int):
     """The teacher's and the old policy's log-probs of each sequence's answer tokens (1D tensors), computed once
     for a rollout that several updates train on (--updates-per-rollout > 1): the old policy is the student that
-    sampled, in training mode, before any of those updates."""
+    sampled, in training mode, before any of those updates. teacher None (--teacher-url): the old policy's only,
+    and None for the teacher's (served_teacher_logprobs has them)."""
     teacher_logp, old_logp = [None] * len(examples), [None] * len(examples)
     for mb in micro_batches(examples, args.max_tokens_per_micro_batch, d):
         part = [examples[i] for i in mb]
         ids, attn, _ = (t.to(d.device) for t in collate(part, pad_id))
         forced = replay_routing([routed_ids[i] for i in mb], ids.shape, d.device) if routed_ids else None
-        t_logp = token_logprobs(teacher, ids, attn)
+        t_logp = token_logprobs(teacher, ids, attn) if teacher is not None else None
         s_logp = token_logprobs(student, ids, attn, temperature=args.temperature, forced_routing=forced)
         for b, (i, e) in enumerate(zip(mb, part)):
             answer = slice(e.num_prompt - 1, len(e.ids) - 1)
-            teacher_logp[i], old_logp[i] = t_logp[b, answer], s_logp[b, answer]
-    return teacher_logp, old_logp
+            old_logp[i] = s_logp[b, answer]
+            if t_logp is not None:
+                teacher_logp[i] = t_logp[b, answer]
+    return (teacher_logp if teacher is not None else None), old_logp
+
+
+def served_teacher_logprobs(server: Server, model: str, examples: list[Example], concurrency: int,
+                            tokenizer=None) -> list[torch.Tensor]:
+    """2. with --teacher-url: the teacher's log-probs of each sequence's answer tokens (1D tensors, as
+    score_rollout gives them) from the server. Each whole sequence, prompt + answer, goes as token ids to
+    /v1/completions with echo and max_tokens 0 (zeda/remote.py:prompt_logprobs), `concurrency` requests at a time;
+    the server's numbers are its model's own distribution, temperature 1, as the in-process teacher's. With a
+    tokenizer, the server's text of every token is checked against it (zeda/remote.py:check_token_texts)."""
+    def score(e: Example):
+        return prompt_logprobs(server, model, e.ids)
+
+    out = [None] * len(examples)
+    for i, (values, tokens) in unordered_map(score, examples, concurrency):
+        if tokenizer is not None:
+            check_token_texts(tokens, examples[i].ids, tokenizer, server.base)
+        # values[t - 1] = log p(ids[t] | ids[:t]): the answer's tokens are t = num_prompt .. len - 1
+        out[i] = torch.tensor(values[examples[i].num_prompt - 1:], dtype=torch.float32)
+    return out
 
 
 def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist,
@@ -274,7 +299,7 @@ class Rollout:
     finished: list[bool]
     sampler_logp: list[list[float]]
     routed_ids: list[torch.Tensor] | None  # --routing-replay
-    teacher_logp: list[torch.Tensor] | None  # score_rollout (several updates)
+    teacher_logp: list[torch.Tensor] | None  # score_rollout (several updates) or the teacher server (--teacher-url)
     old_logp: list[torch.Tensor] | None
     sample_tokens_per_s: float
 
@@ -283,21 +308,33 @@ def train(args, d: Dist, stop: dict) -> dict:
     cfg = zeda.ModelConfig.from_hf_config(args.student)
     if cfg.num_zero_experts == 0:
         raise UsageError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums)")
-    teacher_cfg = zeda.ModelConfig.from_hf_config(args.teacher)
-    if teacher_cfg.vocab_size != cfg.vocab_size:
-        raise UsageError(f"{args.teacher}: vocab_size {teacher_cfg.vocab_size} differs from the student's "
-                         f"{cfg.vocab_size}: teacher and student must share the tokenizer")
+    server = None
+    if args.teacher_url is None:
+        teacher_cfg = zeda.ModelConfig.from_hf_config(args.teacher)
+        if teacher_cfg.vocab_size != cfg.vocab_size:
+            raise UsageError(f"{args.teacher}: vocab_size {teacher_cfg.vocab_size} differs from the student's "
+                             f"{cfg.vocab_size}: teacher and student must share the tokenizer")
+    else:  # the server's tokenizer cannot be loaded: the first rollout's token texts are checked instead
+        server = Server(args.teacher_url, "--teacher-url", args.request_timeout, args.retries)
+        teacher_name, teacher_context = server.model(args.teacher_model, "--teacher-model")
+        d.print(f"teacher: {teacher_name!r} served at {server.base}")
     tokenizer = load_tokenizer(args.student)
     pad_id = tokenizer.pad_token_id or 0
     eos = sorted({tokenizer.eos_token_id, *cfg.eos_token_id} - {None})
     prompts, too_long = load_prompts(args.prompts, tokenizer, cfg.max_position_embeddings - args.max_new_tokens,
                                      args.strict, args.chat_template_kwargs)
-    same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher, "the student's", "the teacher scores the student's token ids")
     longest = max(len(p.ids) for p in prompts) + args.max_new_tokens
-    if teacher_cfg.max_position_embeddings < longest:
-        raise UsageError(f"{args.teacher / 'config.json'}: the teacher's context ({teacher_cfg.max_position_embeddings} "
-                         f"tokens) is shorter than the longest prompt plus --max-new-tokens ({longest}): it cannot "
-                         f"score those answers")
+    if server is None:
+        same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.teacher, "the student's",
+                       "the teacher scores the student's token ids")
+        if teacher_cfg.max_position_embeddings < longest:
+            raise UsageError(f"{args.teacher / 'config.json'}: the teacher's context "
+                             f"({teacher_cfg.max_position_embeddings} tokens) is shorter than the longest prompt plus "
+                             f"--max-new-tokens ({longest}): it cannot score those answers")
+    elif teacher_context is not None and teacher_context < longest:
+        raise UsageError(f"{server.base}/models: the teacher server's context ({teacher_context} tokens, its "
+                         f"max_model_len) is shorter than the longest prompt plus --max-new-tokens ({longest}): it "
+                         f"cannot score those answers")
     if too_long:
         d.print(f"{args.prompts}: skipped {len(too_long)} prompt(s) too long for the context with --max-new-tokens "
                 f"(--strict refuses them): {', '.join(too_long[:10])}{' ...' if len(too_long) > 10 else ''}")
@@ -314,12 +351,16 @@ def train(args, d: Dist, stop: dict) -> dict:
     if trainer.start_step % K:
         raise UsageError(f"--updates-per-rollout {K}: the checkpoint is at step {trainer.start_step}, inside a "
                          f"rollout; resume with the --updates-per-rollout it was saved with")
-    # The frozen teacher, split over the mesh the same way, on the same device.
-    teacher = load_model(args.teacher, dtype=args.dtype, dist=d, expert_backend=args.expert_backend, trainable=False)
+    # The frozen teacher, split over the mesh the same way, on the same device (or on its server).
+    teacher = None if server is not None else load_model(args.teacher, dtype=args.dtype, dist=d,
+                                                         expert_backend=args.expert_backend, trainable=False)
+    check_tokens = server is not None  # the server's token texts: checked on this process's first rollout
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
 
     def sample_rollout(index: int) -> Rollout:
-        """1. the current student answers this rollout's prompts (2.-3. once here when several updates share it)."""
+        """1. the current student answers this rollout's prompts (2.-3. once here when several updates share it,
+        or when the teacher is a server)."""
+        nonlocal check_tokens
         picked = step_prompts(len(prompts), index, args.prompts_per_step, args.seed)
         mine = [prompts[i] for i in picked[d.dp_rank * per_rank:(d.dp_rank + 1) * per_rank] for _ in
                 range(args.samples_per_prompt)]
@@ -338,9 +379,14 @@ def train(args, d: Dist, stop: dict) -> dict:
                                            device=d.device))
         examples = [Example(p.ids + toks, len(p.ids)) for p, toks in zip(mine, gen.tokens)]
         teacher_logp = old_logp = None
+        if server is not None:
+            teacher_logp = served_teacher_logprobs(server, teacher_name, examples, args.teacher_concurrency,
+                                                   tokenizer if check_tokens else None)
+            check_tokens = False
         if K > 1 and args.loss == "ppo":
             student.train()
-            teacher_logp, old_logp = score_rollout(student, teacher, examples, gen.routed_ids, args, d, pad_id)
+            scored, old_logp = score_rollout(student, teacher, examples, gen.routed_ids, args, d, pad_id)
+            teacher_logp = scored if server is None else teacher_logp
         return Rollout(index, examples, gen.finished, gen.logprobs, gen.routed_ids, teacher_logp, old_logp,
                        float(tokens) / max(t_sample, 1e-9))
 
@@ -386,7 +432,16 @@ def train(args, d: Dist, stop: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train_opd.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", type=Path, required=True, help="converted (usually SFT'd) student folder")
-    p.add_argument("--teacher", type=Path, required=True, help="the original static model (frozen)")
+    p.add_argument("--teacher", type=Path, help="the original static model (frozen)")
+    p.add_argument("--teacher-url", metavar="URL",
+                   help="instead of --teacher: an OpenAI-compatible server (vLLM, SGLang, zeda's serve.py) serving "
+                        "the teacher with the student's tokenizer, e.g. http://127.0.0.1:8000; it scores the "
+                        "sampled tokens (/v1/completions, echo, max_tokens 0)")
+    p.add_argument("--teacher-model", metavar="NAME",
+                   help="--teacher-url: the model name to ask for (default: the only one the server lists)")
+    p.add_argument("--teacher-concurrency", type=int_range(min=1), default=16,
+                   help="--teacher-url: scoring requests at a time, one sequence each")
+    add_connection_args(p, timeout=600.0)
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL ({'messages': ...} or {'prompt': ...})")
     p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, metrics.jsonl)")
     p.add_argument("--max-steps", type=int_range(min=1), default=321, help="optimizer steps (paper: 321)")
@@ -422,6 +477,15 @@ def parse_args(argv=None):
     p.add_argument("--show-examples", type=int_range(min=1), default=0, metavar="N",
                    help="print the first N prompts as rendered for the student and exit (no training)")
     args = p.parse_args(argv)
+    if (args.teacher is None) == (args.teacher_url is None):
+        p.error("give the teacher as --teacher DIR (in process) or --teacher-url URL (a server), not both"
+                if args.teacher is not None else "one of --teacher (a model folder) or --teacher-url (a URL) is "
+                                                 "required")
+    if args.teacher_url is None and args.teacher_model is not None:
+        p.error("--teacher-model names the model a --teacher-url serves; without --teacher-url there is none")
+    if args.teacher_url is not None and args.loss == "full-reverse-kl":
+        p.error("--loss full-reverse-kl needs the teacher's logits over the whole vocabulary, which a server does "
+                "not send: use --teacher DIR, or --loss ppo")
     args.dtype = getattr(torch, args.dtype)
     return args
 
