@@ -23,7 +23,7 @@ from zeda.divergence import compare_models, divergence_table
 from zeda.data import check_writable
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
-from zeda.flags import int_range
+from zeda.flags import add_compute_args, int_range
 from zeda.loading import load_for_inference, load_tokenizer, same_tokenizer
 from zeda.tasks import FAMILIES, check_heldout_size
 
@@ -42,8 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int_range(min=1), default=32, help="prompts per generation batch (default 32)")
     p.add_argument("--rows", type=int_range(min=0), default=10, help="largest-KL divergences to print (default 10)")
     p.add_argument("--out", default=None, help="write the report as JSON to this file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16")
+    add_compute_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -62,8 +61,8 @@ def main(argv=None) -> int:
         # before any weight is read: a 30B model loads for minutes
         same_tokenizer(load_tokenizer(args.reference), load_tokenizer(args.model), args.model, "the reference's",
                        "answers are compared token by token")
-        reference, tokenizer = load_for_inference(args.reference, args.device, args.dtype)
-        model, _ = load_for_inference(args.model, args.device, args.dtype)
+        reference, tokenizer = load_for_inference(args.reference, args.device, args.dtype, args.expert_backend)
+        model, _ = load_for_inference(args.model, args.device, args.dtype, args.expert_backend)
         report = compare_models(reference, model, tokenizer, items, args.max_new_tokens, args.batch_size,
                                 progress=not args.no_progress)
     except (ZedaError, OSError) as e:

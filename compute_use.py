@@ -24,7 +24,7 @@ from zeda.compute_use import correlations, measure, pick_example, plot, render_h
 from zeda.data import check_writable, write_report
 from zeda.errors import EvaluationError, UsageError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
-from zeda.flags import float_range, int_range
+from zeda.flags import add_compute_args, float_range, int_range
 from zeda.loading import load_for_inference, load_tokenizer, same_tokenizer
 from zeda.tasks import FAMILIES
 
@@ -45,8 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write the correlations as JSON to this file")
     p.add_argument("--png", default=None, help="write the picture of one answer and the entropy relation here")
     p.add_argument("--html", default=None, help="write the coloured example answer as an HTML page here")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16")
+    add_compute_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -85,12 +84,12 @@ def main(argv=None) -> int:
         # before any weight is read: a 30B model loads for minutes
         same_tokenizer(load_tokenizer(args.student), load_tokenizer(args.teacher), args.teacher, "the student's",
                        "the teacher routes the student's answer tokens")
-        student, tokenizer = load_for_inference(args.student, args.device, args.dtype)
+        student, tokenizer = load_for_inference(args.student, args.device, args.dtype, args.expert_backend)
         if not student.config.num_zero_experts:
             raise UsageError(f"--student {args.student}: a static model (no zero experts); it spends K experts on "
                              "every token. Pass a converted checkpoint (convert.py, train_sft.py, train_opd.py)")
         set_routing(student, zero_bias=args.zero_bias)
-        teacher, _ = load_for_inference(args.teacher, args.device, args.dtype)
+        teacher, _ = load_for_inference(args.teacher, args.device, args.dtype, args.expert_backend)
         answers = measure(student, teacher, tokenizer, items, args.max_new_tokens, args.batch_size,
                           progress=not args.no_progress)
         report = correlations(answers, student.config)

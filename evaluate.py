@@ -48,9 +48,9 @@ from zeda.config import ModelConfig
 from zeda.data import check_writable, compile_answer_regex
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary_table, write_json_report
-from zeda.flags import add_chat_template_kwargs, float_range, int_range
+from zeda.flags import add_chat_template_kwargs, add_compute_args, float_range, int_range
 from zeda.sampling import SamplingParams
-from zeda.loading import EXPERT_BACKENDS, load_for_inference
+from zeda.loading import load_for_inference
 from zeda.tasks import FAMILIES, check_heldout_size
 
 
@@ -78,11 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "settings are chosen on (tasks.heldout)")
     p.add_argument("--task-seed", type=int_range(min=0), default=0,
                    help="seed that draws the test items (default 0: every model sees the same items)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
-    p.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS,
-                   help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")
+    add_compute_args(p)
     p.add_argument("--routing", default="native",
                    help="native (the model's own), or a training-free baseline: topk:K' keeps the K' highest-weighted "
                         "of the K slots, topp:P keeps slots until their normalised cumulative weight reaches P; "

@@ -31,10 +31,10 @@ from zeda.baselines import set_routing
 from zeda.compute_use import render_terminal, token_pieces
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
-from zeda.flags import add_chat_template_kwargs, float_range, int_range
+from zeda.flags import add_chat_template_kwargs, add_compute_args, float_range, int_range
 from zeda.flops import flop_report
 from zeda.generation import Generation, generate
-from zeda.loading import EXPERT_BACKENDS, load_for_inference
+from zeda.loading import load_for_inference
 from zeda.sampling import SamplingParams, add_sampling_args, sampling_from_args
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3_moe_teacher"
@@ -110,11 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="generation limit per answer (default 256)")
     p.add_argument("--seed", type=int_range(min=0), default=None,
                    help="sampling seed (answer i uses seed + i; default: random)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16 or float16")
-    p.add_argument("--expert-backend", default="auto", choices=EXPERT_BACKENDS,
-                   help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")
+    add_compute_args(p)
     p.add_argument("--zero-bias", type=float_range(), default=0.0,
                    help="added to every zero-expert router logit: a converted model's compute dial, more zero "
                         "experts (cheaper) above 0, fewer below (default 0: as trained)")

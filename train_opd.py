@@ -35,7 +35,6 @@ naming the step.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 import zeda
-from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages
+from zeda.data import Example, collate, encode_chats, iter_records, prompt_messages, step_indices
 from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
@@ -101,16 +100,6 @@ def show_prompts(args) -> int:
         print(f"--- prompt {i}: {len(e.ids)} tokens; the student answers after it")
         print(tokenizer.decode(e.ids, skip_special_tokens=False))
     return 0
-
-
-def step_prompts(n: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Prompt indices for `step`: epochs are seeded shuffles, so any step can be recomputed on resume."""
-    per_epoch = max(1, n // per_step)
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    picked = order[k * per_step:(k + 1) * per_step]
-    return picked if len(picked) == per_step else (picked + order)[:per_step]
 
 
 def align(values, examples: list[Example], shape, device=None) -> torch.Tensor:
@@ -361,7 +350,7 @@ def train(args, d: Dist, stop: dict) -> dict:
         """1. the current student answers this rollout's prompts (2.-3. once here when several updates share it,
         or when the teacher is a server)."""
         nonlocal check_tokens
-        picked = step_prompts(len(prompts), index, args.prompts_per_step, args.seed)
+        picked = step_indices(len(prompts), index, args.prompts_per_step, args.seed)
         mine = [prompts[i] for i in picked[d.dp_rank * per_rank:(d.dp_rank + 1) * per_rank] for _ in
                 range(args.samples_per_prompt)]
         t0 = time.time()

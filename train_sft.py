@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 
 import zeda
 from zeda.baselines import parse_routing, set_routing
-from zeda.data import Example, collate, encode_conversations, iter_records, messages_of
+from zeda.data import Example, collate, encode_conversations, iter_records, messages_of, step_indices
 from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
@@ -146,16 +145,6 @@ def show_examples(args) -> int:
     return 0
 
 
-def global_batch_indices(n: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """The example indices of global batch `step`: epochs are seeded shuffles, so any step can be recomputed
-    (this is what makes --resume continue with the same data order)."""
-    per_epoch = n // global_batch
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * global_batch:(k + 1) * global_batch]
-
-
 def micro_batches(examples, indices: list[int], micro: int, d: Dist):
     """This rank's micro-batches: the global batch sorted by length, cut into micro-batches taken in turn."""
     ordered = sorted(indices, key=lambda i: len(examples[i].ids))
@@ -249,7 +238,7 @@ def train(args, d: Dist, stop: dict) -> dict:
     pad_id = tokenizer.pad_token_id or 0
 
     def step_fn(step: int) -> dict:
-        indices = global_batch_indices(len(examples), step, G, args.seed)
+        indices = step_indices(len(examples), step, G, args.seed)
         return sft_step(model, micro_batches(examples, indices, micro, d), args, d, pad_id)
 
     return trainer.run(step_fn, lambda step: lr_at(step, total_steps, args.lr, warmup, "cosine"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
 import stat
 import sys
@@ -453,6 +454,18 @@ def unmatchable_reference(reference: str) -> str | None:
 
 # ----------------------------------------------------------------------------------------------
 # Training batches
+
+
+def step_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The indices of `step`'s batch of `per_step` among n examples (SFT's global batches, OPD's prompts): epochs
+    are seeded shuffles, so any step can be recomputed (what makes --resume continue with the same data order).
+    With fewer than per_step examples the batch wraps around the shuffle."""
+    per_epoch = max(1, n // per_step)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    picked = order[k * per_step:(k + 1) * per_step]
+    return picked if len(picked) == per_step else (picked + order)[:per_step]
 
 
 @dataclass

@@ -5,7 +5,8 @@ message that names the flag (argparse prints `argument --lr: must be > 0, got -1
     p.add_argument("--batch-size", type=int_range(min=1), default=32, help="prompts per batch")
 
 Floats must also be finite: `nan` compares false with every bound, so without the check it slips through.
-add_chat_template_kwargs(p) adds --chat-template-kwargs JSON, parsed once into a dict for apply_chat_template.
+add_chat_template_kwargs(p) adds --chat-template-kwargs JSON, parsed once into a dict for apply_chat_template;
+add_compute_args(p) adds where a model runs (--device, --dtype, --expert-backend), the same in every script.
 """
 
 from __future__ import annotations
@@ -83,3 +84,19 @@ def add_chat_template_kwargs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template-kwargs", type=chat_template_kwargs, default={}, metavar="JSON",
                    help="variables for the model's chat template, as a JSON object, e.g. '{\"enable_thinking\": "
                         "false}' for Qwen3 (default: none)")
+
+
+# What --expert-backend takes: auto, or one of zeda/moe.py:BACKENDS (zeda/loading.py:resolve_backend picks for auto).
+EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
+
+
+def add_compute_args(p: argparse.ArgumentParser, dtype: str = "auto", expert_backend: str = "auto",
+                     dtypes: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")) -> None:
+    """--device, --dtype and --expert-backend: where and how a script runs its model. Inference defaults to
+    auto (cuda + bfloat16 when there is a GPU, else cpu + float32); the trainers pass their own defaults."""
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=dtype, choices=dtypes,
+                   help="compute dtype (auto: bfloat16 on cuda, float32 on cpu)" if dtype == "auto" else
+                   "compute dtype; the optimizer always steps fp32 masters (zeda/precision.py)")
+    p.add_argument("--expert-backend", default=expert_backend, choices=EXPERT_BACKENDS,
+                   help="routed-expert implementation (auto: grouped_mm when the shapes allow it, else loop)")

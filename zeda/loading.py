@@ -24,12 +24,12 @@ from zeda.config import ModelConfig
 from zeda.device import pick_device, resolve_dtype
 from zeda.distributed import Dist
 from zeda.errors import ConfigError, UsageError
+from zeda.flags import EXPERT_BACKENDS
 from zeda.expert_parallel import apply_expert_parallel, mark_expert_shards
 from zeda.model import CausalLM
 from zeda.sharding import apply_activation_checkpointing, apply_fsdp
 from zeda.tensor_parallel import apply_tensor_parallel
 
-EXPERT_BACKENDS = ("auto", "loop", "grouped_mm", "triton")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

@@ -40,7 +40,7 @@ from zeda.checkpoint import (STATE_FILE, latest_checkpoint, load_optimizer_state
 from zeda.data import check_writable, write_text_atomic
 from zeda.distributed import Dist, init_distributed, shutdown
 from zeda.errors import UsageError, ZedaError
-from zeda.flags import float_range, int_range
+from zeda.flags import add_compute_args, float_range, int_range
 from zeda.loading import load_model
 from zeda.optim import make_optimizer, set_lr
 from zeda.precision import MasterWeights
@@ -288,11 +288,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="--resume even where settings (lr, batch, seed, data, ...) differ from the run's")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype; the optimizer always steps fp32 masters (zeda/precision.py)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--expert-backend", default="grouped_mm", choices=["auto", "loop", "grouped_mm", "triton"],
-                   help="routed-expert implementation")
+    add_compute_args(p, dtype="float32", expert_backend="grouped_mm", dtypes=("float32", "bfloat16"))
     p.add_argument("--dp", type=int_range(min=0), default=0, help="data-parallel size (0: world size / --tp)")
     p.add_argument("--tp", type=int_range(min=1), default=1, help="tensor-parallel size (attention heads, dense MLPs)")
     p.add_argument("--ep", type=int_range(min=1), default=1, help="expert-parallel size (splits the routed experts)")
