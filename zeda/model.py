@@ -11,7 +11,9 @@ What is special here:
   torch.compile needs; without it the cache is filled in order and read up to what is filled. MLA caches the
   expanded keys and values (simple; caching the latent would save memory and is left for the serving work).
 - `forward(..., routing=list)` collects each MoE layer's RouterOutput for statistics and the Group
-  Auxiliary Loss, without hidden state on the modules.
+  Auxiliary Loss. Each MoE block keeps its last RouterOutput in `last_routing` only until this forward collects
+  it and clears it (an attribute rather than a list argument: FSDP2 may copy arguments, and activation
+  checkpointing re-runs a block's forward in backward).
 - `forward(..., targets=ids)` returns the log-probability of each target token instead of logits, computed a
   chunk of tokens at a time and recomputed in backward (target_logprobs): the losses never hold [B, T, V]
   logits, which at V = 151,936 and T = 32k would be ~20 GB per sequence in fp32; token_logprobs scores given

@@ -40,7 +40,7 @@ from zeda.generation import generate
 from zeda.remote import Answer, RemoteError, Server, chat_answer, completion_answer, request_seed, unordered_map
 from zeda.sampling import SamplingParams
 
-KEY_RE = re.compile(r"[0-9a-f]{16}:\d+")  # the id of a line written by this version: "<prompt hash>:<sample>"
+KEY_RE = re.compile(r"[0-9a-f]{16}:\d+")  # the id of a line rollout.py writes: "<prompt hash>:<sample>"
 
 
 def prompt_hash(messages: list[dict]) -> str:
@@ -51,11 +51,11 @@ def prompt_hash(messages: list[dict]) -> str:
 
 def done_keys(path: Path) -> set[str]:
     """The "<prompt hash>:<sample>" keys of the complete lines already written (a torn last line does not count).
-    An older line without such an id is keyed by its own prompt messages, with the next sample index free for
-    that prompt."""
+    A line without such an id (a rollout file another tool wrote, in the authors' format) is keyed by its own
+    prompt messages, with the next sample index free for that prompt."""
     if not path.exists():
         return set()
-    keys, legacy = set(), []
+    keys, unkeyed = set(), []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.endswith(b"\n"):
@@ -72,8 +72,8 @@ def done_keys(path: Path) -> set[str]:
             if isinstance(rid, str) and KEY_RE.fullmatch(rid):
                 keys.add(rid)
             else:
-                legacy.append(prompt_hash(prompt_messages(record, path, lineno)))
-    for digest in legacy:
+                unkeyed.append(prompt_hash(prompt_messages(record, path, lineno)))
+    for digest in unkeyed:
         sample = 0
         while f"{digest}:{sample}" in keys:
             sample += 1
