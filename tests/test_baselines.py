@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 import evaluate
 import zeda
-from zeda.baselines import parse_routing, set_routing
+from zeda.baselines import keep_slots, parse_routing, routing_variant, set_routing
 from zeda.config import ModelConfig
 from zeda.errors import UsageError
 from zeda.flops import expert_flops_per_slot, flop_report, routing_stats
-from zeda.moe import Router, keep_slots, routed_experts_forward
+from zeda.moe import Router, routed_experts_forward
 from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
 from zeda.tokenizer import save_tokenizer
 
@@ -48,7 +48,7 @@ def test_topk_keeps_the_k_highest_weighted_and_renormalises(model_type, k, seed)
     r = router(model_type, seed=seed)
     x = torch.randn(16, r.weight.shape[1], generator=torch.Generator().manual_seed(seed))
     raw, ids = raw_weights(r, x)
-    r.keep_rule = ("topk", k)
+    routing_variant(r).keep_rule = ("topk", k)
     out = r(x)
     E = r.weight.shape[0]
     for t in range(x.shape[0]):
@@ -89,7 +89,7 @@ def test_skipped_slots_never_reach_a_gemm_and_cost_nothing():
     cfg_hf = tiny_hf_config("qwen3_moe", num_experts_per_tok=4).to_dict()
     cfg = ModelConfig.from_hf_config(cfg_hf)
     r = router("qwen3_moe")
-    r.keep_rule = ("topk", 2)
+    routing_variant(r).keep_rule = ("topk", 2)
     N, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
     gate, up, down = torch.randn(N, I, H), torch.randn(N, I, H), torch.randn(N, H, I)
     x = torch.randn(10, H)
@@ -159,7 +159,7 @@ def test_each_tokens_zero_slots_never_fall_as_the_bias_rises(seed, low, step):
         x = torch.randn(12, r.weight.shape[1], generator=torch.Generator().manual_seed(seed))
         counts = []
         for bias in (low, low + step):
-            r.zero_bias = bias
+            routing_variant(r).zero_bias = bias
             counts.append((r(x).ids_TK >= r.num_experts).sum(-1))
         assert bool((counts[1] >= counts[0]).all())
 

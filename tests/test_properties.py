@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from zeda.baselines import routing_variant
 from zeda.config import ModelConfig
 from zeda.flops import attended_keys, attention_score_flops_per_key, flop_report, routing_stats
 from zeda.loading import empty_model, materialize
@@ -95,7 +96,7 @@ def test_zero_experts_contribute_exactly_zero_through_the_moe_block(arch, N, Z, 
     forced_BTK = torch.full((1, T, K), -1, dtype=torch.long)
     forced_T = torch.rand(T, generator=g) < 0.4
     forced_BTK[0, forced_T] = torch.randint(N, N + Z, (int(forced_T.sum()), K), generator=g)
-    moe.gate.zero_bias = zero_bias  # large: the router itself picks zero experts for most slots
+    routing_variant(moe.gate).zero_bias = zero_bias  # large: the router itself picks zero experts for most slots
     shared_TH = moe.shared_experts(x_TH) if moe.shared_experts is not None else torch.zeros_like(x_TH)
     reference = None
     for backend in backends():
@@ -127,7 +128,7 @@ def test_flop_report_equals_what_the_forward_executes(arch, N, Z, K, H, I, layer
     cfg = model.config
     for block in model.model.layers:
         if block.is_moe:
-            block.mlp.gate.zero_bias = zero_bias  # from no zero slots (-50) to almost all (50)
+            routing_variant(block.mlp.gate).zero_bias = zero_bias  # from no zero slots (-50) to almost all (50)
     model.set_expert_backend("loop")  # one matmul per expert on exactly its rows: what FlopCounterMode can see
     ids_BT = torch.randint(cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
     routing = []

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from zeda.baselines import use_adamoe_routing
 from zeda.checkpoint import load_weights
 from zeda.config import ModelConfig
 from zeda.device import pick_device, resolve_dtype
@@ -50,6 +51,8 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> CausalL
     materialize."""
     with torch.device("meta"):
         model = CausalLM(cfg)
+    if cfg.zero_normalization == "adamoe":  # the AdaMoE baseline's checkpoint (zeda/baselines.py)
+        use_adamoe_routing(model)
     return model.to(dtype)
 
 

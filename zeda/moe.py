@@ -52,13 +52,8 @@ class Router(nn.Module):
     routed to exactly those experts -- the ones the sampler chose -- while its weights are still the current
     scores at those ids (normalised as above), so the router keeps its gradient. -1 lets the router choose.
 
-    Two inference-time knobs (zeda/baselines.py sets them; training never does):
-    zero_bias   added to the zero-expert logits before scoring: one trained model moves along the
-                accuracy-compute frontier without retraining (0: the exact trained routing).
-    keep_rule   a training-free baseline on the K chosen slots: ("topk", k') keeps the k' highest-weighted,
-                ("topp", p) keeps slots in descending weight until their normalised cumulative weight reaches
-                p (at least one). Kept weights are renormalised by the model's own rule; a skipped slot gets
-                id E (one past the last router output) and weight 0, and costs nothing, as a zero slot does.
+    The baselines ZEDA is compared with and its compute dial (zeda/baselines.py) are not part of this class:
+    they subclass it and override its two hooks, adjust_logits and adjust_slots, which here change nothing.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -69,9 +64,6 @@ class Router(nn.Module):
         self.norm_topk_prob = cfg.norm_topk_prob
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.use_zce_mask = cfg.use_zce_mask
-        self.renormalize_real = cfg.zero_normalization == "adamoe"  # the AdaMoE baseline (config.py)
-        self.zero_bias = 0.0
-        self.keep_rule: tuple[str, float] | None = None
         self.weight = nn.Parameter(torch.empty(cfg.num_router_outputs, cfg.hidden_size))  # [E, H]
         if self.scoring == "sigmoid":
             # Selection-only bias, fp32 and never trained (DeepSeek-style aux-free balancing state).
@@ -85,10 +77,8 @@ class Router(nn.Module):
             logits_TE = F.pad(real_TN, (0, self.weight.shape[0] - self.num_experts), value=float("-inf"))
             scored_TE = real_TN
         else:
-            logits_TE = scored_TE = F.linear(x_TH.float(), self.weight.float())  # [T, E]
-            if self.zero_bias:  # the inference-time dial; 0 leaves the computation untouched, bit for bit
-                scored_TE = torch.cat([scored_TE[:, : self.num_experts], scored_TE[:, self.num_experts:]
-                                       + self.zero_bias], dim=-1)
+            logits_TE = F.linear(x_TH.float(), self.weight.float())  # [T, E]
+            scored_TE = self.adjust_logits(logits_TE)
         if self.scoring == "softmax":
             probs_TE = scored_TE.softmax(dim=-1)
             raw_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)  # [T, K]
@@ -104,13 +94,7 @@ class Router(nn.Module):
             ids_TK = torch.where(replay_T1, forced_ids_TK.to(ids_TK.dtype), ids_TK)
             # a gather at the router's own ids is its top-K values bit for bit: rows not replayed are unchanged
             raw_TK = (probs_TE if self.scoring == "softmax" else scores_TE).gather(1, ids_TK)
-        if self.keep_rule is not None:
-            keep_TK = keep_slots(raw_TK, *self.keep_rule)
-            raw_TK = raw_TK * keep_TK
-            ids_TK = torch.where(keep_TK, ids_TK, scored_TE.shape[1])  # id E: skipped, costs nothing
-        if self.renormalize_real:  # AdaMoE: null slots carry no weight, the real ones share all of it
-            raw_TK = raw_TK * (ids_TK < self.num_experts)
-            eps = max(eps, 1e-20)  # a token whose K slots are all null gets all-zero weights, not NaN
+        raw_TK, ids_TK, eps = self.adjust_slots(raw_TK, ids_TK, eps)
         weights_TK = raw_TK
         if self.norm_topk_prob:  # ZEDA: zero slots stay in the sum, real experts are not renormalised (§2)
             weights_TK = raw_TK / (raw_TK.sum(dim=-1, keepdim=True) + eps)
@@ -118,22 +102,14 @@ class Router(nn.Module):
             weights_TK = weights_TK * self.routed_scaling_factor
         return RouterOutput(weights_TK, ids_TK, logits_TE)
 
+    # Where zeda/baselines.py:RoutingVariant plugs in; the method routes as computed.
+    def adjust_logits(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """The logits that choose and weight the experts ([T, E]); the method uses them as they are."""
+        return logits_TE
 
-def keep_slots(weights_TK: torch.Tensor, rule: str, value: float) -> torch.Tensor:
-    """[T, K] bool: the slots a training-free routing rule keeps. topk: the `value` highest-weighted of the K;
-    topp: in descending weight until the normalised cumulative weight reaches `value` (the slot that crosses it
-    is kept, so at least one always is)."""
-    order_TK = weights_TK.argsort(dim=-1, descending=True, stable=True)
-    if rule == "topk":
-        keep_sorted_TK = torch.arange(weights_TK.shape[1], device=weights_TK.device) < int(value)
-        keep_sorted_TK = keep_sorted_TK.expand_as(weights_TK)
-    elif rule == "topp":
-        sorted_TK = weights_TK.gather(1, order_TK)
-        share_TK = sorted_TK / sorted_TK.sum(dim=-1, keepdim=True)
-        keep_sorted_TK = (share_TK.cumsum(dim=-1) - share_TK) < value  # mass before this slot is short of p
-    else:
-        raise UsageError(f"unknown routing rule {rule!r}; choose topk or topp")
-    return torch.zeros_like(keep_sorted_TK).scatter(1, order_TK, keep_sorted_TK)
+    def adjust_slots(self, raw_TK: torch.Tensor, ids_TK: torch.Tensor, eps: float):
+        """The K chosen slots' unnormalised weights and ids (and the normaliser's epsilon); the method keeps them."""
+        return raw_TK, ids_TK, eps
 
 
 class DispatchPlan(NamedTuple):
