@@ -1,22 +1,26 @@
 """Training-step speed: one forward + backward of next-token cross-entropy, zeda against transformers, and
 zeda's converted (zero-expert) model against the static one.
 
-    python bench/train_step.py                                    # both teachers + 1-layer real widths, fp32 (< 10 min)
-    python bench/train_step.py --configs qwen_real --real-layers 2 --dtype bfloat16 --json /tmp/train_step.json
-    python bench/train_step.py --configs qwen_teacher --hf-experts eager,batched_mm,grouped_mm --profile 15
-    python bench/train_step.py --smoke                            # seconds: both teachers, a tiny batch (the test)
+    python bench/train_step.py                                   # teachers + 1-layer real widths, fp32 (4-9 min)
+    python bench/train_step.py --threads 1 --profile 15 --json /tmp/train_step.json       # + top ops per model
+    python bench/train_step.py --configs qwen_real,glm_real --real-batch 8 --reuse-freed-memory --dtype bfloat16
+    python bench/train_step.py --configs qwen_teacher --hf-experts eager,batched_mm,grouped_mm
+    python bench/train_step.py --smoke                           # seconds: both teachers, a tiny batch (the test)
 
 One step: loss = mean next-token cross-entropy over the B*T tokens of a batch, then loss.backward(); no optimizer,
-no Group Auxiliary Loss. Gradients are set to None before each step (as after an optimizer step), outside the
-clock. tokens/s = B*T over the median wall time of --repeats steps, after --warmup untimed ones; on each repeat
-every row of a config runs once in turn, so that load from other jobs on the machine hits them alike.
+no Group Auxiliary Loss. Gradients are dropped before and after each step (as after an optimizer step), outside
+the clock. tokens/s = B*T over the median wall time of --repeats steps, after --warmup untimed ones; on each
+repeat every row of a config runs once in turn, so that load from other jobs on the machine hits them alike.
 
 Rows of a config (`model / impl / head`):
   transformers   Qwen3MoeForCausalLM / Glm4MoeLiteForCausalLM from the static folder, attn_implementation="sdpa",
-                 experts_implementation from --hf-experts (transformers picks "grouped_mm" by default where
-                 torch._grouped_mm runs, which on CPU is torch >= 2.9; "batched_mm" gathers one [2I, H] weight per
-                 slot, "eager" loops over the experts hit); head "logits": F.cross_entropy(logits.float()), which
-                 is what transformers' ForCausalLMLoss computes.
+                 experts_implementation from --hf-experts. transformers 5 picks "grouped_mm" by default wherever
+                 torch._grouped_mm runs (on CPU: torch >= 2.9), and it is its fastest on CPU here: "eager" (a
+                 Python loop over the experts hit) ties it on the toy teachers but indexes the 3D weights per
+                 expert, so its backward builds a full-size gradient per expert (~40x slower at real widths);
+                 "batched_mm" gathers a [2I, H] weight per slot (14-28x slower on the teachers, ~100 GB at real
+                 widths, refused there). Head "logits": F.cross_entropy(logits.float()), which is what
+                 transformers' ForCausalLMLoss computes.
   zeda static    zeda.loading.load_model on the same folder, expert backends --backends ("auto" picks grouped_mm
                  where H and I are 16-byte aligned, else loop; marked "*"), and head "chunked": model(x, targets=y)
                  -> zeda/model.py:target_logprobs -> zeda.losses.response_cross_entropy, as the trainers compute it,
@@ -25,20 +29,29 @@ Rows of a config (`model / impl / head`):
                  (zeda/baselines.py's dial) set so that about --zero-share of the slots go to zero experts;
                  `zero` is the share measured on the benchmark's own batch.
 
-Columns: tok/s; `x hf`: tok/s over transformers' on the same config; `dyn/st`: a dynamic row over the static row
-with the same backend and head. `loss` is the first step's: on the static model every row computes the same
-function of the same weights, so its loss must equal transformers' (fp32: within ~1e-5; `d loss` is the gap).
+Columns: tok/s; `x hf`: over transformers' on the same config; `dyn/st`: a dynamic row over the static row with
+the same backend and head; the same three per CPU second of this process (robust to other jobs taking the CPU);
+GF/s: 3x the forward's matmul FLOPs (zeda/flops.py) per wall second. `loss` is the first step's: on the static
+model every row computes the same function of the same weights, so its loss must equal transformers' (fp32:
+within ~1e-6; `d loss` is the gap; in bf16 transformers routes in bf16 and zeda in fp32, so they differ). Each
+config also prints its FLOP ceiling: what dyn/st would be if time followed the FLOPs (the experts' share of the
+static model's FLOPs sets it: ~1.33 at 50% zero slots for one Qwen3-30B-A3B layer with an 8192 vocabulary).
 
 Configs: qwen_teacher and glm_teacher are the shipped toy teachers (assets/), fed packed chat-templated training
 text. qwen_real and glm_real have the published widths of Qwen3-30B-A3B and GLM-4.7-Flash (bench/real_shape.py's
 configs and random bf16 checkpoint writer) with --real-layers decoder layers, all of them MoE (GLM-4.7-Flash's
 first layer is dense; it is left out so that each layer measured is a MoE one), a --real-vocab vocabulary (the
-published one is 151936; at 1-2 layers its head would dominate the step, at 48 layers it is ~3% of the FLOPs)
-and random token ids. Real-width models are loaded one at a time (a 1-layer fp32 model and its gradients take
-~5 GB), teacher models all at once.
+published ~152k would make the head ~85% of a 1-layer step's FLOPs; at 48 layers it is ~10%) and random
+token ids. Memory: at real widths a 1-layer fp32 model and its gradients take ~5 GB, so the converted model
+serves the static rows too, with its zero experts masked (use_zce_mask: exactly the static model, and its loss
+is checked against transformers' on the static folder), and transformers' model is loaded beside it only when
+both fit in 70% of the free memory (else one after the other). Teachers: three models at once.
 
---profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend, chunked head)
-under torch.profiler; prints and stores the N ops with the most self CPU time.
+Small batches on CPU are far from FLOP-bound at real widths: every step writes (and first page-faults, then
+zeroes) a full [N, I, H] gradient per expert tensor whatever the rows, ~20% of the CPU time at 1024 tokens
+(--reuse-freed-memory keeps glibc from returning those pages), so dyn/st needs thousands of tokens to approach
+its ceiling. --profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend,
+chunked head) under torch.profiler; prints and stores the N ops with the most self CPU time.
 """
 
 from __future__ import annotations
