@@ -387,11 +387,10 @@ def report(args, teacher: Path, out: Path, points: list[Point], seconds: float, 
     for p in points:
         f = out / "evals" / f"{p.name}.json"
         if f.exists():
+            evaluation = read_json(f, "evaluation")  # refuses a file that is not JSON, naming it
             try:
-                rows[p.name] = summary_row(p, read_json(f, "evaluation"))
+                rows[p.name] = summary_row(p, evaluation)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                if isinstance(e, DataError):
-                    raise
                 raise DataError(f"{f}: damaged evaluation (no usable {e}); remove it to measure that point "
                                 f"again") from None
     if not rows:

@@ -274,7 +274,6 @@ def main(argv=None) -> int:
         report["real_widths"] = bench_real_widths(args)
     log("\n" + summary(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, report)
         log(f"wrote {args.json}")
     return 0

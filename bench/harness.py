@@ -52,7 +52,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -63,8 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.serve_load import Server, free_port  # noqa: E402
 from zeda import tasks  # noqa: E402
-from zeda.evaluation import suite_items  # noqa: E402
+from zeda.evaluation import suite_items, write_json_atomic  # noqa: E402
 from zeda.flags import int_range  # noqa: E402
 from zeda.tasks import ANSWER_PREFIX  # noqa: E402
 
@@ -78,7 +78,6 @@ LL_TASK = "zeda_math_ll"
 # the space, and on a line holding "Answer:" twice keeps both.
 ANSWER_REGEX = r"(?s:.*)Answer:([^\n]*)"
 SERVED_NAME = "zeda"  # the server's model name, which lm-eval sends back
-STARTUP_S = 180  # a server not answering /health by then is reported as failed
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -283,49 +282,6 @@ def zeda_loglikelihoods(model_dir: Path, records: list[dict], device: str = "cpu
     return lls
 
 
-class Server:
-    """serve.py --port as a subprocess: started, waited for, stopped; its output kept in a log file."""
-
-    def __init__(self, model: Path, log: Path, max_batch_size: int, max_queue: int, device: str):
-        import socket
-
-        with socket.create_server(("127.0.0.1", 0)) as s:
-            self.port = s.getsockname()[1]
-        self.log = open(log, "w")
-        self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "serve.py", "--model", str(model), "--port", str(self.port), "--served-model-name",
-             SERVED_NAME, "--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue), "--dtype", "float32",
-             "--device", device],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE})
-
-    def wait_ready(self) -> float:
-        import http.client
-
-        while time.monotonic() - self.t0 < STARTUP_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited with code {self.proc.returncode}: see {self.log.name}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return time.monotonic() - self.t0
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"serve.py not answering /health after {STARTUP_S} s: see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 def run_lm_eval(model_type: str, model_args: str, tasks: list[str], tasks_dir: Path, out: Path, batch_size: int,
                 log: Path, device: str) -> dict:
     """One lm_eval run: {"seconds", "results": {task: metrics}, "samples": {task: [per-doc record, doc order]}}."""
@@ -394,9 +350,16 @@ def measure(model: Path, label: str, args, tasks_dir: Path, records: dict, work:
     # every prompt of every concurrent request must fit in the queue: a 503 fails lm_eval's run (max_retries=1, so
     # that a refusal is reported, not retried away)
     max_queue = max(64, args.concurrent * args.ll_batch_size)
-    server = Server(model, work / f"{slug}-serve.log", args.max_batch_size, max_queue, args.device)
+    port = free_port()
+    server = Server("zeda serve.py", [sys.executable, "serve.py", "--model", str(model), "--port", str(port),
+                                      "--served-model-name", SERVED_NAME, "--max-batch-size", str(args.max_batch_size),
+                                      "--max-queue", str(max_queue), "--dtype", "float32", "--device", args.device],
+                    port, SERVED_NAME, env=OFFLINE, log_path=work / f"{slug}-serve.log")
     try:
-        startup = server.wait_ready()
+        why = server.wait_ready()
+        if why is not None:
+            raise RuntimeError(f"serve.py {why} (log: {server.log.name})")
+        startup = server.started_s
         base = f"http://127.0.0.1:{server.port}/v1"
         # the chat path sends messages (the server applies the template); the completions path sends token ids of
         # the context lm-eval renders with the folder's own tokenizer, so it must know the real context length
@@ -563,8 +526,7 @@ def main(argv=None) -> int:
                   "settings": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list)
                                else v) for k, v in vars(args).items()},
                   "answer_regex": ANSWER_REGEX, "runs": runs}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.json, report)  # a temporary file renamed into place
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -69,11 +69,15 @@ def health_ok(port: int) -> bool:
 
 
 class Server:
-    """A server subprocess: started, waited for, stopped; its stderr kept in a file for the report."""
+    """A server subprocess: started, waited for, stopped; its output kept in a file for the report (a temporary
+    one removed at stop, or `log_path`, kept)."""
 
-    def __init__(self, name: str, argv: list[str], port: int, model_name: str, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], port: int, model_name: str, env: dict | None = None,
+                 log_path: Path | None = None):
         self.name, self.argv, self.port, self.model_name = name, argv, port, model_name
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve_load-", suffix=".log", delete=False)
+        self.keep_log = log_path is not None
+        self.log = (open(log_path, "w+") if self.keep_log
+                    else tempfile.NamedTemporaryFile("w+", prefix="serve_load-", suffix=".log", delete=False))
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         self.started_s: float | None = None
@@ -104,7 +108,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        os.unlink(self.log.name)
+        if not self.keep_log:
+            os.unlink(self.log.name)
 
 
 def start_zeda(model: Path, clients: int, threads: int) -> Server:

@@ -531,7 +531,6 @@ def main(argv=None) -> int:
     if args.profile:
         log(profile_text(report["profiles"]))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, report)
         log(f"wrote {args.json}")
     return 0

@@ -220,8 +220,12 @@ def umask_file_mode() -> int:
     """The mode open() gives a new file under the process's umask (0644 under the usual 022). tempfile and
     safetensors create 0600 files, which would make every report and weight file private while config files
     are 0644."""
-    umask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
-    os.umask(umask)
+    try:  # Linux reports it without changing it
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0)  # elsewhere, reading it means setting it; put it straight back
+        os.umask(umask)
     return 0o666 & ~umask
 
 
