@@ -259,3 +259,20 @@ def test_a_static_student_needs_a_rule(converted, tmp_path, capsys):
     code = train_sft.main(["--student", str(converted / "static"), "--rollouts", str(rollouts), "--out",
                            str(tmp_path / "o"), "--global-batch-size", "2", "--micro-batch-size", "2"])
     assert code == 2 and "not a converted checkpoint" in capsys.readouterr().err
+
+
+def test_a_routing_baseline_trains_under_fsdp2_on_two_ranks_in_bf16(tmp_path):
+    """The static top-k' fine-tune on the real path: two gloo ranks, FSDP2 (which wraps the router in a class of
+    its own before --routing turns it into a RoutingVariant), bf16 compute with fp32 masters. Every step keeps
+    exactly k' of the K slots."""
+    from conftest import tiny_sft_setup, torchrun
+
+    d = tiny_sft_setup(tmp_path)
+    out = tmp_path / "out"
+    torchrun("train_sft.py", "--student", str(d / "teacher"), "--rollouts", str(d / "r.jsonl"), "--out", str(out),
+             "--routing", "topk:1", "--fsdp", "--dtype", "bfloat16", "--device", "cpu", "--max-steps", "2",
+             "--global-batch-size", "4", "--micro-batch-size", "2", "--keep-unfinished")
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    K = ModelConfig.from_hf_config(d / "teacher").num_experts_per_tok
+    assert len(steps) == 2 and all(s["zero_ratio"] == pytest.approx(1 - 1 / K) for s in steps)
+    assert (out / "final" / "config.json").exists()
