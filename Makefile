@@ -24,8 +24,8 @@ test: install
 # The accuracy-compute frontier of both shipped teachers (about an hour each on a 2-core CPU; resumable).
 frontier: install
 	$(PY) -m pip install -q -e '.[plot]'
-	$(PY) frontier.py --arch qwen3_moe
-	$(PY) frontier.py --arch glm4_moe_lite
+	$(PY) experiments/frontier.py --arch qwen3_moe
+	$(PY) experiments/frontier.py --arch glm4_moe_lite
 
 bench: install
 	$(PY) bench/convert_memory.py

@@ -6,7 +6,7 @@
     python evaluate.py --model assets/qwen3_moe_teacher --routing topk:2     # a training-free baseline
     python evaluate.py --model runs/pipeline/opd/final --zero-bias 1.0        # the compute dial of a ZEDA model
 
-Runs the test split of the task suite (zeda/tasks.py; greedy, 300 items per family by default; --split heldout
+Runs the test split of the task suite (zeda_toy/tasks.py; greedy, 300 items per family by default; --split heldout
 for the held-out slice of the train split) and/or a local benchmark JSONL ({"messages": [...], "answer": "..."}
 per line), with the model's own tokenizer and chat template, and prints a summary table. --out writes the report
 as JSON (atomically); its top-level fields:
@@ -51,7 +51,7 @@ from zeda.evaluation import EVAL_SPLITS, check_families, evaluate_model, summary
 from zeda.flags import add_chat_template_kwargs, add_compute_args, float_range, int_range
 from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
-from zeda.tasks import FAMILIES, check_heldout_size
+from zeda_toy.tasks import FAMILIES, check_heldout_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:

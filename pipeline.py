@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.config import ModelConfig
 from zeda.data import check_writable
 from zeda.errors import ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, write_json_report
 from zeda.flags import float_range, int_range
 from zeda.sampling import add_sampling_args
-from zeda.stages import SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
+from zeda_toy.stages import SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
 
 ROOT = Path(__file__).resolve().parent
 TEACHERS = SHIPPED_TEACHERS
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     teacher = args.teacher or TEACHERS[args.arch]
     if not (teacher / "config.json").exists():
         print(f"pipeline.py: error: no teacher at {teacher}; train it with "
-              f"`python -m zeda.teacher --arch {args.arch} --out {teacher}`", file=sys.stderr)
+              f"`python -m zeda_toy.teacher --arch {args.arch} --out {teacher}`", file=sys.stderr)
         return 2
     t0 = time.time()
     out = args.out

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from zeda.baselines import set_routing
-from zeda.compute_use import render_terminal, token_pieces
+from zeda.token_picture import render_terminal, token_pieces
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.flags import add_chat_template_kwargs, add_compute_args, float_range, int_range
@@ -38,7 +38,7 @@ from zeda.loading import load_for_inference
 from zeda.sampling import SamplingParams, add_sampling_args, sampling_from_args
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "qwen3_moe_teacher"
-MAKE_TEACHER = "python -m zeda.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher"
+MAKE_TEACHER = "python -m zeda_toy.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher"
 
 
 class TokenPrinter:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.baselines import set_routing
 from zeda.config import ModelConfig
 from zeda.evaluation import encode_items, pad_id, stop_ids, suite_items, write_json_atomic
@@ -40,7 +40,7 @@ from zeda.generation import generate
 from zeda.loading import load_for_inference
 from zeda.model import CausalLM
 from zeda.sampling import SamplingParams
-from zeda.stages import SHIPPED_TEACHERS
+from zeda_toy.stages import SHIPPED_TEACHERS
 
 # Qwen3-30B-A3B's shapes (its config.json), with a small vocabulary and few layers so that it fits a CPU.
 REAL_WIDTHS = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,

@@ -353,7 +353,7 @@ def cudagraph_skips() -> int:
 def check_decode(sizes: Sizes, device: str, record: dict, deadline: float) -> list[str]:
     """Section 3 (module docstring). Fills record["runs"][dtype][teacher]; returns the problems found."""
     from bench.generate import measure_teacher
-    from zeda.stages import SHIPPED_TEACHERS
+    from zeda_toy.stages import SHIPPED_TEACHERS
 
     problems = []
     if not sizes.compile:

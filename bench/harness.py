@@ -63,10 +63,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.serve_load import Server, free_port  # noqa: E402
-from zeda import tasks  # noqa: E402
+from zeda_toy import tasks  # noqa: E402
 from zeda.evaluation import suite_items, write_json_atomic  # noqa: E402
 from zeda.flags import int_range  # noqa: E402
-from zeda.tasks import ANSWER_PREFIX  # noqa: E402
+from zeda_toy.tasks import ANSWER_PREFIX  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "assets" / "qwen3_moe_teacher"
 GEN_FAMILIES = ("math", "code")  # scored by one exact answer; "if" is not (see the docstring)

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import train_opd  # noqa: E402
-from zeda import tasks  # noqa: E402
+from zeda_toy import tasks  # noqa: E402
 from zeda.config import ModelConfig  # noqa: E402
 from zeda.flags import int_range  # noqa: E402
 from zeda.generation import generate  # noqa: E402

@@ -107,7 +107,7 @@ def rehearsal_config(arch: str, layers: int, vocab_size: int | None = None) -> d
 def checkpoint_shapes(hf: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(HF key, shape, dtype) of every tensor of the checkpoint, in on-disk order: the names and shapes of zeda's
     model on the meta device (which the parity tests hold to transformers'), 3D experts split into per-expert
-    keys as the Hub stores them, and for GLM the MTP layer(s) after the last decoder layer (zeda/tiny.py)."""
+    keys as the Hub stores them, and for GLM the MTP layer(s) after the last decoder layer (zeda_toy/tiny.py)."""
     L, mtp = hf["num_hidden_layers"], hf.get("num_nextn_predict_layers", 0)
     extra = {}
     if mtp:  # an MoE decoder layer per MTP layer: build the model with them as ordinary sparse layers
@@ -126,7 +126,7 @@ def checkpoint_shapes(hf: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]
         else:
             out.append((name, tuple(t.shape), torch.bfloat16))
     H, V = hf["hidden_size"], hf["vocab_size"]
-    for i in range(L, L + mtp):  # the DeepSeek-V3 MTP tensors (zeda/tiny.py:add_mtp_tensors)
+    for i in range(L, L + mtp):  # the DeepSeek-V3 MTP tensors (zeda_toy/tiny.py:add_mtp_tensors)
         p = f"model.layers.{i}."
         out += [(p + "enorm.weight", (H,), torch.bfloat16), (p + "hnorm.weight", (H,), torch.bfloat16),
                 (p + "eh_proj.weight", (H, 2 * H), torch.bfloat16), (p + "embed_tokens.weight", (V, H), torch.bfloat16),

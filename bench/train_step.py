@@ -76,7 +76,7 @@ if str(ROOT) not in sys.path:
 # zeda is imported here, whole, before any work: a run that takes minutes must not mix the code it started with
 # and code edited meanwhile (transformers, slow to import, is imported where it is first used).
 from bench.real_shape import rehearsal_config, write_checkpoint
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.baselines import set_routing
 from zeda.config import ModelConfig
 from zeda.conversion import convert_checkpoint

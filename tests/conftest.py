@@ -1,11 +1,13 @@
-"""Shared test setup: the repository root on sys.path, so tests can import the scripts (convert.py, ...)."""
+"""Shared test setup: the repository root and experiments/ on sys.path, so tests can import the scripts
+(convert.py, experiments/compare.py, ...) and the experiments' modules as those scripts do (`import divergence`)."""
 
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "experiments"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 # Tiny models on a 2-core machine: one thread is ~10x faster than two threads fighting over a core (a tiny
 # forward takes a second instead of 10 ms with 2 contended threads), and
@@ -32,10 +34,10 @@ def tiny_sft_setup(d: Path, per_family: int = 2) -> Path:
     (student/), and r.jsonl, reference answers to per_family train prompts of each task family."""
     import json
 
-    from zeda import tasks
+    from zeda_toy import tasks
     from zeda.conversion import convert_checkpoint
-    from zeda.tiny import make_tiny_checkpoint
-    from zeda.tokenizer import save_tokenizer
+    from zeda_toy.tiny import make_tiny_checkpoint
+    from zeda_toy.tokenizer import save_tokenizer
 
     make_tiny_checkpoint(d / "teacher", "qwen3_moe", vocab_size=104, max_position_embeddings=512)
     save_tokenizer(d / "teacher")

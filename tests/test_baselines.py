@@ -16,8 +16,8 @@ from zeda.config import ModelConfig
 from zeda.errors import UsageError
 from zeda.flops import expert_flops_per_slot, flop_report, routing_stats
 from zeda.moe import Router, routed_experts_forward
-from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint, tiny_hf_config
+from zeda_toy.tokenizer import save_tokenizer
 
 
 def router(model_type: str, zero: int = 0, seed: int = 0, top_k: int = 4) -> Router:

@@ -1,4 +1,4 @@
-"""compute_use.py and zeda/compute_use.py: where a dynamic model spends its compute.
+"""experiments/compute_use.py, experiments/token_compute.py and zeda/token_picture.py: where a dynamic model spends its compute.
 
 What is checked: the rank correlation against its definition; that the teacher-forced routing of an answer is the
 routing generation reported for each of its tokens (the alignment every number here rests on); that a model
@@ -17,23 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import compute_use
+from token_compute import correlations, measure, pearson, ranks, real_experts_per_position, spearman
 from zeda.baselines import set_routing
-from zeda.compute_use import (
-    colour,
-    correlations,
-    measure,
-    pearson,
-    ranks,
-    real_experts_per_position,
-    render_terminal,
-    spearman,
-    token_pieces,
-)
 from zeda.conversion import convert_checkpoint
 from zeda.evaluation import encode_items, pad_id, stop_ids, suite_items
 from zeda.generation import generate
 from zeda.loading import load_for_inference
 from zeda.sampling import SamplingParams
+from zeda.token_picture import colour, render_terminal, token_pieces
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "assets" / "qwen3_moe_teacher"

@@ -32,7 +32,7 @@ from zeda import conversion
 from zeda.config import ModelConfig
 from zeda.conversion import convert_checkpoint
 from zeda.errors import UsageError, ZedaError
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # convert.py and bench/ live in the repository root, not in the package

@@ -1,12 +1,13 @@
-"""zeda/tokenizer.py and zeda/data.py: the saved tokenizer, JSONL errors, atomic writes, answer scoring."""
+"""zeda_toy/tokenizer.py and zeda/data.py: the saved tokenizer, JSONL errors, atomic writes, answer scoring."""
 
 import os
 
 import pytest
 from transformers import AutoTokenizer
 
-from zeda import data, tasks
-from zeda.tokenizer import CHARACTERS, SPECIAL_TOKENS, save_tokenizer
+from zeda import data
+from zeda_toy import tasks
+from zeda_toy.tokenizer import CHARACTERS, SPECIAL_TOKENS, save_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from zeda.errors import UsageError
 from zeda.generation import generate
 from zeda.moe import GroupedExperts, routed_experts_forward
 from zeda.sampling import SamplingParams
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 ARCHS = ["qwen3_moe", "glm4_moe_lite"]
 PROMPTS = [[5, 17, 3], [9, 1, 44, 60, 2, 7, 31], [70], [12, 8, 90, 33, 4], [6, 6]]  # left padding

@@ -1,4 +1,4 @@
-"""compare.py and zeda/divergence.py: where two models' greedy answers part.
+"""experiments/compare.py and experiments/divergence.py: where two models' greedy answers part.
 
 The models are the shipped qwen3_moe teacher and a copy with seeded noise on its weights (a model that answers
 some items differently). What is checked are consequences of greedy decoding that a wrong divergence position,
@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import compare
-from zeda.divergence import BUCKETS, bucket_of, compare_models, divergence_table, first_difference
+from divergence import BUCKETS, bucket_of, compare_models, divergence_table, first_difference
 from zeda.evaluation import EvaluationError, encode_items, suite_items
 from zeda.loading import load_for_inference
 

@@ -44,3 +44,15 @@ def test_nothing_points_outside_the_repository():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert not hits, hits
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_script_and_module_path_exists(doc):
+    """The files the docs send a reader to: `python X.py` commands, `python -m pkg.module` and paths such as
+    `zeda/moe.py` or `experiments/frontier.py` (a moved file leaves no stale command behind)."""
+    text = doc.read_text()
+    scripts = re.findall(r"python3? ((?:[\w-]+/)*[\w-]+\.py)\b", text)
+    modules = [m.replace(".", "/") + ".py" for m in re.findall(r"python3? -m ((?:zeda|zeda_toy)(?:\.\w+)+)", text)]
+    paths = re.findall(r"\b((?:zeda|zeda_toy|experiments|bench|tests)/[\w/]*\w\.py)\b", text)
+    missing = sorted({f for f in [*scripts, *modules, *paths] if not (ROOT / f).is_file()})
+    assert not missing, f"{doc.name} names files that do not exist: {missing}"

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from zeda import evaluation, tasks
+from zeda import evaluation
+from zeda_toy import tasks
 from zeda.data import encode_chat
 from zeda.evaluation import EvaluationError, benchmark_items, evaluate_model, suite_items
 from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses on a shared 2-core machine

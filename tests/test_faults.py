@@ -180,7 +180,7 @@ def test_a_full_disk_at_the_final_report_prints_the_report(tmp_path):
 
 # Each script runs with a load_weights that announces itself and waits: the interrupt lands inside the model load.
 SLOW_LOAD = """
-import runpy, sys, time
+import os, runpy, sys, time
 import zeda.loading
 real = zeda.loading.load_weights
 def slow_load_weights(model, folder):
@@ -189,6 +189,7 @@ def slow_load_weights(model, folder):
     return real(model, folder)
 zeda.loading.load_weights = slow_load_weights
 sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as `python script.py` would
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
@@ -199,8 +200,8 @@ def test_ctrl_c_during_a_model_load_is_one_line_and_exit_130(tmp_path):
     scripts = {
         "evaluate.py": ["--model", str(TEACHER), "--tasks", "math", "--n", "1"],
         "rollout.py": ["--teacher", str(TEACHER), "--prompts", str(prompts), "--out", str(tmp_path / "r.jsonl")],
-        "compare.py": ["--reference", str(TEACHER), "--model", str(TEACHER), "--n", "1"],
-        "compute_use.py": ["--student", str(TEACHER), "--teacher", str(TEACHER), "--n", "1"],
+        "experiments/compare.py": ["--reference", str(TEACHER), "--model", str(TEACHER), "--n", "1"],
+        "experiments/compute_use.py": ["--student", str(TEACHER), "--teacher", str(TEACHER), "--n", "1"],
         "serve.py": ["--model", str(TEACHER), "--prompt", "hi"],
     }
     procs = {}
@@ -244,7 +245,7 @@ def test_compare_and_compute_use_refuse_a_tokenizer_with_other_ids(tmp_path):
     for main, argv in ((compare.main, ["--reference", str(TEACHER), "--model", str(permuted), "--n", "1"]),
                        (compute_use.main, ["--student", str(TEACHER), "--teacher", str(permuted), "--n", "1"])):
         assert main(argv) == 2
-    r = run("compare.py", "--reference", str(TEACHER), "--model", str(permuted), "--n", "1")
+    r = run("experiments/compare.py", "--reference", str(TEACHER), "--model", str(permuted), "--n", "1")
     lines = error_lines(r.stderr)
     assert r.returncode == 2 and len(lines) == 1 and f"{permuted}: its tokenizer is not the reference's" in lines[0]
 

@@ -13,7 +13,7 @@ from torch import nn
 import zeda
 from zeda.flops import attended_keys, flop_report, routing_stats, zero_expert_ratio
 from zeda.moe import RouterOutput
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "glm4_moe_lite"])

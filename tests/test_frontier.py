@@ -1,4 +1,4 @@
-"""frontier.py: the paired statistics behind "where OPD pays", the headline choice, and a tiny frontier end to end
+"""experiments/frontier.py: the paired statistics behind "where OPD pays", the headline choice, and a tiny frontier end to end
 that a second run continues without retraining or re-evaluating anything."""
 
 import json
@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 import frontier
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 
 def row(name, method, target, correct, saved=0.5, seed=0):

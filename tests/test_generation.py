@@ -17,7 +17,7 @@ from zeda.flops import attended_keys, flop_report, merge_stats, routing_stats
 from zeda.generation import generate, left_pad
 from zeda.model import token_logprobs
 from zeda.sampling import SamplingParams, filter_logits, sample
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 from reference_generation import generate_naive  # tests/reference_generation.py: no cache, recomputed each step
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench import harness
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.data import encode_chat
 from zeda.loading import load_tokenizer
 

@@ -25,14 +25,14 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import convert
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.checkpoint import save_checkpoint
 from zeda.conversion import convert_checkpoint
 from zeda.generation import generate
 from zeda.hf import MODELING_FILE, write_remote_code
 from zeda.loading import load_model
 from zeda.sampling import SamplingParams
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHERS = {arch: ROOT / "assets" / f"{arch}_teacher" for arch in ("qwen3_moe", "glm4_moe_lite")}

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGE = ROOT / "zeda"
+PACKAGES = [ROOT / "zeda", ROOT / "zeda_toy"]
+USER_SCRIPTS = ["convert.py", "rollout.py", "train_sft.py", "train_opd.py", "evaluate.py", "serve.py", "pipeline.py"]
+EXPERIMENT_MODULES = {f.stem for f in (ROOT / "experiments").glob("*.py")}
 
 
 def module_name(path: Path) -> str:
@@ -29,8 +31,8 @@ def zeda_imports(path: Path, modules: set[str]) -> set[str]:
         if id(node) in typing_only:
             continue
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("zeda")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("zeda") and not node.level:
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
                 found.add(sub if sub in modules else node.module)
@@ -38,7 +40,7 @@ def zeda_imports(path: Path, modules: set[str]) -> set[str]:
 
 
 def test_the_import_graph_has_no_circle():
-    files = sorted(PACKAGE.rglob("*.py"))
+    files = sorted(f for package in PACKAGES for f in package.rglob("*.py"))
     modules = {module_name(f) for f in files}
     graph = {module_name(f): zeda_imports(f, modules) for f in files}
 
@@ -56,3 +58,18 @@ def test_the_import_graph_has_no_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_the_method_stands_apart_from_the_toy_world_and_the_experiments():
+    """zeda/ is the method and its scale-up: of the toy world it imports only the task suite, which
+    zeda/evaluation.py scores as evaluate.py's default benchmark; zeda/, zeda_toy/ and the user's scripts never
+    import an experiment (experiments/ imports them, not the other way)."""
+    toy = {module_name(f) for f in (ROOT / "zeda_toy").rglob("*.py")}
+    everything = toy | {module_name(f) for f in (ROOT / "zeda").rglob("*.py")} | EXPERIMENT_MODULES
+    toy_edges = {(module_name(f), m) for f in (ROOT / "zeda").rglob("*.py") for m in zeda_imports(f, everything)
+                 if m in toy}
+    assert toy_edges == {("zeda.evaluation", "zeda_toy.tasks")}, toy_edges
+    importers = [*PACKAGES[0].rglob("*.py"), *PACKAGES[1].rglob("*.py"), *(ROOT / s for s in USER_SCRIPTS)]
+    into_experiments = {(str(f.relative_to(ROOT)), m) for f in importers for m in zeda_imports(f, everything)
+                        if m in EXPERIMENT_MODULES}
+    assert not into_experiments, into_experiments

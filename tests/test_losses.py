@@ -27,7 +27,7 @@ from zeda.losses import (
 )
 from zeda.model import target_logprobs
 from zeda.moe import Router, RouterOutput
-from zeda.tiny import tiny_hf_config
+from zeda_toy.tiny import tiny_hf_config
 
 
 def ga_counted(*args, **kwargs):

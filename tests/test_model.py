@@ -13,7 +13,7 @@ import transformers
 import zeda
 from zeda.checkpoint import CheckpointError, save_checkpoint
 from zeda.config import ConfigError
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 QWEN_SHAPES = [
     dict(),

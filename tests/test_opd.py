@@ -21,12 +21,12 @@ import pytest
 import torch
 
 import zeda
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.data import Example, collate
 from zeda.distributed import Dist
 from zeda.model import token_logprobs
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # train_opd.py and convert.py live in the repository root

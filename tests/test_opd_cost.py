@@ -18,7 +18,7 @@ import torch
 
 import train_opd
 import zeda
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.conversion import convert_checkpoint
 from zeda.data import Example, collate
 from zeda.distributed import Dist
@@ -27,8 +27,8 @@ from zeda.losses import auxiliary_loss, ppo_clip_loss, reverse_kl_advantage
 from zeda.model import token_logprobs
 from zeda.moe import MoE
 from zeda.sampling import SamplingParams
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "12", "--device", "cpu"]

@@ -13,15 +13,15 @@ import torch
 from conftest import ROOT, torchrun
 from safetensors.torch import load_file, save_file
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.config import ModelConfig
 from zeda.conversion import convert_checkpoint
 from zeda.errors import CheckpointError, UsageError
 from zeda.model import CausalLM
 from zeda.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors, set_lr
 from zeda.plan import Mesh, optimizer_state_bytes, trained_tensors
-from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint, tiny_hf_config
+from zeda_toy.tokenizer import save_tokenizer
 
 # vocab 130 x hidden 32: 4160 elements, over 4096 but not a whole number of 256-blocks (fp32 moments); the
 # experts [8, 16, 32] are 4096 (8-bit); norms and attention are under 4096 (fp32)

@@ -17,13 +17,13 @@ from conftest import torchrun
 
 import train_sft
 import zeda
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.config import ModelConfig
 from zeda.conversion import convert_checkpoint
 from zeda.distributed import ParallelDims
 from zeda.errors import MeshError
-from zeda.tiny import make_tiny_checkpoint, tiny_hf_config
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint, tiny_hf_config
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT
 
 import pipeline
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_pipeline_refuses_a_missing_teacher_and_unknown_stages(tmp_path, capsys)
 def test_pipeline_leaves_the_heldout_slice_out_of_its_prompts(tiny_teacher, tmp_path, monkeypatch):
     """--eval-split heldout is only honest if no training prompt is a held-out one: make two prompts the pipeline
     would draw held-out, and they must be gone from both prompt files."""
-    from zeda import tasks
+    from zeda_toy import tasks
     from zeda.data import read_jsonl
 
     drawn = tasks.mixture("train", 6, seed=1)  # what the SFT prompts are drawn from with --seed 0

@@ -9,7 +9,7 @@ from zeda.config import ModelConfig
 from zeda.loading import empty_model
 from zeda.plan import (Mesh, Setup, activation_bytes, count_parameters, main, plan, rank_params, sft_memory,
                        trained_tensors, training_moments)
-from zeda.tiny import tiny_hf_config
+from zeda_toy.tiny import tiny_hf_config
 
 
 def config(model_type: str, **overrides) -> ModelConfig:

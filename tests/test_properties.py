@@ -28,7 +28,7 @@ from zeda.baselines import routing_variant
 from zeda.config import ModelConfig
 from zeda.flops import attended_keys, attention_score_flops_per_key, flop_report, routing_stats
 from zeda.loading import empty_model, materialize
-from zeda.tiny import tiny_hf_config
+from zeda_toy.tiny import tiny_hf_config
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ARCHS = ("qwen3_moe", "glm4_moe_lite")

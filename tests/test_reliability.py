@@ -18,8 +18,8 @@ import evaluate
 import rollout
 from zeda.errors import ConfigError
 from zeda.loading import load_for_inference
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,15 +31,15 @@ import pytest
 
 import rollout as rollout_script
 import train_opd
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.conversion import convert_checkpoint
 from zeda.errors import UsageError
 from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
 from zeda.remote import RemoteError, Server, chat_answer, prompt_logprobs
 from zeda.server import ServerOptions
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 from test_server import running  # tests/test_server.py's in-process server
 

@@ -21,8 +21,8 @@ from zeda.evaluation import pad_id, stop_ids
 from zeda.generation import generate
 from zeda.loading import load_for_inference
 from zeda.sampling import SamplingParams
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -134,7 +134,7 @@ def test_server_flags_are_checked_before_loading(tiny, monkeypatch, capsys):
 def test_missing_default_teacher_says_how_to_make_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(serve, "DEFAULT_MODEL", tmp_path / "assets" / "qwen3_moe_teacher")
     code, _, err = run_main(["--prompt", "hi"], monkeypatch, capsys)
-    assert code == 2 and "python -m zeda.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher" in err
+    assert code == 2 and "python -m zeda_toy.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher" in err
 
 
 def test_interactive_too_long_prompt_is_skipped(tiny, monkeypatch, capsys):
@@ -147,7 +147,7 @@ def test_interactive_too_long_prompt_is_skipped(tiny, monkeypatch, capsys):
 def test_show_compute_colours_each_answer_token_by_the_real_experts_generation_counted(tiny, tmp_path, monkeypatch,
                                                                                       capsys):
     import convert
-    from zeda.compute_use import colour, token_pieces
+    from zeda.token_picture import colour, token_pieces
 
     converted = tmp_path / "converted"
     assert convert.main(["--input-dir", str(tiny), "--output-dir", str(converted), "--num-zero-experts", "4"]) == 0

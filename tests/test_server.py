@@ -29,8 +29,8 @@ from zeda.loading import load_for_inference
 from zeda.sampling import SamplingParams
 from zeda.scheduler import Decoder
 from zeda.server import ServerOptions, TextStream, create_app, listen, uvicorn_config
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -25,8 +25,8 @@ from zeda.model import token_logprobs
 from zeda.sampling import SamplingParams
 from zeda.scheduler import Decoder
 from zeda.server import ServerOptions, score_prompts, token_bytes
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 
 from test_server import client, post_raw, running  # tests/test_server.py's in-process server and requests
 

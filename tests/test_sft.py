@@ -24,12 +24,13 @@ from transformers import AutoTokenizer
 
 import train_sft
 import zeda
-from zeda import rollout, tasks
+from zeda import rollout
+from zeda_toy import tasks
 from zeda.conversion import convert_checkpoint
 from zeda.data import collate, encode_chats
 from zeda.sampling import SamplingParams
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import save_tokenizer
 from zeda.checkpoint import STATE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]

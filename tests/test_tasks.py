@@ -1,4 +1,4 @@
-"""zeda/tasks.py: references verify, corruptions do not, splits are disjoint and deterministic."""
+"""zeda_toy/tasks.py: references verify, corruptions do not, splits are disjoint and deterministic."""
 
 import hashlib
 import subprocess
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zeda import tasks
-from zeda.tasks import FAMILIES, Task, extract_answer, generate, verify
+from zeda_toy import tasks
+from zeda_toy.tasks import FAMILIES, Task, extract_answer, generate, verify
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 seeds = st.integers(min_value=0, max_value=10**9)
@@ -133,7 +133,7 @@ def test_deterministic_within_and_across_processes():
 
 
 def test_characters_and_lengths_fit_the_tokenizer_and_context():
-    from zeda.tokenizer import CHARACTERS
+    from zeda_toy.tokenizer import CHARACTERS
 
     allowed = set(CHARACTERS)
     for family in FAMILIES:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import zeda
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.evaluation import evaluate_model
 from zeda.sampling import SamplingParams
 from zeda.loading import load_for_inference
@@ -25,7 +25,7 @@ N_SAMPLE = 300  # per family: the README's measurement itself (40 items swung th
 
 def _present(folder: Path):
     if not (folder / "model.safetensors").exists():
-        pytest.fail(f"{folder} is missing: the teachers ship in the repository (python -m zeda.teacher ...)")
+        pytest.fail(f"{folder} is missing: the teachers ship in the repository (python -m zeda_toy.teacher ...)")
 
 
 @pytest.mark.parametrize("folder", TEACHERS, ids=lambda p: p.name)
@@ -75,9 +75,9 @@ def test_teacher_accuracy(folder):
 
 
 def test_teacher_training_continues_from_an_earlier_run(tmp_path, monkeypatch):
-    """zeda.teacher --init-from: a second sitting starts from the first one's weights (its first loss is the
+    """zeda_toy.teacher --init-from: a second sitting starts from the first one's weights (its first loss is the
     first sitting's last, not a fresh model's), records both sittings, and refuses a mismatched start."""
-    from zeda import teacher
+    from zeda_toy import teacher
 
     monkeypatch.setattr(teacher, "TEACHER_SHAPES", {"qwen3_moe": dict(
         teacher.TEACHER_SHAPES["qwen3_moe"], hidden_size=32, head_dim=8, num_hidden_layers=1, num_experts=4,

@@ -19,13 +19,14 @@ import evaluate
 import rollout as rollout_script
 import train_sft
 import zeda
-from zeda import data, rollout, tasks
+from zeda import data, rollout
+from zeda_toy import tasks
 from zeda.data import DataError, collate, encode_chat, encode_chats, encode_conversation, encode_conversations
 from zeda.errors import UsageError
 from zeda.evaluation import record_item, suite_items
 from zeda.sampling import SamplingParams
-from zeda.tiny import make_tiny_checkpoint
-from zeda.tokenizer import build_tokenizer, save_tokenizer
+from zeda_toy.tiny import make_tiny_checkpoint
+from zeda_toy.tokenizer import build_tokenizer, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = (ROOT / "tests" / "assets" / "thinking_template.jinja").read_text()

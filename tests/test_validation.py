@@ -27,7 +27,7 @@ import zeda
 from zeda.config import ModelConfig
 from zeda.conversion import convert_checkpoint
 from zeda.errors import CheckpointError, ConfigError
-from zeda.tiny import make_tiny_checkpoint
+from zeda_toy.tiny import make_tiny_checkpoint
 
 DROP = object()  # a change that deletes the key
 
@@ -320,7 +320,7 @@ def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_pa
     from safetensors.torch import load_file, save_file
 
     from zeda.errors import CheckpointError
-    from zeda.tiny import make_tiny_checkpoint
+    from zeda_toy.tiny import make_tiny_checkpoint
 
     make_tiny_checkpoint(tmp_path, "qwen3_moe", vocab_size=64)
     file = tmp_path / "model.safetensors"
@@ -338,8 +338,8 @@ def test_weights_that_are_not_finite_floats_are_refused_naming_the_tensor(tmp_pa
 def test_a_broken_chat_template_or_a_missing_tokenizer_file_is_one_line(tmp_path, damage):
     from zeda.errors import ConfigError
     from zeda.loading import load_tokenizer
-    from zeda.tiny import make_tiny_checkpoint
-    from zeda.tokenizer import save_tokenizer
+    from zeda_toy.tiny import make_tiny_checkpoint
+    from zeda_toy.tokenizer import save_tokenizer
 
     make_tiny_checkpoint(tmp_path, "qwen3_moe", vocab_size=104)
     save_tokenizer(tmp_path)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.config import ModelConfig
 from zeda.data import (
     REFERENCE_FIELDS,

@@ -1,10 +1,10 @@
 """Train the small post-trained MoE teachers that ship in assets/ (the embedded default).
 
-    python -m zeda.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher
-    python -m zeda.teacher --arch glm4_moe_lite --out assets/glm4_moe_lite_teacher
+    python -m zeda_toy.teacher --arch qwen3_moe --out assets/qwen3_moe_teacher
+    python -m zeda_toy.teacher --arch glm4_moe_lite --out assets/glm4_moe_lite_teacher
 
-From scratch on the task suite (zeda/tasks.py), on CPU, in about 20 minutes each: a char-level tokenizer with
-a chat template (zeda/tokenizer.py), cross-entropy on the answer tokens only, a small Switch balance loss so
+From scratch on the task suite (zeda_toy/tasks.py), on CPU, in about 20 minutes each: a char-level tokenizer with
+a chat template (zeda_toy/tokenizer.py), cross-entropy on the answer tokens only, a small Switch balance loss so
 every expert is used, AdamW (0.9, 0.98) with warmup + cosine. Batches hold one task family at a time (less
 padding: ~35% faster in a probe). The result is an ordinary HF checkpoint folder (config.json from
 transformers' own config class, safetensors with per-expert keys, tokenizer files) that zeda.load_model,
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.checkpoint import save_checkpoint
 from zeda.config import ModelConfig
 from zeda.data import collate, encode_chats
@@ -35,8 +35,8 @@ from zeda.errors import UsageError
 from zeda.flags import float_range, int_range
 from zeda.losses import load_balancing_loss
 from zeda.model import CausalLM
-from zeda.tiny import tiny_hf_config
-from zeda.tokenizer import build_tokenizer, save_tokenizer
+from zeda_toy.tiny import tiny_hf_config
+from zeda_toy.tokenizer import build_tokenizer, save_tokenizer
 from zeda.optim import make_optimizer
 from zeda.trainer import lr_at
 
@@ -81,7 +81,7 @@ def warm_start(arch: str, init_from: Path, cfg: ModelConfig) -> tuple[CausalLM, 
 
     record_path = Path(init_from) / "training.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path}: --init-from must be a folder written by zeda.teacher")
+        raise FileNotFoundError(f"{record_path}: --init-from must be a folder written by zeda_toy.teacher")
     earlier = json.loads(record_path.read_text())
     if earlier.get("arch") != arch:
         raise UsageError(f"{record_path}: arch is {earlier.get('arch')!r}, but --arch is {arch!r}")
@@ -160,7 +160,7 @@ def teacher_record(arch, out, steps, batch_size, lr, seed, n_params, seconds, lo
     """training.json: this sitting's command and numbers, and (warm-started) every earlier sitting's."""
     init = f" --init-from {init_from}" if init_from else ""
     this = {
-        "command": f"python -m zeda.teacher --arch {arch} --out {out} --steps {steps} --batch-size {batch_size} "
+        "command": f"python -m zeda_toy.teacher --arch {arch} --out {out} --steps {steps} --batch-size {batch_size} "
                    f"--lr {lr} --seed {seed}{init}",
         "arch": arch, "parameters": n_params, "steps": steps, "batch_size": batch_size, "lr": lr,
         "seed": seed, "train_seconds": round(seconds, 1), "final_ce": sum(losses[-50:]) / len(losses[-50:]),

@@ -1,10 +1,10 @@
 """The accuracy-compute frontier on a shipped teacher: ZEDA at several zero shares against the baselines a user
 would pick instead, every method scored on the same test items (greedy) with expert FLOPs counted the same way.
 
-    python frontier.py --arch qwen3_moe          # about an hour on a 2-core CPU; run it again to continue
-    python frontier.py --arch glm4_moe_lite
+    python experiments/frontier.py --arch qwen3_moe          # about an hour on a 2-core CPU; run it again to continue
+    python experiments/frontier.py --arch glm4_moe_lite
     make frontier                                 # both teachers, one after the other
-    python frontier.py --arch qwen3_moe --report  # only rebuild the table, JSON and plot from what is measured
+    python experiments/frontier.py --arch qwen3_moe --report  # only rebuild the table, JSON and plot from what is measured
 
 Methods (docs/results.md explains each; zeda/baselines.py holds the training-free rules):
   ZEDA SFT / ZEDA SFT+OPD   convert (Z = N/2), SFT with the GA weight w set for each target zero share
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.config import ModelConfig
 from zeda.data import check_writable, save_figure_atomic, write_report
 from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.evaluation import write_json_atomic
 from zeda.flags import float_range, int_range
-from zeda.stages import ROOT, SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
+from zeda_toy.stages import ROOT, SHIPPED_TEACHERS, StageFailed, evaluate_folder, run_script, write_prompt_files
 
 HEADLINE_SHARE = 0.5      # the README's comparison: every method within HEADLINE_WINDOW of 50% expert FLOPs saved
 HEADLINE_WINDOW = 0.05
@@ -267,7 +267,7 @@ def markdown(arch: str, rows: dict[str, dict], opd: list[dict], head: dict | Non
              margin: list[dict] = ()) -> str:
     lines = [f"# Accuracy-compute frontier: {arch} teacher", "",
              (f"{n} test items per family ({', '.join(tasks.FAMILIES)}), greedy; accuracy in %; expert FLOPs saved "
-             "against the static teacher on the same tokens. Made by `python frontier.py`."), "",
+             "against the static teacher on the same tokens. Made by `python experiments/frontier.py`."), "",
              "| method | point | target | zero share | expert FLOPs saved | forward FLOPs saved | "
              + " | ".join(tasks.FAMILIES) + " | average |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * (len(tasks.FAMILIES) + 1)]

@@ -1,6 +1,6 @@
 """A character-level Hugging Face tokenizer with a Qwen-style chat template, for the embedded teachers.
 
-The default teachers are tiny MoE models trained from scratch on zeda/tasks.py, whose text is printable
+The default teachers are tiny MoE models trained from scratch on zeda_toy/tasks.py, whose text is printable
 ASCII plus newline. One token per character keeps the vocabulary under 128 entries (a small embedding
 matrix) and makes digit-by-digit arithmetic line up with tokens. The tokenizer is a real
 `PreTrainedTokenizerFast` saved as `tokenizer.json` + `tokenizer_config.json`, so the rest of the

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zeda import tasks
+from zeda_toy import tasks
 from zeda.baselines import set_routing
 from zeda.data import write_jsonl_atomic
 from zeda.evaluation import evaluate_model

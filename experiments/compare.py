@@ -1,10 +1,10 @@
 """Compare two checkpoints' greedy answers item by item: where the model's answer parts from the reference's.
 
-    python compare.py --reference assets/qwen3_moe_teacher --model runs/pipeline/sft/final --max-new-tokens 160
-    python compare.py --reference runs/pipeline/sft/final --model runs/pipeline/opd/final --tasks math --n 1000
+    python experiments/compare.py --reference assets/qwen3_moe_teacher --model runs/pipeline/sft/final --max-new-tokens 160
+    python experiments/compare.py --reference runs/pipeline/sft/final --model runs/pipeline/opd/final --tasks math --n 1000
 
 For every item of the task suite that exactly one of the two answers correctly, it finds the first generated
-token where their greedy answers differ and reads both models' probabilities there (zeda/divergence.py): a near
+token where their greedy answers differ and reads both models' probabilities there (experiments/divergence.py): a near
 tie of the reference (p of its own token < 0.7) is close to a coin flip, a confident disagreement (reference
 p >= 0.95, several nats of KL) is something the model learned differently. The held-out slice of the train split
 is the default split, since this is for deciding what to change; --split test reads the test split.
@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zeda.divergence import compare_models, divergence_table
 from zeda.data import check_writable
 from zeda.errors import EvaluationError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
 from zeda.flags import add_compute_args, int_range
 from zeda.loading import load_for_inference, load_tokenizer, same_tokenizer
-from zeda.tasks import FAMILIES, check_heldout_size
+from zeda_toy.tasks import FAMILIES, check_heldout_size
+
+from divergence import compare_models, divergence_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:

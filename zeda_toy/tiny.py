@@ -3,8 +3,8 @@
 Used by the tests (parity against the reference implementation), the conversion demo and the benchmarks,
 so that every stage has a CPU path without downloading anything.
 
-    python -m zeda.tiny --model-type glm4_moe_lite --out /tmp/tiny_glm --shards 3
-    python -m zeda.tiny --model-type glm4_moe_lite --out /tmp/tiny_glm_mtp --mtp-layers 1
+    python -m zeda_toy.tiny --model-type glm4_moe_lite --out /tmp/tiny_glm --shards 3
+    python -m zeda_toy.tiny --model-type glm4_moe_lite --out /tmp/tiny_glm_mtp --mtp-layers 1
 
 --mtp-layers writes GLM-4.7-Flash's multi-token-prediction layer the way its release does: layer
 num_hidden_layers of the checkpoint, declared by `num_nextn_predict_layers` in config.json, holding a whole MoE
@@ -120,7 +120,7 @@ def main():
     try:
         make_tiny_checkpoint(args.out, args.model_type, args.seed, args.shards, args.mtp_layers)
     except ZedaError as e:
-        print(f"zeda.tiny: error: {e}", file=sys.stderr)
+        print(f"zeda_toy.tiny: error: {e}", file=sys.stderr)
         return 2
     mtp = f" with {args.mtp_layers} MTP layer(s)" if args.mtp_layers else ""
     print(f"wrote a tiny {args.model_type} checkpoint to {args.out}{mtp}")

@@ -1,12 +1,12 @@
 """Where a trained ZEDA model spends its compute: real experts per answer token, against how hard the token is.
 
-    python compute_use.py --student runs/pipeline/opd/final --teacher assets/qwen3_moe_teacher
-    python compute_use.py --student runs/pipeline/opd/final --teacher assets/qwen3_moe_teacher --n 100 \\
+    python experiments/compute_use.py --student runs/pipeline/opd/final --teacher assets/qwen3_moe_teacher
+    python experiments/compute_use.py --student runs/pipeline/opd/final --teacher assets/qwen3_moe_teacher --n 100 \\
         --out docs/results/compute_use-qwen3_moe.json --png docs/results/compute_use-qwen3_moe.png
 
 The student answers --n test items per family greedily; a teacher-forced forward of each answer through both
 models gives, per answer token, the student's real-expert slots in every MoE layer, the teacher's next-token
-entropy and KL(student || teacher) (zeda/compute_use.py). It prints the Spearman correlations of real-expert use
+entropy and KL(student || teacher) (token_compute.py). It prints the Spearman correlations of real-expert use
 with both, per task family and per layer, and one answer coloured by its compute; --out writes the numbers as
 JSON, --png a picture of one answer token by token above the entropy relation, --html the coloured answer as a
 page. `serve.py --show-compute` colours every answer of a chat the same way. Bad input (a missing folder, an
@@ -20,13 +20,15 @@ import sys
 from pathlib import Path
 
 from zeda.baselines import set_routing
-from zeda.compute_use import correlations, measure, pick_example, plot, render_html, render_terminal, token_pieces
 from zeda.data import check_writable, write_report
 from zeda.errors import EvaluationError, UsageError, ZedaError, exit_status
 from zeda.evaluation import EVAL_SPLITS, check_families, suite_items, write_json_report
 from zeda.flags import add_compute_args, float_range, int_range
 from zeda.loading import load_for_inference, load_tokenizer, same_tokenizer
-from zeda.tasks import FAMILIES
+from zeda.token_picture import render_html, render_terminal, token_pieces
+from zeda_toy.tasks import FAMILIES
+
+from token_compute import correlations, measure, pick_example, plot
 
 
 def parse_args(argv=None) -> argparse.Namespace:
