@@ -1,6 +1,7 @@
 """zeda_toy/tasks.py: references verify, corruptions do not, splits are disjoint and deterministic."""
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -195,3 +196,19 @@ def test_checking_a_repeat_item_costs_the_answer_not_the_count():
     assert tasks._check_if(prompt, "cat, cat") is False
     assert tasks._check_if(prompt.replace("10000000000000", "2"), "cat, cat") is True
     assert tasks._check_if(prompt.replace("10000000000000", "2"), "cat, dog") is False
+
+
+def test_the_suite_draws_the_items_every_number_was_measured_on():
+    """The shipped teachers were trained, and every result in docs/ measured, on these exact items: a change to
+    the generators or to their seed strings would silently give another benchmark. Fingerprints of the first
+    test items per family, a training mixture and a held-out draw, recorded when the teachers were trained."""
+    import hashlib
+
+    def fingerprint(items):
+        rows = [[t.family, t.prompt, t.response] for t in items]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+    assert {f: fingerprint(tasks.generate(f, "test", 20)) for f in tasks.FAMILIES} == {
+        "math": "2d4e535a5e629a7e", "code": "f19929789eb452a1", "if": "fdd76933116d96a9"}
+    assert fingerprint(tasks.mixture("train", 5, seed=3)) == "d65eaa7332fb3343"
+    assert fingerprint(tasks.heldout("math", 5, 2)) == "cb97cf89f5d0e7e5"

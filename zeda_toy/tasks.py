@@ -181,7 +181,7 @@ def _run_snippet(code: str) -> str:
         printed.append(" ".join(str(a) for a in args))
 
     builtins = {"print": _print, "range": range, "len": len, "sum": sum, "max": max}
-    exec(compile(code, "<zeda_toy.tasks snippet>", "exec"), {"__builtins__": builtins})
+    exec(compile(code, "<zeda.tasks snippet>", "exec"), {"__builtins__": builtins})
     return "\n".join(printed)
 
 
@@ -508,7 +508,9 @@ def generate(family: str, split: str, n: int, seed: int = 0) -> list[Task]:
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; expected one of {SPLITS}")
     make = {"math": _make_math, "code": _make_code, "if": _make_if}[family]
-    rng = random.Random(f"zeda_toy.tasks:{family}:{split}:{seed}")  # str seeds hash with SHA-512: stable
+    # str seeds hash with SHA-512: stable. "zeda.tasks" names the suite in every seed (it is not a module path):
+    # another name would draw other items, and every measured number would change.
+    rng = random.Random(f"zeda.tasks:{family}:{split}:{seed}")
     tasks: list[Task] = []
     seen: set[str] = set()
     max_draws = 50 * n + 1000  # far above what is needed; guards against an exhausted prompt space
@@ -553,7 +555,7 @@ def heldout(family: str, n: int, task_seed: int = 0) -> list[Task]:
     training prompts leave out (mixture(..., exclude=heldout_prompts()))."""
     check_heldout_size(n)
     pool = generate(family, "train", HELDOUT_MAX, seed=HELDOUT_SEED)
-    return pool[:n] if task_seed == 0 else random.Random(f"zeda_toy.tasks:heldout:{family}:{task_seed}").sample(pool, n)
+    return pool[:n] if task_seed == 0 else random.Random(f"zeda.tasks:heldout:{family}:{task_seed}").sample(pool, n)
 
 
 def heldout_prompts(families: tuple[str, ...] = FAMILIES) -> set[str]:
@@ -567,7 +569,7 @@ def mixture(split: str, n_per_family: int, seed: int = 0, families: tuple[str, .
     the held-out slice) are left out, so a family can come out a few items short."""
     tasks = [task for family in families for task in generate(family, split, n_per_family, seed)
              if task.prompt not in exclude]
-    random.Random(f"zeda_toy.tasks:mixture:{split}:{seed}").shuffle(tasks)
+    random.Random(f"zeda.tasks:mixture:{split}:{seed}").shuffle(tasks)
     return tasks
 
 
