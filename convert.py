@@ -21,7 +21,8 @@ from zeda.errors import ZedaError
 from zeda.flags import int_range
 
 
-def main(argv=None) -> int:
+def main(argv=None, normalization: str = "zeda") -> int:
+    """normalization "adamoe": the AdaMoE baseline's checkpoint (experiments/variant.py --normalization adamoe)."""
     p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input-dir", required=True, type=Path, help="static HF checkpoint folder (never modified)")
@@ -32,9 +33,6 @@ def main(argv=None) -> int:
     group.add_argument("--num-zero-experts", type=int_range(min=1), help="number of zero experts Z to add")
     p.add_argument("--seed", type=int_range(min=0), default=0, help="seed for the new router rows (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--normalization", default="zeda", choices=["zeda", "adamoe"],
-                   help="zeda (zero slots keep their weight share; the method) or adamoe (the AdaMoE baseline: "
-                        "real-expert weights renormalised over the real slots)")
     args = p.parse_args(argv)
     # SIGTERM and Ctrl-C only mark the stop; the conversion stops at its next shard and removes its temporary
     # folder (zeda/conversion.py:convert_checkpoint, stop_requested).
@@ -46,7 +44,7 @@ def main(argv=None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         s = convert_checkpoint(args.input_dir, args.output_dir, args.num_zero_experts, args.new_num_experts,
-                               args.seed, args.overwrite, normalization=args.normalization,
+                               args.seed, args.overwrite, normalization=normalization,
                                stop_requested=lambda: stop["signal"])
     except (ZedaError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)

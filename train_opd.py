@@ -22,8 +22,8 @@ Each rollout batch:
 Forwards and backward run over micro-batches of at most --max-tokens-per-micro-batch padded tokens, with the
 loss normalised over the whole update, so the cap changes memory, not the result (up to the Group Auxiliary
 Loss's f, counted per micro-batch as the authors do).
-`--loss full-reverse-kl` replaces 3-4's loss by the exact KL(p_student || p_teacher) over the vocabulary on
-the sampled sequences (needs the teacher's full logits; for comparison). EOS-terminated and truncated answers
+(The exact KL(p_student || p_teacher) over the vocabulary, an ablation of 3-4, is swapped in by
+experiments/variant.py --loss full-reverse-kl.) EOS-terminated and truncated answers
 are both trained on; truncations are counted. Defaults follow the paper: 16 prompts x 2 samples per rollout,
 one update each, constant lr 5e-6 (Qwen; the paper uses 1e-6 for GLM), AdamW (0.9, 0.98). Outputs are as
 train_sft.py's: OUT/step-N and OUT/final checkpoints (atomic), --resume (prompt order and sampling seeds are
@@ -52,11 +52,11 @@ from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
 from zeda.generation import generate
 from zeda.loading import load_model, load_tokenizer, same_tokenizer
-from zeda.losses import AGGREGATIONS, auxiliary_loss, full_reverse_kl, ppo_clip_loss, reverse_kl_advantage
+from zeda.losses import AGGREGATIONS, auxiliary_loss, ppo_clip_loss, reverse_kl_advantage
 from zeda.model import token_logprobs
 from zeda.remote import Server, add_connection_args, check_token_texts, prompt_logprobs, unordered_map
 from zeda.sampling import SamplingParams
-from zeda.trainer import Trainer, add_training_args, run_training, zero_share_metrics
+from zeda.trainer import Swaps, Trainer, add_training_args, run_training, zero_share_metrics
 
 
 def load_prompts(path: Path, tokenizer, max_prompt_len: int, strict: bool = False,
@@ -191,8 +191,29 @@ def served_teacher_logprobs(server: Server, model: str, examples: list[Example],
     return out
 
 
+def ppo_policy(student, teacher, ids, attn, mask, *, args, norm: float, forced, routing: list, teacher_logp=None,
+               old_logp=None):
+    """Steps 3-5 on one micro-batch (ids, attn, mask [B, T]; log-probs [B, T-1], answer tokens where mask):
+    the teacher's log-probs of the sampled tokens (unless given), the student's at the sampling temperature in a
+    training forward (routing collects its routers' outputs; forced replays the sampler's experts), the
+    reverse-KL advantage and the PPO-clipped loss, normalised by norm. Returns (loss, the old policy's
+    log-probs, the teacher's, the count of clipped answer tokens)."""
+    if teacher_logp is None:
+        with torch.no_grad():
+            teacher_logp = token_logprobs(teacher, ids, attn)  # only the sampled tokens' log-probs
+    new_logp = token_logprobs(student, ids, attn, temperature=args.temperature, routing=routing,
+                              forced_routing=forced)
+    # the behaviour policy: this forward itself while the weights are those that sampled
+    old = new_logp.detach() if old_logp is None else old_logp
+    advantages = reverse_kl_advantage(teacher_logp, old)
+    loss = ppo_clip_loss(new_logp, old, advantages, mask.float(), args.clip, norm, args.loss_aggregation)
+    clipped = (clip_binds(new_logp.detach(), old, advantages, args.clip) & mask).sum()
+    return loss, old, teacher_logp, clipped
+
+
 def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[float]] | None, args, d: Dist,
-             pad_id: int, global_count: float, teacher_logp=None, old_logp=None, routed_ids=None) -> dict:
+             pad_id: int, global_count: float, teacher_logp=None, old_logp=None, routed_ids=None,
+             policy_loss=ppo_policy, routing_loss=auxiliary_loss) -> dict:
     """Forward and backward of one update's sequences on this rank (docs/method.md §5, steps 2-5).
 
     The old policy is the student that sampled, scored by a training-mode forward as the authors do, not by the
@@ -208,8 +229,9 @@ def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[
     Runs over micro-batches of at most --max-tokens-per-micro-batch padded tokens, one backward each. The policy
     loss is normalised by global_count -- the response tokens (--loss-aggregation token) or sequences (sequence)
     of this update over all ranks -- so the micro-batches add up to the one-forward loss. The Group Auxiliary
-    Loss counts f per micro-batch, as the authors do, and weighs each by its share of the update's tokens."""
-    cfg, T = student.config, args.temperature
+    Loss counts f per micro-batch, as the authors do, and weighs each by its share of the update's tokens.
+    policy_loss and routing_loss are the method's unless an ablation swaps them (experiments/variant.py)."""
+    cfg = student.config
     norm = global_count / d.dp  # x world: the mean over ranks of each rank's loss is the global mean
     batches = micro_batches(examples, args.max_tokens_per_micro_batch, d)
     tokens_M = d.all_reduce(torch.tensor([float(sum(len(examples[i].ids) for i in mb)) for mb in batches],
@@ -222,32 +244,14 @@ def opd_step(student, teacher, examples: list[Example], sampler_logp: list[list[
         mask_f = mask.float()
         forced = replay_routing([routed_ids[i] for i in mb], ids.shape, d.device) if routed_ids else None
         routing = []
-        if args.loss == "full-reverse-kl":
-            with torch.no_grad():
-                teacher_logits = teacher(ids, attention_mask=attn)[:, :-1]
-            student_logits = student(ids, attention_mask=attn, routing=routing, forced_routing=forced)[:, :-1] / T
-            policy = full_reverse_kl(student_logits, teacher_logits, mask_f, norm, args.loss_aggregation)
-            with torch.no_grad():
-                targets = ids[:, 1:, None]
-                old = student_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
-                t_logp = teacher_logits.float().log_softmax(-1).gather(-1, targets).squeeze(-1)
-            clipped = torch.zeros((), device=d.device)
-        else:
-            if teacher_logp is None:
-                with torch.no_grad():
-                    t_logp = token_logprobs(teacher, ids, attn)  # [B, T-1], only the sampled tokens' log-probs
-            else:
-                t_logp = align([teacher_logp[i] for i in mb], part, mask.shape, d.device)
-            new_logp = token_logprobs(student, ids, attn, temperature=T, routing=routing, forced_routing=forced)
-            # the behaviour policy: this forward itself while the weights are those that sampled
-            old = new_logp.detach() if old_logp is None else align([old_logp[i] for i in mb], part, mask.shape,
-                                                                    d.device)
-            advantages = reverse_kl_advantage(t_logp, old)
-            policy = ppo_clip_loss(new_logp, old, advantages, mask_f, args.clip, norm, args.loss_aggregation)
-            clipped = (clip_binds(new_logp.detach(), old, advantages, args.clip) & mask).sum()
+        policy, old, t_logp, clipped = policy_loss(
+            student, teacher, ids, attn, mask, args=args, norm=norm, forced=forced, routing=routing,
+            teacher_logp=None if teacher_logp is None else align([teacher_logp[i] for i in mb], part, mask.shape,
+                                                                 d.device),
+            old_logp=None if old_logp is None else align([old_logp[i] for i in mb], part, mask.shape, d.device))
         valid = attn.reshape(-1).bool()  # every real token was routed (the student's forward runs whole sequences)
-        ga = share * auxiliary_loss(routing, cfg, valid, args.aux_loss, args.alpha, args.w,
-                                    d.all_reduce if d.dp > 1 else None, args.ga_counts)
+        ga = share * routing_loss(routing, cfg, valid, args.alpha, args.w, d.all_reduce if d.dp > 1 else None,
+                                  args.ga_counts)
         (policy + ga).backward()
         gap = torch.zeros((), device=d.device)
         if sampler_logp is not None:  # how far the sampler's log-probs were from the old policy's (a metric only)
@@ -293,7 +297,7 @@ class Rollout:
     sample_tokens_per_s: float
 
 
-def train(args, d: Dist, stop: dict) -> dict:
+def train(args, d: Dist, stop: dict, swaps: Swaps) -> dict:
     cfg = zeda.ModelConfig.from_hf_config(args.student)
     if cfg.num_zero_experts == 0:
         raise UsageError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums)")
@@ -372,7 +376,7 @@ def train(args, d: Dist, stop: dict) -> dict:
             teacher_logp = served_teacher_logprobs(server, teacher_name, examples, args.teacher_concurrency,
                                                    tokenizer if check_tokens else None)
             check_tokens = False
-        if K > 1 and args.loss == "ppo":
+        if K > 1:
             student.train()
             scored, old_logp = score_rollout(student, teacher, examples, gen.routed_ids, args, d, pad_id)
             teacher_logp = scored if server is None else teacher_logp
@@ -403,7 +407,8 @@ def train(args, d: Dist, stop: dict) -> dict:
         student.train()
         out = opd_step(student, teacher, examples, pick(r.sampler_logp), args, d, pad_id,
                        sequences if args.loss_aggregation == "sequence" else tokens, pick(r.teacher_logp),
-                       pick(r.old_logp), pick(r.routed_ids))
+                       pick(r.old_logp), pick(r.routed_ids), swaps.policy_loss or ppo_policy,
+                       swaps.routing_loss or auxiliary_loss)
         sums = d.all_reduce(out["sums"])
         policy, ga = float(sums[0]) / d.dp, float(sums[1]) / d.dp
         return {"loss": policy + ga, "policy_loss": policy, "ga": ga, "reverse_kl": float(sums[2]) / max(1.0, tokens),
@@ -441,8 +446,6 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int_range(min=1), default=256,
                    help="answer length limit (longer: truncated)")
     p.add_argument("--temperature", type=float_range(above=0), default=1.0, help="sampling temperature (paper: 1)")
-    p.add_argument("--loss", default="ppo", choices=["ppo", "full-reverse-kl"],
-                   help="ppo: sampled-token reverse-KL advantage, PPO-clipped; full-reverse-kl: exact KL over V")
     p.add_argument("--clip", type=float_range(above=0), default=0.2, help="PPO ratio clip")
     p.add_argument("--updates-per-rollout", type=int_range(min=1), default=1,
                    help="optimizer steps per rollout batch, each on a K-th of it (paper: 1); --max-steps counts "
@@ -472,16 +475,14 @@ def parse_args(argv=None):
                                                  "required")
     if args.teacher_url is None and args.teacher_model is not None:
         p.error("--teacher-model names the model a --teacher-url serves; without --teacher-url there is none")
-    if args.teacher_url is not None and args.loss == "full-reverse-kl":
-        p.error("--loss full-reverse-kl needs the teacher's logits over the whole vocabulary, which a server does "
-                "not send: use --teacher DIR, or --loss ppo")
     args.dtype = getattr(torch, args.dtype)
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, swaps: Swaps | None = None) -> int:
+    """swaps: what an ablation replaces (experiments/variant.py); None trains the method."""
     args = parse_args(argv)
-    return show_prompts(args) if args.show_examples else run_training("train_opd.py", train, args)
+    return show_prompts(args) if args.show_examples else run_training("train_opd.py", train, args, swaps)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Stage 1 of ZEDA: SFT of the converted student on teacher rollouts (docs/method.md §3, §4).
 
     python train_sft.py --student runs/student --rollouts rollouts.jsonl --out runs/sft
-    python train_sft.py --student runs/student --teacher assets/qwen3_moe_teacher --prompts prompts.jsonl --out runs/sft
     torchrun --nproc_per_node=2 train_sft.py --student runs/student --rollouts rollouts.jsonl --out runs/sft
 
 Loss: cross-entropy on the response tokens only (prompt and padding masked), normalised by the response tokens
@@ -25,7 +24,6 @@ them with no end token. --show-examples N prints the first N examples, loss toke
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,11 +36,9 @@ from zeda.distributed import Dist
 from zeda.errors import DataError, UsageError, ZedaError, exit_status
 from zeda.flags import add_chat_template_kwargs, float_range, int_range
 from zeda.flops import expert_counts
-from zeda.sampling import add_sampling_args, sampling_from_args
-from zeda.loading import load_for_inference, load_tokenizer
+from zeda.loading import load_tokenizer
 from zeda.losses import auxiliary_loss, response_cross_entropy
-from zeda.rollout import rollout
-from zeda.trainer import Trainer, add_training_args, lr_at, run_training, zero_share_metrics
+from zeda.trainer import Swaps, Trainer, add_training_args, lr_at, run_training, zero_share_metrics
 
 DEFAULT_MAX_SEQ_LEN = 4096  # tokens per training sequence unless --max-seq-len: the activations grow with it
 
@@ -154,7 +150,8 @@ def micro_batches(examples, indices: list[int], micro: int, d: Dist):
 
 # ----------------------------------------------------------------------------- training
 
-def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int) -> dict:
+def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int,
+             routing_loss=auxiliary_loss) -> dict:
     """Forward and backward of one global batch's micro-batches on this rank (docs/method.md §4): response-only
     cross-entropy normalised by the response tokens of the whole global batch, plus the Group Auxiliary Loss.
     Returns the step's metrics, reduced over the data-parallel ranks."""
@@ -173,8 +170,8 @@ def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int) ->
         # Routed tokens that count: every input position whose next token is real. (attn[:, :-1] would also
         # count a sequence's final token unless it is the longest in its micro-batch: batching-dependent.)
         valid = attn[:, 1:].reshape(-1).bool()
-        ga = auxiliary_loss(routing, cfg, valid, args.aux_loss, args.alpha, args.w, d.all_reduce if d.dp > 1 else None,
-                            args.ga_counts) / len(batches)
+        ga = routing_loss(routing, cfg, valid, args.alpha, args.w, d.all_reduce if d.dp > 1 else None,
+                          args.ga_counts) / len(batches)
         (ce + ga).backward()
         loss_sums += torch.stack([ce.detach(), ga.detach()]).double()
         counts_LE += expert_counts(routing, valid, cfg.num_router_outputs)
@@ -182,22 +179,6 @@ def sft_step(model, batches: list[list[Example]], args, d: Dist, pad_id: int) ->
     ce_val, ga_val = (d.all_reduce(loss_sums) / d.dp).tolist()  # host sync: logging, once per step
     return {"loss": ce_val + ga_val, "ce": ce_val, "ga": ga_val,
             **zero_share_metrics(counts_LE, cfg.num_experts, d), "tokens": int(global_tokens)}
-
-
-def sample_rollouts(args, d: Dist) -> Path:
-    """--teacher/--prompts mode: the teacher answers the prompts first (rank 0, on the training device;
-    resumable), into OUT/rollouts.jsonl."""
-    rollouts = args.out / "rollouts.jsonl"
-    if d.is_main:
-        teacher, tokenizer = load_for_inference(args.teacher, d.device)
-        params = sampling_from_args(args, args.max_new_tokens, prefix="rollout-", model_dir=args.teacher)
-        with torch.no_grad():
-            stats = rollout(teacher, tokenizer, args.prompts, rollouts, params, seed=args.seed,
-                            chat_template_kwargs=args.chat_template_kwargs)
-        d.print(f"rollouts: {json.dumps(stats)}")
-        del teacher
-    d.barrier()
-    return rollouts
 
 
 def max_seq_len(args, cfg: zeda.ModelConfig) -> int:
@@ -211,15 +192,14 @@ def max_seq_len(args, cfg: zeda.ModelConfig) -> int:
     return args.max_seq_len
 
 
-def train(args, d: Dist, stop: dict) -> dict:
+def train(args, d: Dist, stop: dict, swaps: Swaps) -> dict:
     student_cfg = zeda.ModelConfig.from_hf_config(args.student)
     args.max_seq_len = max_seq_len(args, student_cfg)
-    rule = parse_routing(args.routing, student_cfg.num_experts_per_tok)
-    if student_cfg.num_zero_experts == 0 and rule is None:
+    if student_cfg.num_zero_experts == 0 and parse_routing(swaps.routing, student_cfg.num_experts_per_tok) is None:
         raise UsageError(f"{args.student / 'config.json'}: not a converted checkpoint (no zce_nums); run convert.py "
-                         f"first (or fine-tune a static model under --routing topk:K', the static baseline)")
+                         f"first")
     tokenizer = load_tokenizer(args.student)
-    rollouts = args.rollouts or sample_rollouts(args, d)
+    rollouts = args.rollouts
     examples, data_counts = load_rollouts(rollouts, tokenizer, student_cfg.vocab_size, args.max_seq_len,
                                           args.truncate, args.drop_incorrect, args.keep_unfinished,
                                           args.chat_template_kwargs)
@@ -232,14 +212,15 @@ def train(args, d: Dist, stop: dict) -> dict:
     total_steps = args.max_steps or args.epochs * (len(examples) // G)
     trainer = Trainer("sft", args, d, stop, init_from=args.student, total_steps=total_steps)
     model = trainer.load_student()
-    set_routing(model, args.routing)  # the static top-k' baseline trains under its rule; evaluate it with the same
+    set_routing(model, swaps.routing)  # native, or the rule a baseline trains a static model under
     model.train()
     warmup = int(args.warmup_ratio * total_steps)
     pad_id = tokenizer.pad_token_id or 0
 
     def step_fn(step: int) -> dict:
         indices = step_indices(len(examples), step, G, args.seed)
-        return sft_step(model, micro_batches(examples, indices, micro, d), args, d, pad_id)
+        return sft_step(model, micro_batches(examples, indices, micro, d), args, d, pad_id,
+                        swaps.routing_loss or auxiliary_loss)
 
     return trainer.run(step_fn, lambda step: lr_at(step, total_steps, args.lr, warmup, "cosine"),
                        postfix=("loss", "zero_ratio"), summary_extra={**data_counts, "examples_used": len(examples)})
@@ -248,9 +229,8 @@ def train(args, d: Dist, stop: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="train_sft.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--student", type=Path, required=True, help="converted checkpoint folder (convert.py output)")
-    p.add_argument("--rollouts", type=Path, help="rollouts JSONL (messages ending with the teacher's answer)")
-    p.add_argument("--teacher", type=Path, help="teacher folder: sample rollouts first (with --prompts)")
-    p.add_argument("--prompts", type=Path, help="prompts JSONL for --teacher")
+    p.add_argument("--rollouts", type=Path, required=True,
+                   help="rollouts JSONL (messages ending with the teacher's answer; rollout.py writes them)")
     p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, metrics.jsonl)")
     p.add_argument("--max-steps", type=int_range(min=0), default=0, help="optimizer steps (0: --epochs over the data)")
     p.add_argument("--epochs", type=int_range(min=1), default=1, help="epochs when --max-steps is 0 (paper: 1)")
@@ -274,27 +254,19 @@ def parse_args(argv=None):
     add_chat_template_kwargs(p)
     p.add_argument("--show-examples", type=int_range(min=1), default=None, metavar="N",
                    help="print the first N training examples as rendered, loss tokens marked, and exit (reads no "
-                        "weights; needs --rollouts)")
-    p.add_argument("--routing", default="native",
-                   help="native, or a training-free rule the student is fine-tuned under (topk:K' for the static "
-                        "top-k' baseline, on the static teacher; evaluate with evaluate.py --routing the same)")
-    p.add_argument("--seed", type=int_range(min=0), default=0, help="data order and rollout sampling seed")
-    p.add_argument("--max-new-tokens", type=int_range(min=1), default=256, help="rollout answer limit (--teacher mode)")
-    add_sampling_args(p, prefix="rollout-")  # --rollout-temperature/-top-p/-top-k (--teacher mode)
+                        "weights)")
+    p.add_argument("--seed", type=int_range(min=0), default=0, help="data order seed")
     args = p.parse_args(argv)
-    if (args.rollouts is None) == (args.teacher is None or args.prompts is None):
-        p.error("give --rollouts FILE, or --teacher DIR with --prompts FILE")
-    if args.show_examples and args.rollouts is None:
-        p.error("--show-examples needs --rollouts FILE (it shows training data without sampling any)")
     args.dtype = getattr(torch, args.dtype)
     return args
 
 
-def main(argv=None) -> int:
+def main(argv=None, swaps: Swaps | None = None) -> int:
+    """swaps: what a baseline replaces (experiments/variant.py); None trains the method."""
     args = parse_args(argv)
     if args.show_examples:
         return show_examples(args)
-    return run_training("train_sft.py", train, args)
+    return run_training("train_sft.py", train, args, swaps)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def ga_row(name: str, mesh: str, layers: int, d: Dist, repeats: int) -> dict:
                             torch.randn(64, 192, generator=g)) for _ in range(layers)]
     cfg = SimpleNamespace(num_experts=128, num_zero_experts=64, router_scoring="softmax")
     return before_after(name, mesh, f"GA counts ({layers} MoE layers)", before,
-                        lambda: auxiliary_loss(routing, cfg, None, "ga", all_reduce=d.all_reduce), repeats)
+                        lambda: auxiliary_loss(routing, cfg, None, all_reduce=d.all_reduce), repeats)
 
 
 def table(rows: list[dict]) -> str:

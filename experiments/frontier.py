@@ -63,6 +63,11 @@ class Job:
     def done(self) -> bool:
         return (self.folder / self.done_marker).exists()
 
+    @property
+    def resumable(self) -> bool:
+        """A training run (possibly through experiments/variant.py), which continues from its checkpoints."""
+        return "train_sft.py" in self.cmd or "train_opd.py" in self.cmd
+
 
 @dataclass
 class Point:
@@ -121,19 +126,21 @@ def plan(args, teacher: Path, out: Path) -> list[Point]:
             headline_opd = opd_point
     for k in args.static_ft:
         folder = out / f"static-ft-top{k}"
-        job = Job(folder, ["train_sft.py", "--student", str(teacher), "--out", str(folder), *sft_common,
-                           "--routing", f"topk:{k}", "--seed", "0"])
+        job = Job(folder, ["experiments/variant.py", "--routing", f"topk:{k}", "train_sft.py", "--student",
+                           str(teacher), "--out", str(folder), *sft_common, "--seed", "0"])
         points.append(Point(f"static-ft-top{k}", "static top-k' (fine-tuned)", 1 - k / K, folder / "final",
                             routing=f"topk:{k}", needs=[job]))
     for s in args.adamoe_shares:
         z = max(1, round(s / (1 - s) * N))
-        conv = Job(out / f"adamoe-converted-z{z}", ["convert.py", "--input-dir", str(teacher), "--output-dir",
+        conv = Job(out / f"adamoe-converted-z{z}", ["experiments/variant.py", "--normalization", "adamoe",
+                                                     "convert.py", "--input-dir", str(teacher), "--output-dir",
                                                      str(out / f"adamoe-converted-z{z}"), "--num-zero-experts", str(z),
-                                                     "--normalization", "adamoe", "--overwrite"],
+                                                     "--overwrite"],
                    done_marker="config.json")
-        sft = Job(out / f"adamoe-{share_tag(s)}", ["train_sft.py", "--student", str(conv.folder), "--out",
+        sft = Job(out / f"adamoe-{share_tag(s)}", ["experiments/variant.py", "--aux-loss", "switch", "train_sft.py",
+                                                   "--student", str(conv.folder), "--out",
                                                    str(out / f"adamoe-{share_tag(s)}"), *sft_common,
-                                                   "--aux-loss", "switch", "--alpha", str(args.alpha), "--seed", "0"])
+                                                   "--alpha", str(args.alpha), "--seed", "0"])
         points.append(Point(f"adamoe-{share_tag(s)}", "AdaMoE (null experts + Switch loss)", s, sft.folder / "final",
                             needs=[conv, sft]))
     for k in range(K - 1, 0, -1):
@@ -532,7 +539,7 @@ def run_all(args, teacher: Path, out: Path, points: list[Point], known: dict[str
             if not job.done:
                 make_rollouts(args, teacher, out, tick)
                 # --resume continues a run a signal stopped; on an empty folder it starts at step 0
-                run_script(job.cmd + (["--resume"] if job.cmd[0].startswith("train_") else []), args.threads)
+                run_script(job.cmd + (["--resume"] if job.resumable else []), args.threads)
                 tick()
         rep = evaluate_folder(point.model, args.n, args.max_new_tokens, args.batch_size, 0,
                               routing=point.routing, zero_bias=point.zero_bias)

@@ -225,20 +225,21 @@ def rollouts_file(path):
 
 @pytest.mark.parametrize("baseline", ["adamoe", "static_topk"])
 def test_trained_baselines_run_two_steps_and_reload(converted, tmp_path, baseline):
-    import train_sft
-    from zeda.conversion import convert_checkpoint
+    """Both trained baselines through experiments/variant.py and the user's own scripts."""
+    import variant
 
     rollouts = rollouts_file(tmp_path / "r.jsonl")
     if baseline == "adamoe":
         student = tmp_path / "adamoe"
-        convert_checkpoint(converted / "static", student, num_zero=4, progress=False, normalization="adamoe")
-        extra = ["--aux-loss", "switch"]
+        assert variant.main(["--normalization", "adamoe", "convert.py", "--input-dir", str(converted / "static"),
+                             "--output-dir", str(student), "--num-zero-experts", "4"]) == 0
+        swap = ["--aux-loss", "switch"]
     else:
-        student, extra = converted / "static", ["--routing", "topk:1"]
+        student, swap = converted / "static", ["--routing", "topk:1"]
     out = tmp_path / "run"
-    assert train_sft.main(["--student", str(student), "--rollouts", str(rollouts), "--out", str(out),
-                           "--global-batch-size", "2", "--micro-batch-size", "2", "--max-steps", "2", "--lr", "1e-3",
-                           "--device", "cpu", *extra]) == 0
+    assert variant.main([*swap, "train_sft.py", "--student", str(student), "--rollouts", str(rollouts), "--out",
+                         str(out), "--global-batch-size", "2", "--micro-batch-size", "2", "--max-steps", "2",
+                         "--lr", "1e-3", "--device", "cpu"]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     if baseline == "static_topk":  # one of the K slots kept: the skipped ones show as the zero share
@@ -269,8 +270,8 @@ def test_a_routing_baseline_trains_under_fsdp2_on_two_ranks_in_bf16(tmp_path):
 
     d = tiny_sft_setup(tmp_path)
     out = tmp_path / "out"
-    torchrun("train_sft.py", "--student", str(d / "teacher"), "--rollouts", str(d / "r.jsonl"), "--out", str(out),
-             "--routing", "topk:1", "--fsdp", "--dtype", "bfloat16", "--device", "cpu", "--max-steps", "2",
+    torchrun("experiments/variant.py", "--routing", "topk:1", "train_sft.py", "--student", str(d / "teacher"),
+             "--rollouts", str(d / "r.jsonl"), "--out", str(out), "--fsdp", "--dtype", "bfloat16", "--device", "cpu", "--max-steps", "2",
              "--global-batch-size", "4", "--micro-batch-size", "2", "--keep-unfinished")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     K = ModelConfig.from_hf_config(d / "teacher").num_experts_per_tok

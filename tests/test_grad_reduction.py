@@ -101,11 +101,11 @@ def check_auxiliary_loss(d) -> dict:
     cfg = SimpleNamespace(num_experts=4, num_zero_experts=2, router_scoring="softmax")
     valid = torch.tensor([True, True, False, True, True])  # one padding token per rank
     with CountAllReduce() as count:
-        loss = auxiliary_loss(routing_for(d.rank), cfg, valid, "ga", all_reduce=d.all_reduce)
+        loss = auxiliary_loss(routing_for(d.rank), cfg, valid, all_reduce=d.all_reduce)
     mean = float(d.all_reduce(loss)) / d.dp
     # One process over both ranks' tokens, each layer's tokens concatenated.
     both = [RouterOutput(*(torch.cat(pair) for pair in zip(r0, r1))) for r0, r1 in zip(routing_for(0), routing_for(1))]
-    union = float(auxiliary_loss(both, cfg, torch.cat([valid, valid]), "ga"))
+    union = float(auxiliary_loss(both, cfg, torch.cat([valid, valid])))
     return {"calls": count.calls, "mean_loss": mean, "union_loss": union, "own_loss": float(loss)}
 
 

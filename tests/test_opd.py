@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # train_opd.py and convert.py live in the reposit
     sys.path.insert(0, str(ROOT))
 
 import train_opd  # noqa: E402
+import variant  # noqa: E402
 from zeda.conversion import convert_checkpoint  # noqa: E402
 
 VOCAB, Z = 104, 4
@@ -62,11 +63,12 @@ def assets(tmp_path_factory):
     return root
 
 
-def run(assets, out, *extra, student=None, teacher=None, prompts=None):
-    """train_opd.main in-process with the tiny flags (later flags win); -> (exit code, metrics lines)."""
+def run(assets, out, *extra, student=None, teacher=None, prompts=None, loss="ppo"):
+    """train_opd.main in-process with the tiny flags (later flags win), the full-reverse-KL ablation through
+    experiments/variant.py; -> (exit code, metrics lines)."""
     argv = ["--student", str(student or assets / "student"), "--teacher", str(teacher or assets / "teacher"),
             "--prompts", str(prompts or assets / "prompts.jsonl"), "--out", str(out), *TINY, *extra]
-    code = train_opd.main(argv)
+    code = train_opd.main(argv) if loss == "ppo" else variant.main(["--loss", loss, "train_opd.py", *argv])
     path = Path(out) / "metrics.jsonl"
     return code, [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -87,9 +89,9 @@ def single_logprobs(model, e: Example) -> list[float]:
     return lp[e.num_prompt - 1:].tolist()
 
 
-def opd_args(assets, loss="ppo", *extra):
+def opd_args(assets, *extra):
     return train_opd.parse_args(["--student", str(assets / "student"), "--teacher", str(assets / "teacher"),
-                                 "--prompts", "p", "--out", "o", "--loss", loss, *extra])
+                                 "--prompts", "p", "--out", "o", *extra])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +111,9 @@ def spy_on_ppo(monkeypatch) -> dict:
     return seen
 
 
-def step(student, teacher, examples, sampler_logp, args, count):
-    out = train_opd.opd_step(student, teacher, examples, sampler_logp, args, Dist(), 0, float(count))
+def step(student, teacher, examples, sampler_logp, args, count, policy_loss=train_opd.ppo_policy):
+    out = train_opd.opd_step(student, teacher, examples, sampler_logp, args, Dist(), 0, float(count),
+                             policy_loss=policy_loss)
     policy, ga, rkl_sum, gap_sum, _clipped = out["sums"].tolist()
     return policy, ga, rkl_sum, gap_sum, out["counts_LE"]
 
@@ -125,7 +128,7 @@ def test_opd_step_advantage_is_teacher_minus_student_logprob(assets, monkeypatch
     n_answer = sum(len(e.ids) - e.num_prompt for e in examples)
     assert [len(v) for v in old] == [len(e.ids) - e.num_prompt for e in examples]
     seen = spy_on_ppo(monkeypatch)
-    args = opd_args(assets, "ppo", "--loss-aggregation", aggregation)
+    args = opd_args(assets, "--loss-aggregation", aggregation)
     count = len(examples) if aggregation == "sequence" else n_answer
     policy, ga, rkl_sum, gap_sum, counts = step(student, teacher, examples, old, args, count)
 
@@ -163,7 +166,7 @@ def test_sequence_and_token_aggregation_weigh_answers_differently(assets, monkey
     for aggregation, count in (("sequence", len(examples)), ("token", n_answer)):
         student.zero_grad(set_to_none=True)
         step(student, teacher, examples, [[0.0] * (len(e.ids) - e.num_prompt) for e in examples],
-             opd_args(assets, "ppo", "--loss-aggregation", aggregation, "--alpha", "0"), count)
+             opd_args(assets, "--loss-aggregation", aggregation, "--alpha", "0"), count)
         grads[aggregation] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
     assert not torch.allclose(grads["sequence"], grads["token"], rtol=1e-3, atol=1e-7)
 
@@ -194,7 +197,7 @@ def test_old_logprobs_use_the_sampling_temperature(assets, monkeypatch):
     teacher.requires_grad_(False)
     examples = hand_batch()
     seen = spy_on_ppo(monkeypatch)
-    step(student, teacher, examples, None, opd_args(assets, "ppo", "--temperature", "0.5"), len(examples))
+    step(student, teacher, examples, None, opd_args(assets, "--temperature", "0.5"), len(examples))
     for b, e in enumerate(examples):
         with torch.no_grad():
             at_t = token_logprobs(student, torch.tensor([e.ids]), temperature=0.5)[0, e.num_prompt - 1:]
@@ -212,8 +215,8 @@ def test_opd_step_full_reverse_kl_is_exact_kl(assets, aggregation):
     examples = hand_batch()
     n_answer = sum(len(e.ids) - e.num_prompt for e in examples)
     count = len(examples) if aggregation == "sequence" else n_answer
-    policy, ga, rkl_sum, _, _ = step(student, teacher, examples, None,
-                                     opd_args(assets, "full-reverse-kl", "--loss-aggregation", aggregation), count)
+    policy, ga, rkl_sum, _, _ = step(student, teacher, examples, None, opd_args(assets, "--loss-aggregation",
+                                     aggregation), count, policy_loss=variant.full_reverse_kl_policy)
     # direct: each sequence alone (no padding), KL(p_s || p_t) over the vocabulary at every answer position
     kl_per_seq, rkl_direct = [], 0.0
     with torch.no_grad():
@@ -344,7 +347,7 @@ def test_truncation_rate_counts_every_truncated_answer(assets, tmp_path, monkeyp
 
 @pytest.mark.parametrize("loss", ["ppo", "full-reverse-kl"])
 def test_student_as_its_own_teacher_gives_zero_signal(assets, tmp_path, loss):
-    code, metrics = run(assets, tmp_path / "run", "--max-steps", "1", "--loss", loss, teacher=assets / "student")
+    code, metrics = run(assets, tmp_path / "run", "--max-steps", "1", loss=loss, teacher=assets / "student")
     assert code == 0 and len(metrics) == 1
     m = metrics[0]
     # the sampler's KV-cache log-probs (ppo) or the training forward's (full KL) vs the teacher's full forward:
@@ -355,7 +358,7 @@ def test_student_as_its_own_teacher_gives_zero_signal(assets, tmp_path, loss):
 
 
 def test_full_reverse_kl_run(assets, tmp_path, basic_run):
-    code, metrics = run(assets, tmp_path / "run", "--loss", "full-reverse-kl")
+    code, metrics = run(assets, tmp_path / "run", loss="full-reverse-kl")
     assert code == 0 and [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert m["policy_loss"] > 0  # the exact KL of two different models

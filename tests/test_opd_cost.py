@@ -97,7 +97,7 @@ def test_one_update_per_rollout_runs_one_student_and_one_teacher_forward_with_th
     routing = []
     new_logp = token_logprobs(student, ids, attn, routing=routing)
     policy = ppo_clip_loss(new_logp, old_logp, reverse_kl_advantage(t_logp, old_logp), mask.float(), 0.2, count)
-    ga = auxiliary_loss(routing, student.config, attn.reshape(-1).bool(), "ga", args.alpha, args.w)
+    ga = auxiliary_loss(routing, student.config, attn.reshape(-1).bool(), args.alpha, args.w)
     (policy + ga).backward()
     reference = gradients(student)
     student.zero_grad(set_to_none=True)
@@ -273,7 +273,7 @@ def test_routing_replay_routes_every_answer_token_as_the_sampler_in_bf16(assets)
     assert differ > 0  # without replay, bf16 rounding routes some answer tokens to other experts (4 here)
 
 
-def test_opd_step_trains_on_the_replayed_routing(assets, monkeypatch):
+def test_opd_step_trains_on_the_replayed_routing(assets):
     """opd_step hands each micro-batch's forward its sequences' recorded experts (sorted into micro-batches)."""
     student, teacher = models(assets)
     examples = batch()
@@ -281,13 +281,12 @@ def test_opd_step_trains_on_the_replayed_routing(assets, monkeypatch):
     # sequence b, layer l: experts b and b + 4 + l at every token the sampler processed
     recorded = [torch.stack([torch.tensor([b % E, (b + 4 + layer) % E]).expand(len(e.ids) - 1, K)
                              for layer in range(L)]).to(torch.int16) for b, e in enumerate(examples)]
-    routings, real_aux = [], train_opd.auxiliary_loss
-    monkeypatch.setattr(train_opd, "auxiliary_loss",
-                        lambda routing, *a: routings.append(routing) or real_aux(routing, *a))
+    routings = []
     args = opd_args(assets, "--routing-replay", "--max-tokens-per-micro-batch", "24")
     batches = train_opd.micro_batches(examples, 24, Dist())
     assert len(batches) == 2
-    train_opd.opd_step(student, teacher, examples, None, args, Dist(), 0, 3.0, routed_ids=recorded)
+    train_opd.opd_step(student, teacher, examples, None, args, Dist(), 0, 3.0, routed_ids=recorded,
+                       routing_loss=lambda routing, *a: routings.append(routing) or auxiliary_loss(routing, *a))
     for mb, routing in zip(batches, routings, strict=True):
         T = max(len(examples[i].ids) for i in mb)
         for layer, r in enumerate(routing):

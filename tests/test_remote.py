@@ -370,7 +370,6 @@ def test_opd_with_a_teacher_server_gives_the_in_process_teachers_metrics(server,
 
 def test_opd_refuses_what_needs_the_in_process_teacher(server, student, prompts, tmp_path, capsys):
     for flags, words in ((["--teacher", str(TEACHER), "--teacher-url", server[0]], "not both"),
-                         (["--teacher-url", server[0], "--loss", "full-reverse-kl"], "--loss full-reverse-kl needs"),
                          (["--teacher", str(TEACHER), "--teacher-model", "x"], "--teacher-model names the model"),
                          ([], "one of --teacher (a model folder) or --teacher-url (a URL) is required")):
         with pytest.raises(SystemExit) as exc:

@@ -92,18 +92,14 @@ def group_aux_loss(routing, num_experts: int, num_zero: int, valid_T: torch.Tens
     return total
 
 
-def auxiliary_loss(routing, cfg, valid_T: torch.Tensor | None, kind: str = "ga", alpha: float = 0.1, w: float = 2.0,
+def auxiliary_loss(routing, cfg, valid_T: torch.Tensor | None, alpha: float = 0.1, w: float = 2.0,
                    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
                    counts: str = "scores") -> torch.Tensor:
-    """The routing loss a training stage adds: ZEDA's Group Auxiliary Loss ("ga"), or, for the AdaMoE baseline,
-    alpha times a Switch-style balance loss over all N + Z outputs ("switch", averaged over MoE layers, counts
-    per rank). A model without zero experts (the static top-k' baseline) gets none."""
+    """The routing loss a training stage adds: ZEDA's Group Auxiliary Loss summed over MoE layers. A model
+    without zero experts (a static model fine-tuned under a baseline's routing) gets none. A baseline swaps in
+    its own with the same signature (experiments/variant.py: AdaMoE's Switch loss)."""
     if not cfg.num_zero_experts:
         return torch.zeros((), device=routing[0].logits_TE.device)
-    if kind == "switch":
-        return alpha * load_balancing_loss(routing, cfg.num_router_outputs, valid_T, cfg.router_scoring)
-    if kind != "ga":
-        raise ValueError(f"kind must be ga or switch, got {kind!r}")
     return group_aux_loss(routing, cfg.num_experts, cfg.num_zero_experts, valid_T, cfg.router_scoring, alpha, w,
                           all_reduce, counts)
 

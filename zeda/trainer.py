@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,6 +52,18 @@ EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal number, as 
 
 
 # ----------------------------------------------------------------------------- schedule and optimizer
+
+@dataclass(frozen=True)
+class Swaps:
+    """Pieces of a training stage that a baseline or an ablation replaces (experiments/variant.py builds one);
+    the defaults are the method, and the scripts run with none: train_sft.main(argv, swaps),
+    train_opd.main(argv, swaps). `name` is kept with the run's settings, so --resume refuses to continue a run
+    under other swaps."""
+    name: str = "zeda"
+    routing: str = "native"  # train_sft: the student trains under this zeda/baselines.py rule (static top-k')
+    routing_loss: Callable | None = None  # replaces zeda/losses.py:auxiliary_loss (same signature)
+    policy_loss: Callable | None = None  # train_opd: replaces train_opd.py:ppo_policy (same signature)
+
 
 def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: str = "cosine") -> float:
     """Linear warmup over warmup_steps, then cosine to 0 over the remaining steps (or constant)."""
@@ -275,9 +288,6 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float_range(min=0), default=0.1, help="Group Auxiliary Loss weight")
     p.add_argument("--w", type=float_range(above=0), default=2.0,
                    help="GA zero-group weight: targets zero share wZ/(N+wZ)")
-    p.add_argument("--aux-loss", default="ga", choices=["ga", "switch"],
-                   help="ga: ZEDA's Group Auxiliary Loss; switch: a Switch-style balance loss over all N+Z experts "
-                        "(the AdaMoE baseline), weighted by --alpha")
     p.add_argument("--ga-counts", default="scores", choices=["scores", "routing"],
                    help="what the GA loss's f counts: a fresh top-K of the normalised scores, without GLM's "
                         "correction bias (the authors'), or the slots actually routed")
@@ -297,7 +307,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="recompute block activations in backward (less memory, ~1/3 more compute)")
 
 
-def run_training(script: str, train, args) -> int:
+def run_training(script: str, train, args, swaps: Swaps | None = None) -> int:
     """A training script's main(): start the process group, train with clean stops on signals, report what a
     user caused as one line on stderr with exit code 2 (nothing half-written: checkpoints are atomic). A run
     stopped by a signal exits 130 (SIGINT) or 143 (SIGTERM) after saving, so a caller can tell it from a
@@ -309,7 +319,9 @@ def run_training(script: str, train, args) -> int:
         return 2
     try:
         with stop_on_signals(restore=d.world == 1) as stop:
-            summary = train(args, d, stop)
+            swaps = swaps or Swaps()
+            args.variant = swaps.name  # kept with the settings: a resume under other swaps is refused
+            summary = train(args, d, stop, swaps)
     except (ZedaError, OSError, FloatingPointError) as e:
         print(f"{script}: error: {e}", file=sys.stderr)
         return 2
