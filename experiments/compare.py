@@ -1,10 +1,12 @@
 """Compare two checkpoints' greedy answers item by item: where the model's answer parts from the reference's.
 
-    python experiments/compare.py --reference assets/qwen3_moe_teacher --model runs/pipeline/sft/final --max-new-tokens 160
-    python experiments/compare.py --reference runs/pipeline/sft/final --model runs/pipeline/opd/final --tasks math --n 1000
+    python experiments/compare.py --reference assets/qwen3_moe_teacher --model runs/pipeline/sft/final \
+        --max-new-tokens 160
+    python experiments/compare.py --reference runs/pipeline/sft/final --model runs/pipeline/opd/final \
+        --tasks math --n 1000
 
 For every item of the task suite that exactly one of the two answers correctly, it finds the first generated
-token where their greedy answers differ and reads both models' probabilities there (experiments/divergence.py): a near
+token where their greedy answers differ and reads both models' probabilities there (divergence.py): a near
 tie of the reference (p of its own token < 0.7) is close to a coin flip, a confident disagreement (reference
 p >= 0.95, several nats of KL) is something the model learned differently. The held-out slice of the train split
 is the default split, since this is for deciding what to change; --split test reads the test split.

@@ -4,7 +4,7 @@ would pick instead, every method scored on the same test items (greedy) with exp
     python experiments/frontier.py --arch qwen3_moe          # about an hour on a 2-core CPU; run it again to continue
     python experiments/frontier.py --arch glm4_moe_lite
     make frontier                                 # both teachers, one after the other
-    python experiments/frontier.py --arch qwen3_moe --report  # only rebuild the table, JSON and plot from what is measured
+    python experiments/frontier.py --arch qwen3_moe --report   # only rebuild the table, JSON and plot
 
 Methods (docs/results.md explains each; zeda/baselines.py holds the training-free rules):
   ZEDA SFT / ZEDA SFT+OPD   convert (Z = N/2), SFT with the GA weight w set for each target zero share
@@ -87,7 +87,8 @@ def share_tag(s: float) -> str:
 
 
 def plan(args, teacher: Path, out: Path) -> list[Point]:
-    """Every point (and through it, the jobs it needs) of the frontier, in the order they run (the most telling first)."""
+    """Every point (and through it, the jobs it needs) of the frontier, in the order they run (the most telling
+    first)."""
     cfg = ModelConfig.from_hf_config(teacher)
     N, K = cfg.num_experts, cfg.num_experts_per_tok
     Z = N // 2

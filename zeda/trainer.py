@@ -8,8 +8,8 @@ A run lives in one output folder OUT:
     OUT/summary.json     what the run did, for people and for the pipeline
 Checkpoints hold the HF-layout weights, the optimizer state (safetensors, keyed '<parameter>::<field>', no
 pickle) and the trainer state (JSON), written to a temporary folder and renamed: a crash never leaves half a
-checkpoint (zeda/checkpoint.py:save_training_checkpoint). Data order and sampling seeds are functions of the step, so a resumed run does exactly what the
-uninterrupted one would have. SIGTERM / Ctrl-C finish the current step, save, and exit 143 / 130 with the
+checkpoint (zeda/checkpoint.py:save_training_checkpoint). Data order and sampling seeds are functions of the
+step, so a resumed run does exactly what the uninterrupted one would have. SIGTERM / Ctrl-C finish the current step, save, and exit 143 / 130 with the
 command to resume; a non-finite loss stops the run naming the step, before anything is saved.
 
     with stop_on_signals() as stop:                   # run_training(script, train, args) does this part
