@@ -16,6 +16,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before anything imports
+# triton: set here, for the whole session, so that no test's order decides it (tests/test_kernels.py).
+if not torch.cuda.is_available():
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def torchrun(*args, timeout=600, nproc=2):
     """Run a script under `torchrun --standalone` with nproc CPU processes (gloo); asserts it exits 0."""
