@@ -331,6 +331,40 @@ def test_chunked_head_equals_the_full_log_softmax_in_value_and_gradient():
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("frozen", ["none", "weight", "hidden"])
+def test_chunked_head_gradient_matches_plain_autograd(dtype, frozen):
+    """target_logprobs' hand-written backward (the last chunk's log-softmax kept, the others recomputed, the
+    head's gradient accumulated in place) against autograd through the plain computation in the same dtype:
+    chunks that do and do not divide the tokens, a frozen head (teacher-style) or frozen hidden states, and an
+    upstream gradient that differs per token."""
+    torch.manual_seed(4)
+    hidden0, weight0 = torch.randn(3, 11, 16).to(dtype), (torch.randn(37, 16) * 0.3).to(dtype)
+    targets = torch.randint(0, 37, (3, 11))
+    upstream = torch.randn(3, 11)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for chunk in (1, 5, 33, 1000):
+        for temperature in (1.0, 0.7):
+            grads = []
+            for plain in (True, False):
+                hidden = hidden0.clone().requires_grad_(frozen != "hidden")
+                weight = weight0.clone().requires_grad_(frozen != "weight")
+                if plain:
+                    logits = (hidden @ weight.T).float() / temperature
+                    out = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+                else:
+                    out = target_logprobs(hidden, weight, targets, temperature, chunk=chunk)
+                (out * upstream).sum().backward()
+                grads.append((out.detach(), hidden.grad, weight.grad))
+            (o_ref, h_ref, w_ref), (o, h, w) = grads
+            torch.testing.assert_close(o, o_ref, **tol)
+            for a, b in ((h, h_ref), (w, w_ref)):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.dtype == dtype
+                    torch.testing.assert_close(a.float(), b.float(), **tol)
+
 # ----------------------------------------------------------------------------------------------
 # PPO-clipped loss and the reverse-KL advantage
 

@@ -211,3 +211,32 @@ def test_backends_agree_forward_and_backward(dtype, share):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     if share == 1.0:
         assert not results["loop"][0].any() and not results["loop"][2].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_combine_equals_the_slot_order_sum_in_value_and_gradient(dtype, share):
+    """LocalDispatcher.combine (on CPU: weighted real rows index_add_-ed into their tokens) against the plain
+    slot-order sum over a [T*K, H] buffer where zero slots are zero rows, forward and backward."""
+    T, K, N, Z, H = 29, 3, 5, 3, 16
+    weights0, ids = random_routing(T, K, N, Z, share, 11)
+    ids[0] = N  # token 0: every slot on a zero expert
+    keep = ids < N
+    x_MH0, _, plan = moe.LocalDispatcher().dispatch(torch.randn(T, H), ids, keep, N)
+    y_MH0 = torch.randn(x_MH0.shape[0], H).to(dtype)
+
+    def reference(y_MH, weights_TK):
+        y_SH = torch.zeros(T * K, H, dtype=dtype).index_copy(0, plan.slot_of_row_M, y_MH)
+        return (y_SH.view(T, K, H) * weights_TK.unsqueeze(-1)).sum(1).to(dtype)
+
+    out = {}
+    for name, fn in (("combine", moe.LocalDispatcher().combine), ("reference", None)):
+        y_MH, weights = y_MH0.clone().requires_grad_(), weights0.clone().requires_grad_()
+        y_TH = fn(y_MH, weights, plan) if fn else reference(y_MH, weights)
+        y_TH.backward(torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype))
+        out[name] = (y_TH, y_MH.grad, weights.grad)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(out["combine"], out["reference"]):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    assert torch.equal(out["combine"][0][0], torch.zeros(H, dtype=dtype))  # all-zero token: exactly zero
+    assert not out["combine"][2][~keep].any()  # zero slots' weights get no gradient through the experts

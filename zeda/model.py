@@ -15,9 +15,9 @@ What is special here:
   it and clears it (an attribute rather than a list argument: FSDP2 may copy arguments, and activation
   checkpointing re-runs a block's forward in backward).
 - `forward(..., targets=ids)` returns the log-probability of each target token instead of logits, computed a
-  chunk of tokens at a time and recomputed in backward (target_logprobs): the losses never hold [B, T, V]
-  logits, which at V = 151,936 and T = 32k would be ~20 GB per sequence in fp32; token_logprobs scores given
-  sequences with it (teacher and student in OPD).
+  chunk of tokens at a time and (all but the last chunk) recomputed in backward (target_logprobs): the losses
+  never hold [B, T, V] logits, which at V = 151,936 and T = 32k would be ~20 GB per sequence in fp32;
+  token_logprobs scores given sequences with it (teacher and student in OPD).
 
 Shape letters: B batch, T new tokens, S keys (cache + new), H hidden, D head dim, V vocabulary.
 """
@@ -37,25 +37,76 @@ HEAD_CHUNK_ELEMENTS = 2**26  # logits held at once by target_logprobs: 256 MB of
 
 
 def _chunk_logprobs(hidden_CH, weight_VH, targets_C, temperature: float):
+    """(log softmax of this chunk's logits [C, V] fp32, log-prob of each target [C])."""
     logits_CV = F.linear(hidden_CH, weight_VH).float() / temperature  # [C, V], this chunk only
-    return logits_CV.gather(-1, targets_C[:, None]).squeeze(-1) - logits_CV.logsumexp(-1)  # [C]
+    logp_CV = logits_CV.log_softmax(-1)  # as F.cross_entropy (transformers' loss) computes it
+    return logp_CV, logp_CV.gather(-1, targets_C[:, None]).squeeze(-1)
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    """target_logprobs under autograd, chunk by chunk, with a hand-written backward.
+
+    Forward keeps no [C, V] logits but the last chunk's log-softmax; backward recomputes the others' (as
+    activation checkpointing would) but never the last chunk's (the head runs last in forward and first in
+    backward, so that chunk is alive anyway: at a few thousand tokens it is the only chunk), and it adds each
+    chunk's head-weight gradient in place into one [V, H] buffer instead of building one per chunk and summing.
+    With z = h W^T / temperature and out = log softmax(z)[target]:
+        d out / d z = onehot(target) - softmax(z);  dh = dz W / temperature;  dW = dz^T h / temperature."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature: float, chunk: int):
+        out, logp_CV = [], None
+        for s in range(0, hidden_NH.shape[0], chunk):
+            logp_CV, out_C = _chunk_logprobs(hidden_NH[s:s + chunk], weight_VH, targets_N[s:s + chunk], temperature)
+            out.append(out_C)
+        ctx.save_for_backward(hidden_NH, weight_VH, targets_N)
+        # the last chunk's [C, V] log-softmax, for backward (an intermediate, not an input: kept on ctx)
+        ctx.last_logp_CV, ctx.temperature, ctx.chunk = logp_CV, temperature, chunk
+        return torch.cat(out) if out else hidden_NH.new_empty(0, dtype=torch.float32)  # [N]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_N):
+        hidden_NH, weight_VH, targets_N = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(hidden_NH) if want_h else None
+        grad_w = None
+        starts = list(range(0, hidden_NH.shape[0], ctx.chunk))
+        for s in reversed(starts):  # the last chunk first, while its kept log-softmax is still there
+            h_CH, y_C, g_C = hidden_NH[s:s + ctx.chunk], targets_N[s:s + ctx.chunk], grad_N[s:s + ctx.chunk]
+            if ctx.last_logp_CV is not None:
+                logp_CV, ctx.last_logp_CV = ctx.last_logp_CV, None
+            else:
+                logp_CV = _chunk_logprobs(h_CH, weight_VH, y_C, ctx.temperature)[0]  # the recompute
+            # dz = g * (onehot - softmax), in place over the log-softmax: [C, V] fp32, then / temperature
+            dz_CV = logp_CV.exp_().mul_(-g_C.float()[:, None])
+            dz_CV.scatter_add_(1, y_C[:, None], g_C.float()[:, None])
+            if ctx.temperature != 1.0:
+                dz_CV.div_(ctx.temperature)
+            dz_CV = dz_CV.to(hidden_NH.dtype)  # the gradient of .float(): back to the GEMM's dtype
+            if want_h:
+                torch.mm(dz_CV, weight_VH, out=grad_h[s:s + ctx.chunk])  # [C, H]
+            if want_w:
+                if grad_w is None:
+                    grad_w = dz_CV.t().mm(h_CH)  # [V, H]
+                else:
+                    grad_w.addmm_(dz_CV.t(), h_CH)  # in place: one [V, H] buffer for all chunks
+        return grad_h, grad_w, None, None, None
 
 
 def target_logprobs(hidden_BTH, weight_VH, targets_BT, temperature: float = 1.0, chunk: int | None = None):
     """log softmax(hidden @ W^T / temperature)[target], fp32 [B, T], without ever holding [B, T, V].
 
-    Tokens are taken `chunk` at a time (default: HEAD_CHUNK_ELEMENTS / V); under autograd each chunk is
-    checkpointed, so its [chunk, V] logits are recomputed in backward rather than kept. Peak extra memory grows
-    with the chunk and T*H, not with T*V."""
+    Tokens are taken `chunk` at a time (default: HEAD_CHUNK_ELEMENTS / V); under autograd only the last chunk's
+    [chunk, V] log-softmax is kept for backward, the others are recomputed there (_TargetLogprobs). Peak extra
+    memory grows with the chunk and T*H, not with T*V."""
     B, T, H = hidden_BTH.shape
     chunk = chunk or max(1, HEAD_CHUNK_ELEMENTS // weight_VH.shape[0])
     hidden_NH, targets_N = hidden_BTH.reshape(B * T, H), targets_BT.reshape(B * T)
-    grad = torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad)
-    out = []
-    for s in range(0, B * T, chunk):
-        args = (hidden_NH[s:s + chunk], weight_VH, targets_N[s:s + chunk], temperature)
-        out.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad
-                   else _chunk_logprobs(*args))
+    if torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad):
+        return _TargetLogprobs.apply(hidden_NH, weight_VH, targets_N, temperature, chunk).view(B, T)
+    out = [_chunk_logprobs(hidden_NH[s:s + chunk], weight_VH, targets_N[s:s + chunk], temperature)[1]
+           for s in range(0, B * T, chunk)]
     return torch.cat(out).view(B, T)
 
 

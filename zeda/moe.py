@@ -132,12 +132,23 @@ class LocalDispatcher:
         expert_M, order = expert_M.sort(stable=True)  # stable: deterministic row order within an expert
         slot_M = slot_M[order]
         counts_N = torch.bincount(expert_M, minlength=num_experts)  # [N]
-        x_MH = x_TH[slot_M // K]  # [M, H] only real slots are gathered
+        # [M, H] only real slots are gathered; index_select, whose backward is an index_add_ of the M rows (x[i]'s
+        # is an accumulating index_put_, slower on CPU)
+        x_MH = x_TH.index_select(0, slot_M // K)
         return x_MH, counts_N, DispatchPlan(slot_M, T, K)
 
     def combine(self, y_MH, weights_TK, plan: DispatchPlan):
-        """y_TH[t] = sum_k w[t, k] * y[slot (t, k)], summed in slot order (deterministic, no atomics)."""
+        """y_TH[t] = sum_k w[t, k] * y[slot (t, k)] over t's real slots, in fp32.
+
+        On CPU each real row is weighted and added into its token's row (index_add_, which adds in row order:
+        deterministic): only the M real rows are touched, so the work shrinks with the zero share, and a token
+        whose slots are all zero stays exactly zero. Elsewhere index_add_ would use atomics (a run-dependent
+        sum), so the rows are scattered into [T*K, H] slot order and summed over k there (deterministic)."""
         T, K = plan.num_tokens, plan.top_k
+        if y_MH.device.type == "cpu":
+            w_M1 = weights_TK.flatten()[plan.slot_of_row_M].unsqueeze(-1)  # [M, 1] fp32
+            y_TH = y_MH.new_zeros(T, y_MH.shape[1], dtype=w_M1.dtype)  # [T, H] fp32
+            return y_TH.index_add_(0, plan.slot_of_row_M // K, y_MH * w_M1).to(y_MH.dtype)
         y_SH = y_MH.new_zeros(T * K, y_MH.shape[1])  # [T*K, H]; zero slots stay exactly zero
         y_SH = y_SH.index_copy(0, plan.slot_of_row_M, y_MH)
         y_TKH = y_SH.view(T, K, y_MH.shape[1]) * weights_TK.unsqueeze(-1)  # fp32 weights: product in fp32
