@@ -1,4 +1,4 @@
-"""The naive reference generator that the engine (zeda/generation.py) and the server's scheduler are tested
+"""The naive reference generator that the engine (zeda/generation.py: generate() and the Decoder) is tested
 against: one prompt, no KV cache, the whole sequence recomputed by a plain forward at every step, host syncs
 wherever convenient. It shares only sampling (zeda/sampling.py) with the engine, so that with the same seed both
 draw the same tokens; everything else -- the cache, left padding, masks, the step function, the statistics'

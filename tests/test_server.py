@@ -1,5 +1,5 @@
 """The HTTP server (zeda/server.py) and what it needs from the engine (zeda/generation.py): per-row sampling
-parameters and seeds, and the Decoder (zeda/scheduler.py) that lets rows join and leave between decode steps.
+parameters and seeds, and the Decoder (zeda/generation.py) that lets rows join and leave between decode steps.
 
 Servers run in-process (uvicorn in a thread on a free loopback port; the model loads once per checkpoint) and
 are driven with the official `openai` client, or with raw http.client where a body must be malformed. What each
@@ -27,7 +27,7 @@ from zeda.evaluation import Item, encode_items, pad_id, stop_ids
 from zeda.generation import generate
 from zeda.loading import load_for_inference
 from zeda.sampling import SamplingParams
-from zeda.scheduler import Decoder
+from zeda.generation import Decoder
 from zeda.server import ServerOptions, TextStream, create_app, listen, uvicorn_config
 from zeda_toy.tiny import make_tiny_checkpoint
 from zeda_toy.tokenizer import save_tokenizer

@@ -1,5 +1,5 @@
 """Log-probs over HTTP (zeda/server.py): /v1/completions `logprobs` + `echo` + lists of prompts, /v1/chat/completions
-`logprobs` + `top_logprobs`, streamed or not, and the engine's part (scheduler.Decoder's row.logprobs).
+`logprobs` + `top_logprobs`, streamed or not, and the engine's part (generation.Decoder's row.logprobs).
 
 Every value is checked against an independent reference on the same tokens: zeda.model.token_logprobs (the
 chunked head OPD scores with) for the chosen tokens, and log_softmax of a plain full forward for the most likely
@@ -23,7 +23,7 @@ from zeda.generation import generate
 from zeda.loading import load_for_inference
 from zeda.model import token_logprobs
 from zeda.sampling import SamplingParams
-from zeda.scheduler import Decoder
+from zeda.generation import Decoder
 from zeda.server import ServerOptions, score_prompts, token_bytes
 from zeda_toy.tiny import make_tiny_checkpoint
 from zeda_toy.tokenizer import save_tokenizer

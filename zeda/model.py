@@ -146,9 +146,9 @@ def apply_rope(x_BhTD, cos_BTD, sin_BTD, interleave: bool = False):
 class KVCache:
     """Static per-layer key/value buffers [B, heads, max_len, D]; every row writes at the same column (prompts
     are left-padded). Two ways to write, one for each kind of forward (CausalLM.forward):
-    - in order (input_pos None: the prefill, the eager decode, the server's scheduler): a forward's T new
-      keys go to columns [length, length + T) and attention reads [0, length + T); `length`, a Python int, says
-      how much is filled, so the shapes grow by one column each decode step.
+    - in order (input_pos None: the prefill and the eager decode): a forward's T new keys go to columns
+      [length, length + T) and attention reads [0, length + T); `length`, a Python int, says how much is filled,
+      so the shapes grow by one column each decode step.
     - at given columns (input_pos, a device tensor: the compiled decode, gpt-fast's KVCache): index_copy_ writes
       them and attention reads the whole width max_len, columns not yet written masked out, so no shape changes
       from step to step and nothing reads the position on the host. `length` is left as it was."""

@@ -1,5 +1,5 @@
 """Sampling: what turns a row of logits into the next token, shared by every generation path (zeda/generation.py's
-engine, the server's scheduler, train_opd.py's rollouts) and the command-line flags that set it.
+decode loop: evaluation, rollouts, OPD sampling, the server) and the command-line flags that set it.
 
     params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=256)
     tokens_B, logprobs_B = sample(logits_BV, params, make_generator(seed, device))

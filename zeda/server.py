@@ -7,7 +7,7 @@ Endpoints: POST /v1/chat/completions and POST /v1/completions (JSON, or server-s
 "stream": true), GET /v1/models, GET /health. FastAPI routes and validates, uvicorn speaks HTTP; this file only
 says what a request means and how requests share the engine.
 
-Batching (continuous): one worker thread owns a scheduler.Decoder of --max-batch-size rows. Between two decode
+Batching (continuous): one worker thread owns a generation.Decoder of --max-batch-size rows. Between two decode
 steps it moves the requests that are waiting into the free rows (their prompts are prefilled and join the
 shared KV cache), then runs one step for every row; each row has its own SamplingParams and seed, so a seeded
 request samples exactly what it would alone. After each step the worker decodes each row's token, streams the
@@ -79,7 +79,7 @@ from zeda.evaluation import pad_id, stop_ids
 from zeda.generation import left_pad
 from zeda.model import HEAD_CHUNK_ELEMENTS, CausalLM
 from zeda.sampling import SamplingParams
-from zeda.scheduler import Decoder, Row
+from zeda.generation import Decoder, Row
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: about one answer of a small model
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
@@ -399,7 +399,7 @@ def decoded_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
 def score_prompts(model: CausalLM, prompts: list[list[int]], tops: list[int],
                   pad: int) -> list[list[tuple[float, list[tuple[int, float]]]]]:
     """For each prompt, for each of its tokens after the first: (log p(token | the tokens before it), the
-    tops[i] most likely (token, log-prob) there), under the model's own distribution, as the scheduler's Decoder
+    tops[i] most likely (token, log-prob) there), under the model's own distribution, as the engine's Decoder
     reports an answer's tokens. Prompts are left-padded together, SCORE_TOKENS at most per forward; the head runs
     HEAD_CHUNK_ELEMENTS logits at a time, so [T, V] is never held whole."""
     device, V = model.lm_head.weight.device, model.lm_head.weight.shape[0]
