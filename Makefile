@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) pipeline.py
 
+# Two worker processes (pytest-xdist), a test file per worker at a time: a file's module fixtures (the torchrun
+# runs of test_parallel, say) are built once. `pytest tests/test_x.py` alone runs in one process as usual.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The accuracy-compute frontier of both shipped teachers (about an hour each on a 2-core CPU; resumable).
 frontier: install
