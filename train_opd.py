@@ -376,7 +376,7 @@ def train(args, d: Dist, stop: dict, swaps: Swaps) -> dict:
             teacher_logp = served_teacher_logprobs(server, teacher_name, examples, args.teacher_concurrency,
                                                    tokenizer if check_tokens else None)
             check_tokens = False
-        if K > 1:
+        if K > 1 and swaps.reads_rollout_scores:
             student.train()
             scored, old_logp = score_rollout(student, teacher, examples, gen.routed_ids, args, d, pad_id)
             teacher_logp = scored if server is None else teacher_logp

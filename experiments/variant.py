@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         return convert.main(args.script_args, normalization=args.normalization)
     swaps = Swaps(name=args.name, routing=args.routing,
                   routing_loss=switch_loss if args.aux_loss == "switch" else None,
-                  policy_loss=full_reverse_kl_policy if args.loss == "full-reverse-kl" else None)
+                  policy_loss=full_reverse_kl_policy if args.loss == "full-reverse-kl" else None,
+                  reads_rollout_scores=args.loss != "full-reverse-kl")  # it takes both models' full logits itself
     return SCRIPTS[args.script](args.script_args, swaps)
 
 

@@ -216,6 +216,26 @@ def test_updates_per_rollout_refusals(assets, two_updates, tmp_path, capsys):
         opd_args(assets, "--updates-per-rollout", "0")
 
 
+def test_several_updates_score_the_rollout_once_and_the_full_kl_ablation_not_at_all(assets, tmp_path, monkeypatch):
+    """With K updates per rollout the method scores each rollout once up front (the old policy and the teacher,
+    no grad); the full-reverse-KL ablation takes both models' full logits in every update, so scoring the rollout
+    for it would be two wasted forwards."""
+    import variant
+
+    calls = []
+    real = train_opd.score_rollout
+    monkeypatch.setattr(train_opd, "score_rollout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    code, metrics = run(assets, tmp_path / "ppo", "--max-steps", "2", "--updates-per-rollout", "2")
+    assert code == 0 and len(metrics) == 2 and calls == [1]
+    argv = ["--student", str(assets / "student"), "--teacher", str(assets / "teacher"), "--prompts",
+            str(assets / "prompts.jsonl"), "--out", str(tmp_path / "kl"), *TINY, "--max-steps", "2",
+            "--updates-per-rollout", "2"]
+    assert variant.main(["--loss", "full-reverse-kl", "train_opd.py", *argv]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["policy_loss"] > 0 for m in metrics)
+    assert calls == [1]  # none more
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. routing replay
 

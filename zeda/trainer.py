@@ -63,6 +63,9 @@ class Swaps:
     routing: str = "native"  # train_sft: the student trains under this zeda/baselines.py rule (static top-k')
     routing_loss: Callable | None = None  # replaces zeda/losses.py:auxiliary_loss (same signature)
     policy_loss: Callable | None = None  # train_opd: replaces train_opd.py:ppo_policy (same signature)
+    # train_opd, --updates-per-rollout > 1: whether policy_loss reads the old policy's and the teacher's log-probs
+    # of the rollout (score_rollout, one no-grad forward of each per rollout); a loss that takes its own does not
+    reads_rollout_scores: bool = True
 
 
 def lr_at(step: int, total: int, peak: float, warmup_steps: int = 0, schedule: str = "cosine") -> float:
