@@ -49,8 +49,7 @@ def main():
     N, H, I = args.experts, args.hidden, args.inter
     g = torch.Generator().manual_seed(1234 + d.rank)
     n_local = N // d.dims.ep
-    gate = (torch.randn(n_local, I, H, generator=g) * H**-0.5).to(d.device).requires_grad_()
-    up = (torch.randn(n_local, I, H, generator=g) * H**-0.5).to(d.device).requires_grad_()
+    gate_up = (torch.randn(n_local, 2 * I, H, generator=g) * H**-0.5).to(d.device).requires_grad_()  # [N/ep, 2I, H]
     down = (torch.randn(n_local, H, I, generator=g) * I**-0.5).to(d.device).requires_grad_()
     rows = []
     for share in (0.0, 0.25, 0.5, 0.75):
@@ -62,7 +61,7 @@ def main():
         for i in range(args.repeats + 1):  # the first is a warmup
             d.barrier()
             t0 = time.perf_counter()
-            y = routed_experts_forward(x, w, ids, gate, up, down, "grouped_mm", dispatcher=disp, num_experts=N)
+            y = routed_experts_forward(x, w, ids, gate_up, down, "grouped_mm", dispatcher=disp, num_experts=N)
             y.backward(torch.ones_like(y))  # a contiguous gradient (grouped_mm's backward rejects stride 0)
             if d.device.type == "cuda":
                 torch.cuda.synchronize()

@@ -138,7 +138,7 @@ def expert_backends(device: str) -> tuple[list[str], dict[str, str]]:
 
 
 def output_and_grads(fn, inputs, dy):
-    """fn(*inputs) and the gradients of every input that requires one (x, weights, gate, up, down)."""
+    """fn(*inputs) and the gradients of every input that requires one (x, weights, gate_up, down)."""
     leaves = [t for t in inputs if t.requires_grad]
     y = fn(*inputs)
     return y.detach(), torch.autograd.grad(y, leaves, dy)
@@ -166,8 +166,7 @@ def check_experts(sizes: Sizes, device: str, record: dict) -> list[str]:
     elem = torch.finfo(dtype).bits // 8
     rows, problems = record.setdefault("rows", []), []
     gen = torch.Generator().manual_seed(0)
-    gate = make_weights(s.N, s.I, s.H, dtype=dtype, device=device, gen=gen, requires_grad=True)  # [N, I, H]
-    up = make_weights(s.N, s.I, s.H, dtype=dtype, device=device, gen=gen, requires_grad=True)
+    gate_up = make_weights(s.N, 2 * s.I, s.H, dtype=dtype, device=device, gen=gen, requires_grad=True)  # [N, 2I, H]
     down = make_weights(s.N, s.H, s.I, dtype=dtype, device=device, gen=gen, requires_grad=True)  # [N, H, I]
     for T in sizes.tokens:
         x = torch.randn(T, s.H, generator=gen).to(device, dtype).requires_grad_()
@@ -177,7 +176,7 @@ def check_experts(sizes: Sizes, device: str, record: dict) -> list[str]:
         for share in sizes.zero_shares:
             ids = make_routing(T, s.K, s.N, share, device, gen)
             M, active = routing_counts(ids, s.N)
-            inputs = (x, weights, ids, gate, up, down)
+            inputs = (x, weights, ids, gate_up, down)
             reference = reference_name = None
             for b in backends:
                 where = f"{b}, T={T}, zero share {share:.0%}"

@@ -55,7 +55,7 @@ CPU_TOKENS = (256, 1, 16)
 
 
 def get_backend(name: str):
-    """fn(x_TH, weights_TK, ids_TK, gate, up, down) -> y_TH for one backend name, and where it comes from."""
+    """fn(x_TH, weights_TK, ids_TK, gate_up, down) -> y_TH for one backend name, and where it comes from."""
     if name == "triton":
         from zeda.kernels import triton_moe
 
@@ -198,8 +198,7 @@ def main():
     for key in args.shapes.split(","):
         s = SHAPES[key]
         H, I = s.H // scale, s.I // scale
-        gate = make_weights(s.N, I, H, dtype=dtype, device=args.device, gen=gen, requires_grad=True)  # [N, I, H]
-        up = make_weights(s.N, I, H, dtype=dtype, device=args.device, gen=gen, requires_grad=True)
+        gate_up = make_weights(s.N, 2 * I, H, dtype=dtype, device=args.device, gen=gen, requires_grad=True)  # [N, 2I, H]
         down = make_weights(s.N, H, I, dtype=dtype, device=args.device, gen=gen, requires_grad=True)  # [N, H, I]
         for T in tokens:
             x = torch.randn(T, H, generator=gen).to(args.device, dtype).requires_grad_()
@@ -210,7 +209,7 @@ def main():
                 ids = make_routing(T, s.K, s.N, share, args.device, gen)
                 M, active = routing_counts(ids, s.N)
                 for b in backends:
-                    f_ms, fb_ms = bench_one(fns[b], (x, weights, ids, gate, up, down), dy, args.device, warmup,
+                    f_ms, fb_ms = bench_one(fns[b], (x, weights, ids, gate_up, down), dy, args.device, warmup,
                                             repeats)
                     base.setdefault(b, (f_ms, fb_ms))
                     row = layer_row(s.name, T, share, b, f_ms, fb_ms, M, active, H, I, elem, base[b])
@@ -235,7 +234,7 @@ def main():
                 print(f"{s.name:<14} {T:>6} {'-':>5} {'shared':<11} {f_ms:>9.3f} {fb_ms:>9.3f} "
                       f"{row['fwd_tflops']:>8.3f} {row['fwd_bwd_tflops']:>8.3f} {row['fwd_gbs']:>8.1f} "
                       f"{row['fwd_bwd_gbs']:>8.1f} {'-':>6} {'-':>6}", flush=True)
-        del gate, up, down
+        del gate_up, down
     if args.json:
         meta = {"device": args.device, "dtype": str(dtype), "scale": scale, "warmup": warmup, "repeats": repeats}
         with open(args.json + ".tmp", "w") as f:

@@ -121,8 +121,11 @@ def checkpoint_shapes(hf: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]
             out.append((name, tuple(t.shape), torch.float32))  # fp32 on disk, as released
             continue
         prefix, _, proj = name.rpartition(".")
-        if prefix.endswith("mlp.experts"):
-            out += [(f"{prefix}.{e}.{proj}.weight", tuple(t.shape[1:]), torch.bfloat16) for e in range(t.shape[0])]
+        if prefix.endswith("mlp.experts"):  # HF's per-expert keys; gate_up_proj [N, 2I, H] is gate_proj and up_proj
+            N, rows, cols = t.shape
+            projs = {"gate_proj": rows // 2, "up_proj": rows // 2} if proj == "gate_up_proj" else {proj: rows}
+            out += [(f"{prefix}.{e}.{hf_proj}.weight", (r, cols), torch.bfloat16) for e in range(N)
+                    for hf_proj, r in projs.items()]
         else:
             out.append((name, tuple(t.shape), torch.bfloat16))
     H, V = hf["hidden_size"], hf["vocab_size"]

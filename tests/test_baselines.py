@@ -105,7 +105,7 @@ def test_skipped_slots_never_reach_a_gemm_and_cost_nothing():
     real = moe.EXPERT_SWIGLU["loop"]
     moe.EXPERT_SWIGLU["loop"] = counting_swiglu
     try:
-        y = routed_experts_forward(x, out.weights_TK, out.ids_TK, gate, up, down, "loop")
+        y = routed_experts_forward(x, out.weights_TK, out.ids_TK, torch.cat([gate, up], dim=1), down, "loop")
     finally:
         moe.EXPERT_SWIGLU["loop"] = real
     assert seen == [10 * 2]  # two kept slots per token reach the GEMMs, nothing else

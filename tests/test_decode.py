@@ -94,8 +94,8 @@ def test_sorted_experts_equal_the_dispatcher_path():
     weights_TK = torch.rand(T, K, generator=g)
     keep_TK = (ids_TK < N) & (torch.arange(T) % 4 != 0)[:, None]  # every 4th token is padding
     with torch.no_grad():
-        want = routed_experts_forward(x_TH, weights_TK, ids_TK, experts.gate_proj, experts.up_proj,
-                                      experts.down_proj, "loop", keep_TK)
+        want = routed_experts_forward(x_TH, weights_TK, ids_TK, experts.gate_up_proj, experts.down_proj, "loop",
+                                      keep_TK)
         got = experts(x_TH, weights_TK, ids_TK, keep_TK, backend="sorted")
         none = experts(x_TH, weights_TK, ids_TK, torch.zeros_like(keep_TK), backend="sorted")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

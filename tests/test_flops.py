@@ -47,7 +47,7 @@ def hand_count(model, n_tokens, keys, real_slots):
             total += sum(2 * m.weight.numel() for m in block.mlp.modules() if isinstance(m, nn.Linear)) * n_tokens
     total += 2 * model.lm_head.weight.numel() * n_tokens
     experts = model.model.layers[-1].mlp.experts
-    per_slot = 2 * (experts.gate_proj[0].numel() + experts.up_proj[0].numel() + experts.down_proj[0].numel())
+    per_slot = 2 * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
     return total + real_slots * per_slot, per_slot
 
 

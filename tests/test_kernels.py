@@ -38,8 +38,10 @@ SHORT_TILES = TileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_st
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def reference_moe(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj):
-    """The semantics, one slot at a time, in fp32: y[t] = sum_k [e < N] w[t,k] down[e] (silu(gate[e] x) * up[e] x)."""
+def reference_moe(x_TH, weights_TK, ids_TK, gate_up_proj, down_proj):
+    """The semantics, one slot at a time, in fp32: y[t] = sum_k [e < N] w[t,k] down[e] (silu(gate[e] x) * up[e] x),
+    gate and up the two halves of gate_up_proj [N, 2I, H]."""
+    gate_proj, up_proj = gate_up_proj.chunk(2, dim=1)
     N = gate_proj.shape[0]
     T, K = ids_TK.shape
     rows = []
@@ -81,17 +83,16 @@ def make_case(T, K, N, Z, H, I, zero_share=0.5, seed=0, dtype=torch.float32, **r
     logits = torch.randn(T, K, generator=gen)
     weights = logits.softmax(-1)  # fp32, zero slots keep their share (docs/method.md §2)
     ids = make_routing(T, K, N, Z, zero_share, gen, **routing)
-    gate = torch.randn(N, I, H, generator=gen) / H**0.5
-    up = torch.randn(N, I, H, generator=gen) / H**0.5
+    gate_up = torch.randn(N, 2 * I, H, generator=gen) / H**0.5  # gate rows, then up rows
     down = torch.randn(N, H, I, generator=gen) / I**0.5
     dy = torch.randn(T, H, generator=gen)
-    cast = [t.to(DEVICE, dtype) for t in (x, gate, up, down)]
-    return cast[0], weights.to(DEVICE), ids.to(DEVICE), cast[1], cast[2], cast[3], dy.to(DEVICE, dtype)
+    cast = [t.to(DEVICE, dtype) for t in (x, gate_up, down)]
+    return cast[0], weights.to(DEVICE), ids.to(DEVICE), cast[1], cast[2], dy.to(DEVICE, dtype)
 
 
-def forward_backward(fn, x, weights, ids, gate, up, down, dy):
-    """Output and the five gradients (x, weights, gate, up, down) of fn with fresh leaves."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weights, gate, up, down)]
+def forward_backward(fn, x, weights, ids, gate_up, down, dy):
+    """Output and the four gradients (x, weights, gate_up, down) of fn with fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weights, gate_up, down)]
     y = fn(leaves[0], leaves[1], ids, *leaves[2:])
     if not y.requires_grad:  # the loop reference with every slot on a zero expert depends on nothing
         return y.detach(), tuple(torch.zeros_like(t) for t in leaves)
@@ -108,15 +109,15 @@ def assert_rel_close(actual, expected, tol, name):
 
 
 def check_against_reference(case, tol, config=None):
-    x, weights, ids, gate, up, down, dy = case
+    x, weights, ids, gate_up, down, dy = case
     y, grads = forward_backward(lambda *a: triton_moe(*a, config=config), *case)
     assert y.dtype == x.dtype and y.shape == x.shape
     # The reference runs in fp32 on the same (possibly bf16-rounded) values.
-    y_ref, grads_ref = forward_backward(reference_moe, x.float(), weights, ids, gate.float(), up.float(),
-                                        down.float(), dy.float())
+    y_ref, grads_ref = forward_backward(reference_moe, x.float(), weights, ids, gate_up.float(), down.float(),
+                                        dy.float())
     assert_rel_close(y, y_ref, tol, "y")
-    for name, g, g_ref, leaf in zip(("dx", "dweights", "dgate", "dup", "ddown"), grads, grads_ref,
-                                    (x, weights, gate, up, down)):
+    for name, g, g_ref, leaf in zip(("dx", "dweights", "dgate_up", "ddown"), grads, grads_ref,
+                                    (x, weights, gate_up, down)):
         assert g.dtype == leaf.dtype, name
         assert_rel_close(g, g_ref, tol, name)
     return y, grads
@@ -164,9 +165,9 @@ def test_tiles_never_straddle_experts():
 def test_all_zero_routing():
     """Every slot on a zero expert: output exactly zero, every gradient exactly zero, no GEMM rows."""
     T, K, N, Z, H, I = 11, 3, 4, 4, 32, 24
-    x, weights, _, gate, up, down, dy = make_case(T, K, N, Z, H, I, seed=4)
+    x, weights, _, gate_up, down, dy = make_case(T, K, N, Z, H, I, seed=4)
     ids = torch.stack([torch.randperm(Z)[:K] + N for _ in range(T)]).to(DEVICE)  # [T, K], all >= N
-    y, grads = forward_backward(triton_moe, x, weights, ids, gate, up, down, dy)
+    y, grads = forward_backward(triton_moe, x, weights, ids, gate_up, down, dy)
     assert torch.equal(y, torch.zeros_like(y))
     for g in grads:
         assert torch.equal(g, torch.zeros_like(g))
@@ -177,25 +178,25 @@ def test_all_zero_routing():
 
 def test_duplicate_ids_in_a_row():
     """Real routers pick distinct ids per row, but nothing in the kernels relies on it."""
-    x, weights, ids, gate, up, down, dy = make_case(10, 3, 3, 2, 32, 24, 0.3, seed=10)
+    x, weights, ids, gate_up, down, dy = make_case(10, 3, 3, 2, 32, 24, 0.3, seed=10)
     ids[:, 1] = ids[:, 0]  # slot 1 repeats slot 0 (a real or a zero expert)
-    check_against_reference((x, weights, ids, gate, up, down, dy), FP32_TOL)
+    check_against_reference((x, weights, ids, gate_up, down, dy), FP32_TOL)
 
 
 def test_zero_slots_are_never_read():
     """NaN in the x rows of tokens routed only to zero experts, and NaN router weights on every zero slot:
     if any zero slot reached a permute buffer, tile or combine, NaN would leak into y or a gradient."""
     T, K, N, Z, H, I = 24, 2, 4, 4, 32, 24
-    x, weights, ids, gate, up, down, dy = make_case(T, K, N, Z, H, I, 0.5, seed=5)
+    x, weights, ids, gate_up, down, dy = make_case(T, K, N, Z, H, I, 0.5, seed=5)
     ids[:6] = torch.tensor([N, N + 1], device=DEVICE)  # tokens 0..5 are all-zero
     x[:6] = float("nan")
     weights = torch.where(ids >= N, float("nan"), weights)
-    y, grads = forward_backward(triton_moe, x, weights, ids, gate, up, down, dy)
+    y, grads = forward_backward(triton_moe, x, weights, ids, gate_up, down, dy)
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
     assert torch.equal(y[:6], torch.zeros_like(y[:6]))
     assert torch.equal(grads[0][:6], torch.zeros_like(grads[0][:6]))  # dx of never-read tokens
     assert torch.equal(grads[1][ids >= N], torch.zeros_like(grads[1][ids >= N]))  # dweights of zero slots
-    y_ref = reference_moe(x[6:], weights[6:], ids[6:], gate, up, down)
+    y_ref = reference_moe(x[6:], weights[6:], ids[6:], gate_up, down)
     assert_rel_close(y[6:], y_ref, FP32_TOL, "y")
 
 
@@ -234,14 +235,14 @@ def test_deterministic():
 def test_inference_and_partial_grads():
     """no_grad skips the saved pre-activations; a stride-0 upstream gradient (y.sum()) and grads w.r.t.
     a subset of the inputs work."""
-    x, weights, ids, gate, up, down, _ = make_case(13, 2, 3, 2, 32, 24, 0.3, seed=8)
-    y_ref = reference_moe(x, weights, ids, gate, up, down)
+    x, weights, ids, gate_up, down, _ = make_case(13, 2, 3, 2, 32, 24, 0.3, seed=8)
+    y_ref = reference_moe(x, weights, ids, gate_up, down)
     with torch.no_grad():
-        assert_rel_close(triton_moe(x, weights, ids, gate, up, down), y_ref, FP32_TOL, "y no_grad")
+        assert_rel_close(triton_moe(x, weights, ids, gate_up, down), y_ref, FP32_TOL, "y no_grad")
     xg = x.clone().requires_grad_()
-    triton_moe(xg, weights, ids, gate, up, down).sum().backward()  # expanded (stride-0) dy
+    triton_moe(xg, weights, ids, gate_up, down).sum().backward()  # expanded (stride-0) dy
     xr = x.clone().requires_grad_()
-    reference_moe(xr, weights, ids, gate, up, down).sum().backward()
+    reference_moe(xr, weights, ids, gate_up, down).sum().backward()
     assert_rel_close(xg.grad, xr.grad, FP32_TOL, "dx")
 
 
@@ -256,16 +257,14 @@ def test_property_random_shapes(T, K, N, Z, H, I, share, seed):
 
 
 def test_matches_zeda_moe_routed_experts_forward():
-    """The lead's loop backend (zeda/moe.py) and the fused path agree, forward and all gradients."""
-    try:
-        from zeda.moe import routed_experts_forward
-    except ImportError as exc:  # zeda.moe is written elsewhere; it may not exist yet
-        pytest.skip(f"zeda.moe.routed_experts_forward unavailable: {exc!r}")
+    """zeda/moe.py's loop backend and the fused path agree, forward and all gradients."""
+    from zeda.moe import routed_experts_forward
+
     case = make_case(29, 4, 6, 3, 32, 24, 0.4, seed=9)
     y, grads = forward_backward(triton_moe, *case)
     y_ref, grads_ref = forward_backward(lambda *a: routed_experts_forward(*a, backend="loop"), *case)
     assert_rel_close(y, y_ref, FP32_TOL, "y")
-    for name, g, g_ref in zip(("dx", "dweights", "dgate", "dup", "ddown"), grads, grads_ref):
+    for name, g, g_ref in zip(("dx", "dweights", "dgate_up", "ddown"), grads, grads_ref):
         assert_rel_close(g, g_ref, FP32_TOL, name)
 
 

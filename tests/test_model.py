@@ -5,6 +5,7 @@ and sharded checkpoints, logits within 1e-4 in fp32, with and without padding. A
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -123,4 +124,10 @@ def test_missing_tensor_is_named(tmp_path):
     del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.experts\.up_proj.*missing experts \[3\]"):
+        zeda.load_model(tmp_path)
+    # every expert's up projection gone: the HF keys are named, not zeda's fused gate_up_proj
+    tensors = {k: t for k, t in tensors.items() if not re.match(r"model\.layers\.1\.mlp\.experts\.\d+\.up_proj", k)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    want = r"missing tensors \['model\.layers\.1\.mlp\.experts\.\{e\}\.up_proj\.weight'\]"
+    with pytest.raises(CheckpointError, match=want):
         zeda.load_model(tmp_path)

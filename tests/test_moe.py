@@ -22,8 +22,8 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 def make_experts(N, H, I, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(N, I, H, generator=g, dtype=dtype) / H**0.5, torch.randn(N, I, H, generator=g, dtype=dtype)
-            / H**0.5, torch.randn(N, H, I, generator=g, dtype=dtype) / I**0.5]
+    return [torch.randn(N, 2 * I, H, generator=g, dtype=dtype) / H**0.5,  # gate_up [N, 2I, H]
+            torch.randn(N, H, I, generator=g, dtype=dtype) / I**0.5]  # down [N, H, I]
 
 
 def random_routing(T, K, N, Z, zero_share, seed):
@@ -39,8 +39,9 @@ def random_routing(T, K, N, Z, zero_share, seed):
     return weights, ids
 
 
-def loop_reference(x, weights, ids, gate, up, down):
+def loop_reference(x, weights, ids, gate_up, down):
     """Per slot: y[t] += w * SwiGLU_e(x[t]) for real e, nothing for zero e."""
+    gate, up = gate_up.chunk(2, dim=1)  # [N, I, H] each: gate rows first
     N = gate.shape[0]
     y = torch.zeros_like(x, dtype=torch.float32)
     for t in range(x.shape[0]):
@@ -69,13 +70,13 @@ def test_zero_experts_contribute_exactly_zero(case, backend):
     H, I = 8, 4
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed))
     weights, ids = random_routing(T, K, N, Z, share, seed)
-    gate, up, down = make_experts(N, H, I, seed)
-    y = routed_experts_forward(x, weights, ids, gate, up, down, backend)
+    gate_up, down = make_experts(N, H, I, seed)
+    y = routed_experts_forward(x, weights, ids, gate_up, down, backend)
     # Dense twin: the Z zero experts become real experts whose weights are all zero.
     zeros = lambda w: torch.cat([w, w.new_zeros(Z, *w.shape[1:])])  # noqa: E731
-    y_dense = routed_experts_forward(x, weights, ids, zeros(gate), zeros(up), zeros(down), backend)
+    y_dense = routed_experts_forward(x, weights, ids, zeros(gate_up), zeros(down), backend)
     torch.testing.assert_close(y, y_dense, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(y, loop_reference(x, weights, ids, gate, up, down), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, loop_reference(x, weights, ids, gate_up, down), rtol=1e-5, atol=1e-5)
     all_zero_rows = (ids >= N).all(dim=1)
     assert torch.equal(y[all_zero_rows], torch.zeros_like(y[all_zero_rows]))  # exactly zero, not just small
 
@@ -211,6 +212,27 @@ def test_backends_agree_forward_and_backward(dtype, share):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     if share == 1.0:
         assert not results["loop"][0].any() and not results["loop"][2].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_padded_groups_equal_unpadded_ones(dtype):
+    """CUDA's _grouped_mm wants aligned group starts, so there each group is copied into a padded buffer; CPU takes
+    the rows as they are. Both ways (the padded one forced here, on CPU) give the loop's output and gradients."""
+    N, H, I = 5, 16, 8
+    counts_N = torch.tensor([3, 0, 9, 1, 4])  # an empty group, and groups that end mid-alignment
+    x0 = torch.randn(int(counts_N.sum()), H).to(dtype)
+    results = []
+    for fn in (moe.expert_swiglu_loop, moe.expert_swiglu_grouped_mm,
+               lambda *a: moe.expert_swiglu_grouped_mm(*a, align_rows=8)):
+        x = x0.clone().requires_grad_()
+        params = [p.requires_grad_() for p in make_experts(N, H, I, 7, dtype)]
+        y = fn(x, counts_N, *params)
+        y.backward(torch.ones_like(y))
+        results.append([y, x.grad] + [p.grad for p in params])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b.float(), a.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -139,9 +139,11 @@ def test_micro_batch_cap_gives_the_one_forward_gradients(assets, aggregation):
         out = train_opd.opd_step(student, teacher, examples, None, args, Dist(), 0, count)
         grads[cap], sums[cap] = gradients(student), out["sums"]
     assert calls["n"] == 3  # cap 1: every sequence its own forward
-    # equal up to float summation order (measured: within 2e-8, the largest gradient ~1e-1)
-    torch.testing.assert_close(grads["1"], grads["0"], rtol=1e-5, atol=1e-6 * float(grads["0"].abs().max()))
-    torch.testing.assert_close(sums["1"], sums["0"], rtol=1e-6, atol=1e-8)
+    # equal up to float summation order: measured within 9e-7 (the embedding's), the largest gradient ~0.23; a
+    # wrong split or normaliser would be off by a share of the gradient, orders of magnitude more
+    torch.testing.assert_close(grads["1"], grads["0"], rtol=1e-5, atol=1e-5 * float(grads["0"].abs().max()))
+    # the logged sums (fp32 log-probs summed in fp64) likewise: measured within 3e-6 relative
+    torch.testing.assert_close(sums["1"], sums["0"], rtol=1e-5, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,9 +58,9 @@ def test_adamw8bit_resumes_bit_exactly(tmp_path):
     train(first, opt, range(3))
     tensors = optimizer_tensors(opt, list(first.named_parameters()))
     assert all(type(t) is torch.Tensor for t in tensors.values())  # plain tensors: safetensors takes them
-    experts = "model.layers.0.mlp.experts.gate_proj"
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
     assert tensors[f"{experts}::exp_avg.codes"].dtype == torch.uint8
-    assert tensors[f"{experts}::exp_avg_sq.scale"].shape == (8 * 16 * 32 // 256,)
+    assert tensors[f"{experts}::exp_avg_sq.scale"].shape == (8 * 2 * 16 * 32 // 256,)
     assert tensors["model.embed_tokens.weight::exp_avg"].dtype == torch.float32  # 4160: not whole blocks
     save_file(tensors, str(tmp_path / "optimizer.safetensors"))
 
@@ -71,7 +71,7 @@ def test_adamw8bit_resumes_bit_exactly(tmp_path):
         if load_state:
             file = tmp_path / "optimizer.safetensors"
             load_optimizer_tensors(opt, list(model.named_parameters()), load_file(str(file)), file)
-            assert type(opt.state[model.model.layers[0].mlp.experts.gate_proj]["exp_avg"]).__name__ == "OptimState8bit"
+            assert type(opt.state[model.model.layers[0].mlp.experts.gate_up_proj]["exp_avg"]).__name__ == "OptimState8bit"
         train(model, opt, range(3, 6))
         return model
 
@@ -180,7 +180,7 @@ def test_sft_on_an_ep_fsdp_mesh_keeps_what_the_planner_counts(tmp_path):
     for rank in (0, 1):
         saved = load_file(str(tmp_path / "out" / "step-1" / f"optimizer-rank{rank}.safetensors"))
         assert saved["model.embed_tokens.weight::exp_avg.codes"].shape == (52, 128)  # a DTensor shard
-        assert saved["model.layers.0.mlp.experts.gate_proj::exp_avg_sq.codes"].shape == (4, 32, 128)  # ep's
+        assert saved["model.layers.0.mlp.experts.gate_up_proj::exp_avg_sq.codes"].shape == (4, 64, 128)  # ep's
         state = sum(t.numel() * t.element_size() for k, t in saved.items()
                     if k.rpartition("::")[2].partition(".")[0] in ("exp_avg", "exp_avg_sq")
                     and not k.endswith(".signed"))

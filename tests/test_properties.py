@@ -71,7 +71,8 @@ def swiglu(x_H, gate_IH, up_IH, down_HI):
 
 def real_slot_sum(x_TH, weights_TK, ids_TK, experts, N):
     """The reference: each token's sum over its real slots of w * SwiGLU_e(x), one slot at a time, in fp64."""
-    g, u, d = (t.double() for t in (experts.gate_proj, experts.up_proj, experts.down_proj))
+    g, u = experts.gate_up_proj.double().chunk(2, dim=1)  # [N, I, H] each: gate rows first
+    d = experts.down_proj.double()
     y = torch.zeros(x_TH.shape, dtype=torch.float64)
     for t in range(x_TH.shape[0]):
         for k in range(ids_TK.shape[1]):

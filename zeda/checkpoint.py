@@ -3,8 +3,9 @@
 A checkpoint folder is config.json + model.safetensors, or + model-0000i-of-0000n.safetensors with
 model.safetensors.index.json. Routed experts are stored per expert (HF's hub format, and what
 transformers 5.x writes back), `model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`; we stack them
-into 3D tensors on load and split them again on save. transformers 5.x's fused in-memory names
-(`mlp.experts.gate_up_proj [N, 2I, H]`, `mlp.experts.down_proj [N, H, I]`) are accepted too.
+into our 3D tensors on load, gate_up_proj [N, 2I, H] (gate rows, then up rows) and down_proj [N, H, I], and split
+them again on save. transformers 5.x's fused in-memory names (`mlp.experts.gate_up_proj [N, 2I, H]`,
+`mlp.experts.down_proj [N, H, I]`), which are ours, are accepted too.
 GLM-4.7-Flash ships its MTP layer as layer `num_hidden_layers` (config `num_nextn_predict_layers`); it is not
 part of the model and is skipped. Any other layer past the last one means config.json and the checkpoint
 disagree, and is refused (mtp_layer).
@@ -144,10 +145,11 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
         if tuple(shape) != tuple(expected):
             raise CheckpointError(f"{where}: tensor '{key}' has shape {tuple(shape)}, expected {tuple(expected)}")
 
-    def put(name: str, tensor: torch.Tensor, where: str, key: str, index: int | None = None):
-        """Copy `tensor` (checkpoint key `key`) into our parameter `name` (row `index` of a 3D expert tensor)."""
+    def put(name: str, tensor: torch.Tensor, where: str, key: str, index: int | None = None, rows=slice(None)):
+        """Copy `tensor` (checkpoint key `key`) into our parameter `name` (expert `index` of a 3D expert tensor,
+        and of that its `rows`: the gate or the up half of gate_up_proj)."""
         nonlocal bytes_read
-        target = params[name] if index is None else params[name][index]
+        target = params[name] if index is None else params[name][index][rows]
         check_shape(tensor.shape, target.shape, where, key)
         # Integer weights would be cast silently and NaN / inf ones would answer nonsense with exit 0: name them.
         if not tensor.is_floating_point():
@@ -160,10 +162,17 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
 
     def expert_range(prefix: str, where: str, key: str) -> tuple[int, int, int]:
         """(first expert held here, experts held here, experts in the model) of the GroupedExperts at prefix."""
-        if f"{prefix}.gate_proj" not in params:
+        if f"{prefix}.gate_up_proj" not in params:
             raise CheckpointError(f"{where}: unexpected tensor '{key}' for a {cfg.model_type} model")
         experts = model.get_submodule(prefix)
-        return experts.expert_offset, experts.gate_proj.shape[0], experts.num_experts
+        return experts.expert_offset, experts.gate_up_proj.shape[0], experts.num_experts
+
+    def expert_rows(prefix: str, proj: str) -> tuple[str, slice]:
+        """Our parameter that HF's per-expert projection `proj` goes into, and its rows there."""
+        if proj == "down_proj":
+            return f"{prefix}.down_proj", slice(None)
+        I = params[f"{prefix}.down_proj"].shape[2]
+        return f"{prefix}.gate_up_proj", slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
 
     config_path = Path(folder) / "config.json"
     for path in shard_files(folder):
@@ -175,15 +184,16 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
                         continue  # GLM's MTP layer: not part of our model
                     if key.endswith("rotary_emb.inv_freq"):
                         continue
-                    if m := EXPERT_KEY.match(key):  # one expert's 2D weight: row e of our 3D tensor
+                    if m := EXPERT_KEY.match(key):  # one expert's 2D weight: expert e of our 3D tensor
                         prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
                         lo, n, total = expert_range(prefix, where, key)
                         if e >= total:
                             raise CheckpointError(f"{where}: '{key}': expert {e} >= num_experts {total}")
                         experts_seen.setdefault(f"{prefix}.{proj}", set()).add(e)
-                        check_shape(f.get_slice(key).get_shape(), params[f"{prefix}.{proj}"].shape[1:], where, key)
+                        name, rows = expert_rows(prefix, proj)
+                        check_shape(f.get_slice(key).get_shape(), params[name][0][rows].shape, where, key)
                         if lo <= e < lo + n:  # another rank's expert is never read
-                            put(f"{prefix}.{proj}", f.get_tensor(key), where, key, e - lo)
+                            put(name, f.get_tensor(key), where, key, e - lo, rows)
                         continue
                     if m := FUSED_KEY.match(key):  # transformers 5.x's fused names: all experts in one tensor
                         prefix, proj = m.group(1), m.group(2)
@@ -192,15 +202,8 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
                         if sl.get_shape()[0] != total:
                             raise CheckpointError(f"{where}: '{key}' holds {sl.get_shape()[0]} experts, "
                                                   f"expected {total}")
-                        tensor = sl[lo:lo + n]  # only the experts held here
-                        if proj == "gate_up_proj":  # [N, 2I, H]: gate rows first, then up (HF's chunk(2) order)
-                            gate, up = tensor.chunk(2, dim=1)
-                            put(f"{prefix}.gate_proj", gate, where, key)
-                            put(f"{prefix}.up_proj", up, where, key)
-                            filled.update({f"{prefix}.gate_proj", f"{prefix}.up_proj"})
-                        else:
-                            put(f"{prefix}.down_proj", tensor, where, key)
-                            filled.add(f"{prefix}.down_proj")
+                        put(f"{prefix}.{proj}", sl[lo:lo + n], where, key)  # only the experts held here
+                        filled.add(f"{prefix}.{proj}")
                         continue
                     if key not in params:
                         raise CheckpointError(f"{where}: unexpected tensor '{key}' for a {cfg.model_type} model")
@@ -208,13 +211,21 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
                     filled.add(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot read safetensors shard ({e})") from None
-    for name, seen in experts_seen.items():
+    for name, seen in experts_seen.items():  # name: one layer's HF projection, e.g. '...mlp.experts.up_proj'
         total = model.get_submodule(name.rpartition(".")[0]).num_experts
-        if len(seen) == total:
-            filled.add(name)
-        else:
+        if len(seen) < total:
             missing = sorted(set(range(total)) - seen)[:5]
             raise CheckpointError(f"{folder}: '{name}' is missing experts {missing}")
+    for name in experts_seen:  # every expert of it was read; gate_up_proj is filled once both its halves are
+        prefix, _, proj = name.rpartition(".")
+        if proj == "down_proj" or {f"{prefix}.gate_proj", f"{prefix}.up_proj"} <= experts_seen.keys():
+            filled.add(expert_rows(prefix, proj)[0])
+    for name in params:  # a gate_up_proj not filled: name the HF keys that were absent, not our fused name
+        prefix, _, proj = name.rpartition(".")
+        if proj == "gate_up_proj" and name not in filled:
+            absent = [f"{prefix}.{{e}}.{p}.weight" for p in ("gate_proj", "up_proj")
+                      if f"{prefix}.{p}" not in experts_seen]
+            raise CheckpointError(f"{folder}: missing tensors {absent}")
     if cfg.tie_word_embeddings:
         filled.add("lm_head.weight")
     missing = [k for k in params if k not in filled and not k.endswith("e_score_correction_bias")]
@@ -224,14 +235,20 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> int:
 
 
 def hf_state_dict(model: torch.nn.Module, state: dict | None = None) -> dict[str, torch.Tensor]:
-    """Our parameters under HF's hub keys: 3D expert tensors split back into per-expert 2D weights.
+    """Our parameters under HF's hub keys: 3D expert tensors split back into per-expert 2D weights (gate_up_proj
+    into gate_proj and up_proj).
     state: the whole tensors to write instead of model.state_dict() (a sharded model gathers them first)."""
     out = {}
     for name, t in (model.state_dict() if state is None else state).items():
         if model.config.tie_word_embeddings and name == "lm_head.weight":
             continue
         prefix, _, proj = name.rpartition(".")
-        if prefix.endswith("mlp.experts") and proj in ("gate_proj", "up_proj", "down_proj"):
+        if prefix.endswith("mlp.experts") and proj == "gate_up_proj":
+            for e in range(t.shape[0]):
+                gate, up = t[e].chunk(2, dim=0)  # [I, H] each
+                out[f"{prefix}.{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}.{e}.up_proj.weight"] = up.contiguous()
+        elif prefix.endswith("mlp.experts") and proj == "down_proj":
             for e in range(t.shape[0]):
                 out[f"{prefix}.{e}.{proj}.weight"] = t[e].contiguous()
         else:

@@ -141,7 +141,7 @@ def apply_expert_parallel(model, d: Dist) -> None:
         experts = block.mlp.experts
         n_local = experts.num_experts // ep
         experts.expert_offset = lo = ep_rank * n_local
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             shard = torch.nn.Parameter(full.data[lo:lo + n_local].clone(), requires_grad=full.requires_grad)
             setattr(experts, name, shard)

@@ -155,27 +155,31 @@ class LocalDispatcher:
         return y_TKH.sum(dim=1).to(y_MH.dtype)  # [T, H]
 
 
-def expert_swiglu_loop(x_MH, counts_N, gate_proj, up_proj, down_proj):
-    """The reference: one SwiGLU per expert over its contiguous rows. gate/up [N, I, H], down [N, H, I]."""
+def swiglu(gate_up_RI2):
+    """silu(gate) * up of a [R, 2I] gate+up projection: gate in the first I columns, up in the last I."""
+    gate_RI, up_RI = gate_up_RI2.chunk(2, dim=-1)
+    return F.silu(gate_RI) * up_RI
+
+
+def expert_swiglu_loop(x_MH, counts_N, gate_up_proj, down_proj):
+    """The reference: one SwiGLU per expert over its contiguous rows. gate_up [N, 2I, H], down [N, H, I]."""
     outs = []
     # unbind once: indexing w[e] inside the loop makes autograd build a full [N, ...] zero gradient per expert
-    gates, ups, downs = gate_proj.unbind(0), up_proj.unbind(0), down_proj.unbind(0)
+    gate_ups, downs = gate_up_proj.unbind(0), down_proj.unbind(0)
     for e, rows in enumerate(x_MH.split(counts_N.tolist())):  # host sync
         if rows.shape[0] == 0:
             continue
-        h = F.silu(F.linear(rows, gates[e])) * F.linear(rows, ups[e])  # [m, I]
+        h = swiglu(F.linear(rows, gate_ups[e]))  # [m, I]
         outs.append(F.linear(h, downs[e]))  # [m, H]
     return torch.cat(outs) if outs else x_MH.new_zeros(0, down_proj.shape[1])
 
 
-def grouped_swiglu(x_RH, ends_N, gate_proj, up_proj, down_proj):
-    """SwiGLU of expert e over rows [ends_N[e-1], ends_N[e]) of x_RH: three torch._grouped_mm, which read the
-    group offsets themselves (no host sync). Rows past ends_N[-1] are not computed, and are left uninitialised in
-    the result. The one grouped SwiGLU that the "grouped_mm" and "sorted" backends share."""
+def grouped_swiglu(x_RH, ends_N, gate_up_proj, down_proj):
+    """SwiGLU of expert e over rows [ends_N[e-1], ends_N[e]) of x_RH: two torch._grouped_mm (gate and up in one),
+    which read the group offsets themselves (no host sync). Rows past ends_N[-1] are not computed, and are left
+    uninitialised in the result. The one grouped SwiGLU that the "grouped_mm" and "sorted" backends share."""
     offs = ends_N.to(torch.int32)
-    gate = torch._grouped_mm(x_RH, gate_proj.transpose(-2, -1), offs=offs)  # [R, I]
-    up = torch._grouped_mm(x_RH, up_proj.transpose(-2, -1), offs=offs)
-    h = (F.silu(gate) * up).contiguous()
+    h = swiglu(torch._grouped_mm(x_RH, gate_up_proj.transpose(-2, -1), offs=offs)).contiguous()  # [R, I]
     return torch._grouped_mm(h, down_proj.transpose(-2, -1), offs=offs)  # [R, H]
 
 
@@ -184,16 +188,21 @@ def grouped_mm_aligned(x_MH, intermediate: int) -> bool:
     return (x_MH.shape[1] * x_MH.element_size()) % 16 == 0 and (intermediate * x_MH.element_size()) % 16 == 0
 
 
-def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
-    """torch._grouped_mm over the expert groups; rows of each group padded to a 16-byte multiple.
+def expert_swiglu_grouped_mm(x_MH, counts_N, gate_up_proj, down_proj, align_rows: int | None = None):
+    """torch._grouped_mm over the expert groups.
 
     _grouped_mm wants 16-byte aligned strides (H, I) and, on CUDA, group starts aligned likewise (torchtitan
-    pads to 8 rows for bf16). Padding rows are zeros and are sliced off again, so they change nothing.
+    pads to 8 rows for bf16): there each group's rows are copied into a buffer padded to align_rows (default: 16
+    bytes of rows on CUDA). Padding rows are zeros and are sliced off again, so they change nothing. On CPU a
+    group may start at any row, so the rows go in as they are, with no copy and no host sync (align_rows 1).
     """
-    align = max(1, 16 // x_MH.element_size())
-    H, I = x_MH.shape[1], gate_proj.shape[1]
+    elems = max(1, 16 // x_MH.element_size())
+    H, I = x_MH.shape[1], down_proj.shape[2]
     if not grouped_mm_aligned(x_MH, I):
-        raise UsageError(f"grouped_mm backend needs H={H} and I={I} to be multiples of {align} for {x_MH.dtype}")
+        raise UsageError(f"grouped_mm backend needs H={H} and I={I} to be multiples of {elems} for {x_MH.dtype}")
+    align = align_rows or (1 if x_MH.device.type == "cpu" else elems)
+    if align == 1:
+        return grouped_swiglu(x_MH, counts_N.cumsum(0), gate_up_proj, down_proj)
     padded_N = (counts_N + align - 1) // align * align
     ends_N = padded_N.cumsum(0)
     total = int(ends_N[-1]) if ends_N.numel() else 0  # host sync: buffer size
@@ -203,7 +212,7 @@ def expert_swiglu_grouped_mm(x_MH, counts_N, gate_proj, up_proj, down_proj):
     expert_M = torch.repeat_interleave(torch.arange(len(counts_N), device=x_MH.device), counts_N)
     dest_M = starts_N[expert_M] + torch.arange(x_MH.shape[0], device=x_MH.device) - first_row_N[expert_M]
     xp = x_MH.new_zeros(total, H).index_copy(0, dest_M, x_MH)  # [M_padded, H]
-    y = grouped_swiglu(xp, ends_N, gate_proj, up_proj, down_proj)  # [M_padded, H]
+    y = grouped_swiglu(xp, ends_N, gate_up_proj, down_proj)  # [M_padded, H]
     return y[dest_M]
 
 
@@ -211,7 +220,7 @@ EXPERT_SWIGLU = {"loop": expert_swiglu_loop, "grouped_mm": expert_swiglu_grouped
 
 
 @torch.library.custom_op("zeda::expert_swiglu_sorted", mutates_args=())
-def expert_swiglu_sorted(x_SH: torch.Tensor, ends_N: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+def expert_swiglu_sorted(x_SH: torch.Tensor, ends_N: torch.Tensor, gate_up_proj: torch.Tensor,
                          down_proj: torch.Tensor) -> torch.Tensor:
     """The sorted backend's SwiGLU: rows grouped by expert as for the other backends (expert e's rows end at
     ends_N[e], the cumulative counts), but x_SH holds every slot, and rows past the last group (dropped slots) are
@@ -223,73 +232,74 @@ def expert_swiglu_sorted(x_SH: torch.Tensor, ends_N: torch.Tensor, gate_proj: to
     on CUDA it needs bf16 and 16-byte aligned group starts, which this path does not pad to: it has not been run
     on a GPU. Shapes _grouped_mm does not take (H or I not 16-byte aligned: the tiny test models) run the loop
     reference over the rows inside the groups (a host sync, hidden from the compiled graph)."""
-    if grouped_mm_aligned(x_SH, gate_proj.shape[1]):
-        return grouped_swiglu(x_SH, ends_N, gate_proj, up_proj, down_proj)
+    if grouped_mm_aligned(x_SH, down_proj.shape[2]):
+        return grouped_swiglu(x_SH, ends_N, gate_up_proj, down_proj)
     out_SH = x_SH.new_zeros(x_SH.shape[0], down_proj.shape[1])
     m = int(ends_N[-1])  # host sync
     counts_N = ends_N.diff(prepend=ends_N.new_zeros(1))
-    out_SH[:m] = expert_swiglu_loop(x_SH[:m], counts_N, gate_proj, up_proj, down_proj)
+    out_SH[:m] = expert_swiglu_loop(x_SH[:m], counts_N, gate_up_proj, down_proj)
     return out_SH
 
 
 @expert_swiglu_sorted.register_fake
-def _(x_SH, ends_N, gate_proj, up_proj, down_proj):
+def _(x_SH, ends_N, gate_up_proj, down_proj):
     return x_SH.new_empty(x_SH.shape[0], down_proj.shape[1])
 
 
-def sorted_experts_forward(x_TH, weights_TK, ids_TK, keep_TK, gate_proj, up_proj, down_proj):
+def sorted_experts_forward(x_TH, weights_TK, ids_TK, keep_TK, gate_up_proj, down_proj):
     """The "sorted" backend: LocalDispatcher + grouped SwiGLU + combine with static shapes (no nonzero(), no
     host sync), what torch.compile needs. All T*K slots are sorted by expert, the dropped ones (keep False: zero
     experts, padding) sorted as expert N, past every group: the GEMMs compute only rows inside the groups, so
     dropped slots still cost no expert FLOPs, but every buffer is [T*K, ...] whatever the zero share."""
     T, K = ids_TK.shape
-    N = gate_proj.shape[0]
+    N = gate_up_proj.shape[0]
     key_S = torch.where(keep_TK, ids_TK, N).flatten()  # [T*K] dropped slots sort as expert N, after all groups
     order_S = key_S.argsort(stable=True)  # stable: LocalDispatcher's row order within an expert
     counts_N = torch.zeros(N + 1, dtype=torch.long, device=x_TH.device).scatter_add_(
         0, key_S, torch.ones_like(key_S))[:N]  # rows per expert (bincount's output size is data-dependent)
     # the cumulative counts in the compiled graph, where they fuse, rather than inside the opaque op
-    y_SH = expert_swiglu_sorted(x_TH[order_S // K], counts_N.cumsum(0), gate_proj, up_proj, down_proj)  # dropped: junk
+    y_SH = expert_swiglu_sorted(x_TH[order_S // K], counts_N.cumsum(0), gate_up_proj, down_proj)  # dropped: junk
     y_SH = torch.empty_like(y_SH).index_copy_(0, order_S, y_SH)  # back to slot order t * K + k
     y_SH = torch.where(keep_TK.reshape(-1, 1), y_SH, 0.0)  # dropped slots: exactly zero
     y_TKH = y_SH.view(T, K, -1) * weights_TK.unsqueeze(-1)  # fp32 weights, as LocalDispatcher.combine
     return y_TKH.sum(dim=1).to(x_TH.dtype)
 
 
-def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, backend="loop", keep_TK=None,
+def routed_experts_forward(x_TH, weights_TK, ids_TK, gate_up_proj, down_proj, backend="loop", keep_TK=None,
                            dispatcher=None, num_experts=None):
     """y_TH = sum over real slots of w * SwiGLU_e(x): the whole routed path behind one function.
 
     keep_TK (optional) further drops slots, e.g. those of padding tokens; ids >= N are always dropped.
     dispatcher: where dispatch/combine happen (LocalDispatcher by default; expert parallelism swaps it, and
-    then gate/up/down hold only this rank's experts while num_experts is the model's N).
+    then gate_up/down hold only this rank's experts while num_experts is the model's N).
     backend: one of BACKENDS, or "sorted" (static shapes, sorted_experts_forward; one process only).
     """
-    N = gate_proj.shape[0] if num_experts is None else num_experts
+    N = gate_up_proj.shape[0] if num_experts is None else num_experts
     real_TK = ids_TK < N
     keep_TK = real_TK if keep_TK is None else keep_TK & real_TK
     if backend == "sorted":
         if dispatcher is not None:
             raise UsageError("the sorted (static-shape) expert backend does not support expert parallelism")
-        return sorted_experts_forward(x_TH, weights_TK, ids_TK, keep_TK, gate_proj, up_proj, down_proj)
+        return sorted_experts_forward(x_TH, weights_TK, ids_TK, keep_TK, gate_up_proj, down_proj)
     if backend == "triton" and dispatcher is None:
         from zeda.kernels import triton_moe
 
-        return triton_moe(x_TH, weights_TK * keep_TK, torch.where(keep_TK, ids_TK, N), gate_proj, up_proj, down_proj)
+        return triton_moe(x_TH, weights_TK * keep_TK, torch.where(keep_TK, ids_TK, N), gate_up_proj, down_proj)
     dispatcher = dispatcher or LocalDispatcher()
     x_MH, counts_N, plan = dispatcher.dispatch(x_TH, ids_TK, keep_TK, N)  # counts of the experts held here
-    swiglu = EXPERT_SWIGLU["grouped_mm" if backend == "triton" else backend]  # the fused kernel has no EP seam
-    y_MH = swiglu(x_MH, counts_N, gate_proj, up_proj, down_proj)
+    expert_swiglu = EXPERT_SWIGLU["grouped_mm" if backend == "triton" else backend]  # the fused kernel has no EP seam
+    y_MH = expert_swiglu(x_MH, counts_N, gate_up_proj, down_proj)
     return dispatcher.combine(y_MH, weights_TK, plan)
 
 
 class GroupedExperts(nn.Module):
-    """N real SwiGLU experts as 3D tensors, named after HF's per-expert keys (stacked on load)."""
+    """N real SwiGLU experts as 3D tensors: gate and up in one [N, 2I, H] tensor (one GEMM computes both, as in
+    transformers 5), down [N, H, I]. Checkpoints keep HF's per-expert keys; zeda/checkpoint.py stacks them into
+    these on load (gate rows first, then up) and splits them again on save."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
-        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))  # [N, I, H]
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))  # [N, 2I, H]
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))  # [N, H, I]
         self.num_experts = num_experts  # N of the model; expert parallelism leaves N/ep of them here:
         self.expert_offset = 0  # experts [expert_offset, expert_offset + N/ep) (zeda.expert_parallel sets it)
@@ -298,7 +308,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_TH, weights_TK, ids_TK, keep_TK, backend: str | None = None):
         """backend: this call's, instead of self.backend ("sorted" when the forward needs static shapes)."""
-        return routed_experts_forward(x_TH, weights_TK, ids_TK, self.gate_proj, self.up_proj, self.down_proj,
+        return routed_experts_forward(x_TH, weights_TK, ids_TK, self.gate_up_proj, self.down_proj,
                                       backend or self.backend, keep_TK, self.dispatcher, self.num_experts)
 
 

@@ -1,8 +1,9 @@
 """Grouped GEMMs over expert-sorted rows, forward and backward, for the fused MoE path.
 
 Shape letters: T tokens, K slots per token, S = T*K (buffer upper bound), M real slots (device-side), N real
-experts, H hidden size, I expert intermediate size. Weights are stacked nn.Linear weights:
-gate_proj, up_proj [N, I, H] and down_proj [N, H, I].
+experts, H hidden size, I expert intermediate size. Weights are stacked nn.Linear weights: gate_up_proj
+[N, 2I, H] (gate rows, then up rows; the kernels read its halves gate_proj, up_proj as [N, I, H] views) and
+down_proj [N, H, I].
 
 Rows are the real slots sorted by expert (zeda/kernels/permute.py); expert e owns rows
 offsets[e] .. offsets[e+1]-1. The GEMMs that read token activations (x, dy) gather the row's token
@@ -21,7 +22,7 @@ Kernels (all accumulate in fp32):
     _rows_gemm_kernel out = a @ b[e] (+ a2 @ b2[e])                         down forward [M, H]; dx rows [M, H]
     _down_bwd_kernel  dh = dy_t @ down[e], then the SwiGLU backward in the epilogue -> dg, du, w*h [M, I] and
                       per-tile partial sums of dh*h (the router-weight gradient)
-    _wgrad_kernel     dW[e] = L_e^T @ R_e over the rows of expert e           dgate, dup [N, I, H]; ddown [N, H, I]
+    _wgrad_kernel     dW[e] = L_e^T @ R_e over the rows of expert e           dgate_up [N, 2I, H]; ddown [N, H, I]
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, gate_ptr, up_ptr,  # [T, H], [N, I, H], [N, I, H]
+    x_ptr, gate_ptr, up_ptr,  # [T, H], then [N, I, H] each: the halves of gate_up_proj [N, 2I, H]
     h_ptr, g_ptr, u_ptr,  # [S, I] out: silu(g) * u, and (if SAVE_PREACT) the pre-activations g and u
     row_slot_ptr, offsets_ptr,  # [S] int32, [N + 1] int32
     N, H, I,
@@ -300,25 +301,19 @@ def _check_rows(name: str, t: torch.Tensor, S: int, dtype: torch.dtype) -> None:
         f"{name}: want contiguous [{S}, *] {dtype}, got {tuple(t.shape)} {t.dtype}"
 
 
-def _check_experts(gate_proj, up_proj, down_proj, dtype):
-    N, I, H = gate_proj.shape
-    assert up_proj.shape == (N, I, H) and down_proj.shape == (N, H, I), "want gate/up [N, I, H], down [N, H, I]"
-    for name, w in (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj)):
-        assert w.is_contiguous() and w.dtype == dtype, f"{name}: want contiguous {dtype}"
-    return N, I, H
-
-
 def gate_up_swiglu(x_TH, gate_proj, up_proj, row_slot_S, offsets_N1, top_k: int, cfg: TileConfig,
                    save_preact: bool):
     """h_SI = silu(x @ gate^T) * (x @ up^T) per expert-sorted row; also g_SI, u_SI when save_preact.
 
-    Returns (h [S, I], g [S, I] or None, u [S, I] or None); rows >= M are left undefined.
+    gate_proj and up_proj are [N, I, H] views with one layout, contiguous along H (the two halves of the
+    experts' [N, 2I, H] gate_up_proj). Returns (h [S, I], g [S, I] or None, u [S, I] or None); rows >= M are left
+    undefined.
     """
     T, H = x_TH.shape
     N, I, _ = gate_proj.shape
     S = T * top_k
     assert x_TH.is_contiguous() and gate_proj.shape[2] == H
-    assert gate_proj.is_contiguous() and up_proj.is_contiguous() and up_proj.shape == gate_proj.shape
+    assert gate_proj.stride(2) == 1 and up_proj.stride() == gate_proj.stride() and up_proj.shape == gate_proj.shape
     assert gate_proj.dtype == up_proj.dtype == x_TH.dtype
     h_SI = x_TH.new_empty(S, I)  # [S, I]; sized by the upper bound, only M rows are written
     g_SI = x_TH.new_empty(S, I) if save_preact else h_SI  # dummies are never written (SAVE_PREACT=False)
@@ -404,7 +399,8 @@ def down_backward(dy_TH, down_proj, g_SI, u_SI, weights_S, row_slot_S, offsets_N
 
 def expert_wgrad(l_rows, r_rows, row_slot_S, offsets_N1, top_k: int, cfg: TileConfig, out_dtype: torch.dtype,
                  gather_l: bool, gather_r: bool, l2_rows=None):
-    """out[e] = L_e^T @ R_e ([N, P, Q]) and, with l2_rows, out2[e] = L2_e^T @ R_e.
+    """out[e] = L_e^T @ R_e ([N, P, Q]); with l2_rows, out[e] = [L_e, L2_e]^T @ R_e ([N, 2P, Q]: L's rows first,
+    as the gradient of a gate_up_proj [N, 2I, H]).
 
     L rows are [S, P] expert-sorted rows, or [T, P] token rows when gather_l (likewise R, [*, Q]).
     """
@@ -414,8 +410,9 @@ def expert_wgrad(l_rows, r_rows, row_slot_S, offsets_N1, top_k: int, cfg: TileCo
     two = l2_rows is not None
     if two:
         assert l2_rows.shape == l_rows.shape and l2_rows.is_contiguous() and l2_rows.dtype == l_rows.dtype
-    out = torch.empty(N, P, Q, dtype=out_dtype, device=l_rows.device)  # [N, P, Q]; every element is written
-    out2 = torch.empty_like(out) if two else out
+    # [N, P, Q] or [N, 2P, Q], every element written; out2 is the second half, with out's strides
+    whole = torch.empty(N, 2 * P if two else P, Q, dtype=out_dtype, device=l_rows.device)
+    out, out2 = whole.chunk(2, dim=1) if two else (whole, whole)
     grid = (N, triton.cdiv(P, cfg.BLOCK_N), triton.cdiv(Q, cfg.BLOCK_K))
     _wgrad_kernel[grid](
         l_rows, l2_rows if two else l_rows, r_rows,
@@ -428,4 +425,4 @@ def expert_wgrad(l_rows, r_rows, row_slot_S, offsets_N1, top_k: int, cfg: TileCo
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (out, out2) if two else out
+    return whole

@@ -17,7 +17,7 @@ Algorithm (forward):
 Backward (all Triton, same tile schedule; see _TritonMoE.backward):
     dh_raw[m] = down[e_m]^T @ dy[t_m]; dw[t,k] = <dh_raw, h>; dg, du = SwiGLU backward of w * dh_raw
     dx rows   = gate[e]^T dg + up[e]^T du  ->  dx[t] = sum_k dx rows       (same gather-combine, no atomics)
-    dgate[e]  = dg_e^T x_e, dup[e] = du_e^T x_e, ddown[e] = dy_e^T (w h)_e   (per-expert row reductions)
+    dgate_up[e] = [dg_e, du_e]^T x_e, ddown[e] = dy_e^T (w h)_e   (per-expert row reductions; gate rows first)
 
 Why Triton for the backward rather than torch._grouped_mm: the rows stay unpadded (_grouped_mm wants
 16-byte-aligned group offsets on CUDA, i.e. padding every expert to 8 bf16 rows and copying into a padded
@@ -71,34 +71,36 @@ class _TritonMoE(torch.autograd.Function):
     """Autograd wrapper: forward runs permute + gate_up + down + combine; backward the five Triton kernels."""
 
     @staticmethod
-    def forward(ctx, x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, cfg: TileConfig, save: bool):
+    def forward(ctx, x_TH, weights_TK, ids_TK, gate_up_proj, down_proj, cfg: TileConfig, save: bool):
         T = x_TH.shape[0]
         K = ids_TK.shape[1]
-        N = gate_proj.shape[0]
+        N = gate_up_proj.shape[0]
+        gate_proj, up_proj = gate_up_proj.chunk(2, dim=1)  # [N, I, H] views: the kernels read both halves
         perm = moe_permute(ids_TK, N)
         h_SI, g_SI, u_SI = gate_up_swiglu(x_TH, gate_proj, up_proj, perm.row_slot_S, perm.expert_offsets_N1,
                                           K, cfg, save_preact=save)  # [S, I]
         o_SH = rows_gemm(h_SI, down_proj.transpose(1, 2), perm.expert_offsets_N1, cfg)  # [S, H]
         y_TH = moe_combine(o_SH, perm.slot_row_S, weights_TK, T, K, x_TH.dtype)  # [T, H]
         if save:
-            ctx.save_for_backward(x_TH, weights_TK, gate_proj, up_proj, down_proj, g_SI, u_SI, *perm)
+            ctx.save_for_backward(x_TH, weights_TK, gate_up_proj, down_proj, g_SI, u_SI, *perm)
             ctx.cfg, ctx.top_k = cfg, K
         return y_TH
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy_TH):
-        x_TH, weights_TK, gate_proj, up_proj, down_proj, g_SI, u_SI, *perm = ctx.saved_tensors
+        x_TH, weights_TK, gate_up_proj, down_proj, g_SI, u_SI, *perm = ctx.saved_tensors
+        gate_proj, up_proj = gate_up_proj.chunk(2, dim=1)
         perm = Permutation(*perm)
         cfg, K = ctx.cfg, ctx.top_k
         T = x_TH.shape[0]
-        need_x, need_w, need_gate, need_up, need_down = (ctx.needs_input_grad[i] for i in (0, 1, 3, 4, 5))
+        need_x, need_w, need_gate_up, need_down = (ctx.needs_input_grad[i] for i in (0, 1, 3, 4))
         # Autograd may hand over an expanded (stride-0) or otherwise strided gradient; the kernels gather rows.
         dy_TH = dy_TH.contiguous().to(x_TH.dtype)
         row_slot, offsets = perm.row_slot_S, perm.expert_offsets_N1
         dg_SI, du_SI, wh_SI, dw_S = down_backward(dy_TH, down_proj, g_SI, u_SI, weights_TK.view(-1),
                                                   row_slot, offsets, K, cfg)  # [S, I] x3, [S] fp32
-        dx = dweights = dgate = dup = ddown = None
+        dx = dweights = dgate_up = ddown = None
         if need_x:
             dx_SH = rows_gemm(dg_SI, gate_proj, offsets, cfg, a2_SR=du_SI, b2_NRC=up_proj)  # [S, H]
             dx = moe_combine(dx_SH, perm.slot_row_S, None, T, K, x_TH.dtype)  # [T, H]
@@ -106,33 +108,33 @@ class _TritonMoE(torch.autograd.Function):
             # Row -> slot: zero slots get exactly 0 (their weight does not reach the output of this layer).
             real = perm.slot_row_S >= 0
             dweights = torch.where(real, dw_S[perm.slot_row_S.clamp(min=0).long()], 0.0).view_as(weights_TK)
-        if need_gate or need_up:
-            dgate, dup = expert_wgrad(dg_SI, x_TH, row_slot, offsets, K, cfg, gate_proj.dtype,
-                                      gather_l=False, gather_r=True, l2_rows=du_SI)  # [N, I, H] x2
+        if need_gate_up:
+            dgate_up = expert_wgrad(dg_SI, x_TH, row_slot, offsets, K, cfg, gate_up_proj.dtype,
+                                    gather_l=False, gather_r=True, l2_rows=du_SI)  # [N, 2I, H]
         if need_down:
             ddown = expert_wgrad(dy_TH, wh_SI, row_slot, offsets, K, cfg, down_proj.dtype,
                                  gather_l=True, gather_r=False)  # [N, H, I]
-        return dx, dweights, None, dgate, dup, ddown, None, None
+        return dx, dweights, None, dgate_up, ddown, None, None
 
 
-def triton_moe(x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, gate_proj: torch.Tensor,
-               up_proj: torch.Tensor, down_proj: torch.Tensor, config: TileConfig | None = None) -> torch.Tensor:
+def triton_moe(x_TH: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor, gate_up_proj: torch.Tensor,
+               down_proj: torch.Tensor, config: TileConfig | None = None) -> torch.Tensor:
     """Routed experts of one MoE layer: y_TH = sum over real slots of w * SwiGLU_e(x_t).
 
     x_TH [T, H] fp32/bf16; weights_TK [T, K] fp32; ids_TK [T, K] int (ids >= N are zero experts);
-    gate_proj, up_proj [N, I, H] and down_proj [N, H, I] in x's dtype. Returns y_TH [T, H] in x's dtype,
-    accumulated in fp32. Differentiable w.r.t. x, weights_TK and the three expert weights.
+    gate_up_proj [N, 2I, H] (gate rows, then up rows) and down_proj [N, H, I] in x's dtype. Returns y_TH [T, H] in
+    x's dtype, accumulated in fp32. Differentiable w.r.t. x, weights_TK and the two expert weights.
     `config` overrides the tile sizes of tile_config (tests use it to force tiny tiles).
     """
     assert x_TH.dim() == 2 and ids_TK.dim() == 2 and weights_TK.shape == ids_TK.shape
     assert ids_TK.shape[0] == x_TH.shape[0], "one row of ids per token"
     assert weights_TK.dtype == torch.float32, "router weights are fp32 (router math is fp32)"
-    assert x_TH.dtype in (torch.float32, torch.bfloat16) and x_TH.dtype == gate_proj.dtype
-    N, I, H = gate_proj.shape
-    assert x_TH.shape[1] == H and up_proj.shape == (N, I, H) and down_proj.shape == (N, H, I)
+    assert x_TH.dtype in (torch.float32, torch.bfloat16) and x_TH.dtype == gate_up_proj.dtype
+    N, I2, H = gate_up_proj.shape
+    assert x_TH.shape[1] == H and down_proj.shape == (N, H, I2 // 2), "want gate_up [N, 2I, H], down [N, H, I]"
     cfg = config or tile_config(x_TH.shape[0], ids_TK.shape[1], x_TH.dtype)
-    tensors = (x_TH, weights_TK, gate_proj, up_proj, down_proj)
+    tensors = (x_TH, weights_TK, gate_up_proj, down_proj)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj = (
-        t.contiguous() for t in (x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj))
-    return _TritonMoE.apply(x_TH, weights_TK, ids_TK, gate_proj, up_proj, down_proj, cfg, save)
+    x_TH, weights_TK, ids_TK, gate_up_proj, down_proj = (
+        t.contiguous() for t in (x_TH, weights_TK, ids_TK, gate_up_proj, down_proj))
+    return _TritonMoE.apply(x_TH, weights_TK, ids_TK, gate_up_proj, down_proj, cfg, save)
