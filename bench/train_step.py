@@ -48,9 +48,9 @@ is checked against transformers' on the static folder), and transformers' model 
 both fit in 70% of the free memory (else one after the other). Teachers: three models at once.
 
 Small batches on CPU are far from FLOP-bound at real widths: every step writes (and first page-faults, then
-zeroes) a full [N, I, H] gradient per expert tensor whatever the rows, ~20% of the CPU time at 1024 tokens
-(--reuse-freed-memory keeps glibc from returning those pages), so dyn/st needs thousands of tokens to approach
-its ceiling. --profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend,
+zeroes) a full gradient per expert tensor ([N, 2I, H], [N, H, I]) whatever the rows, ~20% of the CPU time at
+1024 tokens (--reuse-freed-memory keeps glibc from returning those pages), so dyn/st needs thousands of tokens
+to approach its ceiling. --profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend,
 chunked head) under torch.profiler; prints and stores the N ops with the most self CPU time.
 """
 
