@@ -14,7 +14,7 @@ It ends with one table -- per-family and average accuracy, zero-expert ratio, ex
 FLOP reduction, measured tokens/s -- and writes the same numbers to OUT/results.json. A stage that fails or
 is stopped (Ctrl-C, SIGTERM) stops the pipeline with its exit code; what it saved stays, for --resume by hand.
 
-The defaults are sized for a 2-core CPU (about 15 minutes); they are not the paper's recipe (a 30B model,
+The defaults are sized for a 2-core CPU (12-15 minutes); they are not the paper's recipe (a 30B model,
 60k prompts, lr 2e-5 / 5e-6): our ~2M-parameter teachers were trained at lr 3e-3 and need a larger lr to move.
 """
 
