@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.convert_memory import run_peak_rss, vm_hwm_kib
+from zeda.checkpoint import hf_state_dict
 from zeda.config import ModelConfig
 from zeda.flags import float_range, int_range
 from zeda.loading import empty_model
@@ -107,7 +108,8 @@ def rehearsal_config(arch: str, layers: int, vocab_size: int | None = None) -> d
 def checkpoint_shapes(hf: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(HF key, shape, dtype) of every tensor of the checkpoint, in on-disk order: the names and shapes of zeda's
     model on the meta device (which the parity tests hold to transformers'), 3D experts split into per-expert
-    keys as the Hub stores them, and for GLM the MTP layer(s) after the last decoder layer (zeda_toy/tiny.py)."""
+    keys as the Hub stores them (zeda/checkpoint.py:hf_state_dict, as zeda saves), and for GLM the MTP layer(s)
+    after the last decoder layer (zeda_toy/tiny.py)."""
     L, mtp = hf["num_hidden_layers"], hf.get("num_nextn_predict_layers", 0)
     extra = {}
     if mtp:  # an MoE decoder layer per MTP layer: build the model with them as ordinary sparse layers
@@ -115,19 +117,9 @@ def checkpoint_shapes(hf: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]
         extra = {"num_hidden_layers": L + mtp, "num_nextn_predict_layers": 0,
                  "mlp_layer_types": ["dense"] * first_dense + ["sparse"] * (L + mtp - first_dense)}
     model = empty_model(ModelConfig.from_hf_config(hf, **extra), torch.bfloat16)
-    out = []
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("e_score_correction_bias"):
-            out.append((name, tuple(t.shape), torch.float32))  # fp32 on disk, as released
-            continue
-        prefix, _, proj = name.rpartition(".")
-        if prefix.endswith("mlp.experts"):  # HF's per-expert keys; gate_up_proj [N, 2I, H] is gate_proj and up_proj
-            N, rows, cols = t.shape
-            projs = {"gate_proj": rows // 2, "up_proj": rows // 2} if proj == "gate_up_proj" else {proj: rows}
-            out += [(f"{prefix}.{e}.{hf_proj}.weight", (r, cols), torch.bfloat16) for e in range(N)
-                    for hf_proj, r in projs.items()]
-        else:
-            out.append((name, tuple(t.shape), torch.bfloat16))
+    # the keys zeda saves under (per-expert 2D weights), on the meta device; the selection bias is fp32 on disk
+    out = [(name, tuple(t.shape), torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16)
+           for name, t in hf_state_dict(model).items()]
     H, V = hf["hidden_size"], hf["vocab_size"]
     for i in range(L, L + mtp):  # the DeepSeek-V3 MTP tensors (zeda_toy/tiny.py:add_mtp_tensors)
         p = f"model.layers.{i}."
