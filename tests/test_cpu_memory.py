@@ -1,0 +1,62 @@
+"""Importing zeda puts PyTorch's big CPU tensors on transparent huge pages (zeda/__init__.py): a CPU training step
+re-creates GBs of gradients, and 2 MB pages fault them in 512x less often (bench/huge_pages.py measures it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# As a script would: torch first, then zeda, then a 64 MB tensor written through; prints the process's
+# AnonHugePages (kB) before and after, and the variable as torch saw it.
+PROBE = """
+import os, torch, zeda
+def huge_kb():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+before = huge_kb()
+x = torch.empty(16 << 20)  # 64 MB of fp32
+x.fill_(1.0)
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), before, huge_kb())
+"""
+
+
+def probe(**env) -> tuple[str, int]:
+    """(THP_MEM_ALLOC_ENABLE after `import zeda`, kB of huge pages the 64 MB tensor added)."""
+    full = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=full, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0], int(out[2]) - int(out[1])
+
+
+def kernel_thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        Path("/proc/self/smaps_rollup").stat()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(kernel_thp_mode() is None, reason="needs Linux with transparent huge pages")
+def test_importing_zeda_turns_huge_pages_on_and_a_user_can_turn_them_off():
+    setting, _ = probe()
+    assert setting == "1"
+    setting, _ = probe(THP_MEM_ALLOC_ENABLE="0")
+    assert setting == "0"
+
+
+@pytest.mark.skipif(kernel_thp_mode() != "madvise", reason="the kernel gives huge pages only when asked (madvise)")
+def test_a_big_tensor_lands_on_huge_pages_after_importing_zeda():
+    """In the kernel's "madvise" mode only a block PyTorch asked for gets huge pages: so this fails if zeda sets the
+    variable too late (PyTorch reads it once, at its first block of 2 MB or more) or not at all."""
+    _, huge_kb = probe()
+    assert huge_kb >= 32 << 10, f"only {huge_kb} kB of the 64 MB tensor on huge pages"
+    _, huge_kb_off = probe(THP_MEM_ALLOC_ENABLE="0")
+    assert huge_kb_off < 4 << 10, f"{huge_kb_off} kB on huge pages with THP_MEM_ALLOC_ENABLE=0"
