@@ -3,7 +3,7 @@ zeda's converted (zero-expert) model against the static one.
 
     python bench/train_step.py                                   # teachers + 1-layer real widths, fp32 (4-9 min)
     python bench/train_step.py --threads 1 --profile 15 --json /tmp/train_step.json       # + top ops per model
-    python bench/train_step.py --configs qwen_real,glm_real --real-batch 8 --reuse-freed-memory --dtype bfloat16
+    python bench/train_step.py --configs qwen_real,glm_real --real-batch 8 --dtype bfloat16
     python bench/train_step.py --configs qwen_teacher --hf-experts eager,batched_mm,grouped_mm
     python bench/train_step.py --smoke                           # seconds: both teachers, a tiny batch (the test)
 
@@ -47,10 +47,12 @@ serves the static rows too, with its zero experts masked (use_zce_mask: exactly 
 is checked against transformers' on the static folder), and transformers' model is loaded beside it only when
 both fit in 70% of the free memory (else one after the other). Teachers: three models at once.
 
-Small batches on CPU are far from FLOP-bound at real widths: every step writes (and first page-faults, then
-zeroes) a full gradient per expert tensor ([N, 2I, H], [N, H, I]) whatever the rows, ~20% of the CPU time at
-1024 tokens (--reuse-freed-memory keeps glibc from returning those pages), so dyn/st needs thousands of tokens
-to approach its ceiling. --profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend,
+Freed memory is kept for reuse (glibc's mallopt; --no-reuse-freed-memory turns it off). PyTorch has no caching
+allocator on CPU, so otherwise every step maps its gradients afresh (a full [N, 2I, H] and [N, H, I] per MoE
+layer whatever the rows, GBs at real widths) and the kernel faults them in; on a VM how long that takes varies
+step to step (the same step at real widths in bf16 took 1.0 s or 2.3-3.0 s in one run, whichever model it was),
+which swamps the models' own difference. Kept pages are what a GPU's caching allocator gives; what the pages cost
+a CPU training run, and the settings that cut it, is bench/huge_pages.py's measure. --profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend,
 chunked head) under torch.profiler; prints and stores the N ops with the most self CPU time.
 """
 
@@ -497,9 +499,9 @@ def main(argv=None) -> int:
                    help="timed steps per row, median (default: 5 on the teachers, 3 at real widths)")
     p.add_argument("--profile", type=int_range(min=0), default=0, metavar="N",
                    help="profile one step per model, print the N ops with the most self CPU time (default 0: off)")
-    p.add_argument("--reuse-freed-memory", action="store_true",
+    p.add_argument("--reuse-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="glibc mallopt: no mmap for big blocks, no trimming, so steps reuse pages instead of "
-                   "page-faulting fresh gradient buffers (real widths: ~20%% of the CPU time is those faults)")
+                   "page-faulting fresh gradient buffers (default: on; see the module docstring)")
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints are written (default: a temp dir)")
     p.add_argument("--smoke", action="store_true",
                    help="seconds: both teachers, batch 2 x 32 tokens, no warm-up, one repeat")
@@ -508,13 +510,15 @@ def main(argv=None) -> int:
     if args.smoke:
         args.configs = [c for c in args.configs if c in TEACHERS] or list(TEACHERS)
         args.batch, args.seq_len, args.warmup, args.repeats = 2, 32, 0, 1
+        args.reuse_freed_memory = False  # toy tensors; and a smoke run (the test) leaves its process's malloc alone
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if any(c in REAL for c in args.configs) and "batched_mm" in args.hf_experts:
         p.error("--hf-experts batched_mm: not at real widths (it gathers a [2I, H] weight per slot: ~100 GB)")
     if args.reuse_freed_memory and not reuse_freed_memory():
-        p.error("--reuse-freed-memory: mallopt is not available (glibc only)")
+        log("mallopt is not available (not glibc): every step maps fresh pages")
+        args.reuse_freed_memory = False
     log(f"{args.dtype}, {torch.get_num_threads()} torch threads"
         + (", freed memory kept for reuse (mallopt)" if args.reuse_freed_memory else ""))
 
