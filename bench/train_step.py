@@ -52,8 +52,10 @@ allocator on CPU, so otherwise every step maps its gradients afresh (a full [N, 
 layer whatever the rows, GBs at real widths) and the kernel faults them in; on a VM how long that takes varies
 step to step (the same step at real widths in bf16 took 1.0 s or 2.3-3.0 s in one run, whichever model it was),
 which swamps the models' own difference. Kept pages are what a GPU's caching allocator gives; what the pages cost
-a CPU training run, and the settings that cut it, is bench/huge_pages.py's measure. --profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend,
-chunked head) under torch.profiler; prints and stores the N ops with the most self CPU time.
+a CPU training run, and the settings that cut it, is bench/huge_pages.py's measure.
+
+--profile N: after timing, one step of transformers, zeda static and zeda dynamic (auto backend, chunked head)
+under torch.profiler; prints and stores the N ops with the most self CPU time.
 """
 
 from __future__ import annotations
