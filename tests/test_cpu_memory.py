@@ -60,3 +60,38 @@ def test_a_big_tensor_lands_on_huge_pages_after_importing_zeda():
     assert huge_kb >= 32 << 10, f"only {huge_kb} kB of the 64 MB tensor on huge pages"
     _, huge_kb_off = probe(THP_MEM_ALLOC_ENABLE="0")
     assert huge_kb_off < 4 << 10, f"{huge_kb_off} kB on huge pages with THP_MEM_ALLOC_ENABLE=0"
+
+
+RANK_PROBE = """
+import json, os, sys, torch, torch.distributed as dist, zeda
+def huge_kb():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+dist.init_process_group("gloo")
+before = huge_kb()
+x = torch.empty(32 << 20, dtype=torch.bfloat16)  # 64 MB, as a bf16 gradient would be
+x.fill_(1.0)
+seen = [None] * dist.get_world_size()
+dist.all_gather_object(seen, (os.environ.get("THP_MEM_ALLOC_ENABLE"), huge_kb() - before))
+if dist.get_rank() == 0:
+    print(json.dumps(seen))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(kernel_thp_mode() != "madvise", reason="the kernel gives huge pages only when asked (madvise)")
+def test_every_torchrun_rank_puts_big_bf16_tensors_on_huge_pages(tmp_path):
+    """Each rank sets the switch on its own import: the launcher (which never imports zeda) passes nothing."""
+    import json
+
+    script = tmp_path / "rank_probe.py"
+    script.write_text(RANK_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [s for s, _ in seen] == ["1", "1"]
+    assert all(kb >= 32 << 10 for _, kb in seen), seen
