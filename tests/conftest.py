@@ -24,13 +24,15 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
-def torchrun(*args, timeout=600, nproc=2):
-    """Run a script under `torchrun --standalone` with nproc CPU processes (gloo); asserts it exits 0."""
+def torchrun(*args, timeout=600, nproc=2, drop_env=()):
+    """Run a script under `torchrun --standalone` with nproc CPU processes (gloo); asserts it exits 0.
+    drop_env: variables of this process's environment the ranks must not inherit."""
     import os
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -9,17 +9,24 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import torchrun
+
+from bench.huge_pages import kernel_thp
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# As a script would: torch first, then zeda, then a 64 MB tensor written through; prints the process's
-# AnonHugePages (kB) before and after, and the variable as torch saw it.
-PROBE = """
-import os, torch, zeda
+# The probes' first lines: this process's anonymous memory on huge pages, in kB.
+HUGE_KB = """
 def huge_kb():
     for line in open("/proc/self/smaps_rollup"):
         if line.startswith("AnonHugePages:"):
             return int(line.split()[1])
+"""
+
+# As a script would: torch first, then zeda, then a 64 MB tensor written through; prints the process's
+# AnonHugePages (kB) before and after, and the variable as torch saw it.
+PROBE = HUGE_KB + """
+import os, torch, zeda
 before = huge_kb()
 x = torch.empty(16 << 20)  # 64 MB of fp32
 x.fill_(1.0)
@@ -35,16 +42,12 @@ def probe(**env) -> tuple[str, int]:
     return out[0], int(out[2]) - int(out[1])
 
 
-def kernel_thp_mode() -> str | None:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-        Path("/proc/self/smaps_rollup").stat()
-    except OSError:
-        return None
-    return text[text.index("[") + 1:text.index("]")]
+def kernel_thp_mode() -> str:
+    """The kernel's transparent-huge-page mode ("madvise", "always", "never"), "unknown" where the probes can't run."""
+    return kernel_thp()["enabled"] if Path("/proc/self/smaps_rollup").exists() else "unknown"
 
 
-@pytest.mark.skipif(kernel_thp_mode() is None, reason="needs Linux with transparent huge pages")
+@pytest.mark.skipif(kernel_thp_mode() == "unknown", reason="needs Linux with transparent huge pages")
 def test_importing_zeda_turns_huge_pages_on_and_a_user_can_turn_them_off():
     setting, _ = probe()
     assert setting == "1"
@@ -62,12 +65,8 @@ def test_a_big_tensor_lands_on_huge_pages_after_importing_zeda():
     assert huge_kb_off < 4 << 10, f"{huge_kb_off} kB on huge pages with THP_MEM_ALLOC_ENABLE=0"
 
 
-RANK_PROBE = """
-import json, os, sys, torch, torch.distributed as dist, zeda
-def huge_kb():
-    for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
+RANK_PROBE = HUGE_KB + """
+import json, os, torch, torch.distributed as dist, zeda
 dist.init_process_group("gloo")
 before = huge_kb()
 x = torch.empty(32 << 20, dtype=torch.bfloat16)  # 64 MB, as a bf16 gradient would be
@@ -87,11 +86,7 @@ def test_every_torchrun_rank_puts_big_bf16_tensors_on_huge_pages(tmp_path):
 
     script = tmp_path / "rank_probe.py"
     script.write_text(RANK_PROBE)
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(script, timeout=300, drop_env=("THP_MEM_ALLOC_ENABLE",))
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [s for s, _ in seen] == ["1", "1"]
     assert all(kb >= 32 << 10 for _, kb in seen), seen
